@@ -1,0 +1,86 @@
+"""Our engine (backends/kvcache) as a system under test, one cache policy per backend name."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from workloads.serving.inprocess_transport import InProcessTransport
+from workloads.serving.params import ServingParams
+from workloads.serving.transport import Transport
+
+
+def engine_config(params: ServingParams, policy: str | None = None) -> Any:
+    """The ``EngineConfig`` a trial's parameters describe (``policy`` overrides the backend's)."""
+    from backends.kvcache.config import EngineConfig
+
+    policy = policy or params.backend.name
+    return EngineConfig(
+        model=params.model,
+        weights=params.weights,
+        dtype=params.dtype,
+        device=params.device,
+        policy=policy,
+        policy_params=params.policy.engine_params() if policy == params.backend.name else {},
+        kv_cache_bytes=params.engine.kv_cache_bytes,
+        kv_cache_blocks=params.engine.kv_cache_blocks,
+        block_size=params.engine.block_size,
+        max_num_seqs=params.engine.max_num_seqs,
+        max_model_len=params.engine.max_model_len,
+        seed=params.seed,
+    )
+
+
+def build_engine(params: ServingParams, policy: str | None = None) -> Any:
+    """A loaded ``LLMEngine`` for the trial's model and the given (default: its own) policy."""
+    from backends.kvcache.engine import LLMEngine
+
+    return LLMEngine(engine_config(params, policy))
+
+
+class EngineSystem:
+    """One ``LLMEngine`` served in process."""
+
+    def __init__(self, params: ServingParams, engine: Any | None = None):
+        self.name = params.backend.name
+        self.params = params
+        self.engine = engine if engine is not None else build_engine(params)
+        self.vocab_size = int(self.engine.model_config.vocab_size)
+
+    def transport(self, kind: str) -> Transport:
+        """In process only: HTTP for our engine goes through the Ray Serve deployment."""
+        if kind == "inprocess":
+            return InProcessTransport(self.engine)
+        raise ValueError(f"backend {self.name!r} supports transport 'inprocess' here; got {kind!r}")
+
+    def tokenizer(self) -> Any | None:
+        """The engine's tokenizer (real weights), else None."""
+        return getattr(self.engine, "tokenizer", None)
+
+    def warm_up(self) -> None:
+        """One tiny generation so the first measured step does not pay one-time set-up costs."""
+        self.engine.generate([[1, 2, 3, 4]], max_tokens=2)
+        self.engine.reset_peaks()
+
+    def reset_peaks(self) -> None:
+        """Start a new peak-measurement window."""
+        self.engine.reset_peaks()
+
+    def memory_peaks(self) -> dict[str, int]:
+        """Peak device KV bytes and peak device bytes since the last reset."""
+        return {
+            "peak_kv_bytes": int(self.engine.peak_kv_bytes()),
+            "peak_device_bytes": int(self.engine.peak_device_bytes()),
+        }
+
+    def close(self) -> None:
+        """Drop the engine (idempotent)."""
+        self.engine = None
+        gc.collect()
+
+
+def open_engine_system(params: ServingParams) -> EngineSystem:
+    """Factory registered in ``workloads.serving.systems.SYSTEMS`` for our engine's policies."""
+    system = EngineSystem(params)
+    system.warm_up()
+    return system

@@ -1,0 +1,185 @@
+"""Typed parameters of a serving trial (the grid's keys for ``kind: serving``).
+
+Sections mirror the grid file: ``backend``, ``policy.*``, ``engine.*``, ``load.*``, ``slo.*``,
+``quality.*``, plus ``model``, ``weights``, ``dtype``, ``device``, ``transport`` and
+``percentiles``. Unknown keys are errors (``KindParams`` forbids extras).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from workloads.kind import KindParams
+
+# Policies of our own engine whose cache drops information (quality is measured for them).
+LOSSY_POLICIES = frozenset({"h2o", "infinigen", "streaming"})
+# Backends that are our engine (backends/kvcache); every other backend is an external system.
+ENGINE_POLICIES = frozenset({"full", "h2o", "infinigen", "offload", "streaming"})
+
+ArrivalName = Literal["poisson", "gamma", "constant", "trace"]
+LengthDistName = Literal["fixed", "uniform", "normal", "lognormal"]
+
+
+class Section(BaseModel):
+    """A nested parameter section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackendParams(Section):
+    """The system under test: a name from the systems registry plus launch options."""
+
+    name: str = "full"
+    # vllm: interpreter of the environment that has vLLM (``vllm serve`` runs from it).
+    python: str | None = None
+    startup_timeout_s: float = Field(default=300.0, gt=0)
+    # vllm: extra command-line arguments for ``vllm serve``.
+    extra_args: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        from workloads.serving.systems import SYSTEMS  # late: systems imports this module
+
+        if name not in SYSTEMS:
+            raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(sorted(SYSTEMS))}")
+        return name
+
+
+class PolicyParams(Section):
+    """Cache-policy knobs; ``None`` leaves the engine's default."""
+
+    kv_budget: float | None = Field(default=None, gt=0, le=1)
+    heavy_ratio: float | None = Field(default=None, ge=0, le=1)
+    recent_ratio: float | None = Field(default=None, ge=0, le=1)
+    alpha: float | None = Field(default=None, ge=0)
+    partial_weight_ratio: float | None = Field(default=None, gt=0, le=1)
+    sink_tokens: int | None = Field(default=None, ge=0)
+    window: int | None = Field(default=None, ge=1)
+
+    def engine_params(self) -> dict[str, Any]:
+        """The knobs that were set, as the engine's ``policy_params``."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class EngineParams(Section):
+    """Engine sizing; ``None`` leaves the engine's default."""
+
+    kv_cache_bytes: int | None = Field(default=None, gt=0)
+    kv_cache_blocks: int | None = Field(default=None, gt=0)
+    max_num_seqs: int = Field(default=32, ge=1)
+    block_size: int = Field(default=16, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    # vllm only.
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    enable_prefix_caching: bool = False
+
+
+class LoadParams(Section):
+    """The open-loop load: arrivals, lengths, prompts."""
+
+    arrival: ArrivalName = "poisson"
+    request_rate: float = Field(default=1.0, gt=0)  # requests/s; .inf sends everything at t=0
+    burstiness: float = Field(default=1.0, gt=0)  # gamma shape; 1.0 = Poisson
+    num_requests: int | None = Field(default=None, ge=1)  # default 100 (trace: the whole trace)
+    input_len: int = Field(default=128, ge=1)
+    output_len: int = Field(default=32, ge=1)
+    input_dist: LengthDistName = "fixed"
+    output_dist: LengthDistName = "fixed"
+    # uniform: half-width as a fraction of the mean; normal: std / mean; lognormal: sigma.
+    input_spread: float = Field(default=0.0, ge=0)
+    output_spread: float = Field(default=0.0, ge=0)
+    prompt_source: Literal["synthetic", "corpus"] = "synthetic"
+    trace: str | None = None  # JSONL path; one object per line (see workloads/serving/trace.py)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    ignore_eos: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _trace_needs_path(self) -> LoadParams:
+        if self.arrival == "trace" and not self.trace:
+            raise ValueError("load.arrival 'trace' needs load.trace (path to a JSONL file)")
+        if self.arrival != "trace" and self.trace:
+            raise ValueError("load.trace is only read when load.arrival is 'trace'")
+        if self.arrival == "gamma" and math.isinf(self.burstiness):
+            raise ValueError("load.burstiness must be finite for 'gamma'; use arrival 'constant'")
+        return self
+
+
+class SloParams(Section):
+    """Service-level objectives for goodput (milliseconds); unset ones are not checked."""
+
+    ttft_ms: float | None = Field(default=None, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+    e2el_ms: float | None = Field(default=None, gt=0)
+
+    def as_seconds(self) -> dict[str, float]:
+        """The SLOs that were given, keyed by metric name, in seconds."""
+        given = {"ttft": self.ttft_ms, "tpot": self.tpot_ms, "e2el": self.e2el_ms}
+        return {k: v / 1000.0 for k, v in given.items() if v is not None}
+
+
+class QualityParams(Section):
+    """Output quality against the ``full`` cache on real text (perplexity ratio, token agreement)."""
+
+    # None: on for our engine's lossy policies with real weights, off otherwise.
+    enabled: bool | None = None
+    num_texts: int = Field(default=4, ge=1)
+    text_len: int = Field(default=128, ge=4)  # tokens per text (prompt + continuation)
+    prompt_len: int | None = Field(default=None, ge=1)  # default: half of text_len
+
+    @model_validator(mode="after")
+    def _prompt_shorter_than_text(self) -> QualityParams:
+        if self.prompt_len is not None and self.prompt_len >= self.text_len:
+            raise ValueError("quality.prompt_len must be smaller than quality.text_len")
+        return self
+
+    def resolved_prompt_len(self) -> int:
+        """Prompt tokens per text (the rest is scored / generated)."""
+        return self.prompt_len if self.prompt_len is not None else self.text_len // 2
+
+
+class ServingParams(KindParams):
+    """Everything one serving trial needs."""
+
+    model: str = "opt-125m"
+    weights: Literal["real", "dummy"] = "dummy"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    backend: BackendParams = Field(default_factory=BackendParams)
+    policy: PolicyParams = Field(default_factory=PolicyParams)
+    engine: EngineParams = Field(default_factory=EngineParams)
+    load: LoadParams = Field(default_factory=LoadParams)
+    slo: SloParams = Field(default_factory=SloParams)
+    quality: QualityParams = Field(default_factory=QualityParams)
+    transport: Literal["inprocess", "http"] = "inprocess"
+    percentiles: list[float] = Field(default_factory=lambda: [50.0, 90.0, 99.0])
+    seed: int = 0  # engine seed (dummy weights)
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_from_name(cls, value: Any) -> Any:
+        # Grids write `backend: h2o` as often as `backend: {name: vllm, python: ...}`.
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles_in_range(cls, values: list[float]) -> list[float]:
+        bad = [p for p in values if not 0 <= p <= 100]
+        if bad or not values:
+            raise ValueError(f"percentiles must be a non-empty list of numbers in [0, 100]; got {values}")
+        return values
+
+    def quality_enabled(self) -> bool:
+        """Whether this trial measures quality (explicit setting, else lossy policy + real weights).
+
+        Quality needs our engine's ``score``/``generate``: other backends (vllm) never measure it.
+        """
+        if self.backend.name not in ENGINE_POLICIES:
+            return False
+        if self.quality.enabled is not None:
+            return self.quality.enabled
+        return self.weights == "real" and self.backend.name in LOSSY_POLICIES
