@@ -58,6 +58,8 @@ class TrialKind(ABC):
     # Parameters that do not change the loaded engine/model: trials that differ only in
     # these share one ``open`` session (engine groups).
     load_keys: ClassVar[frozenset[str]] = frozenset()
+    # Columns `orch report` shows per summary table (table -> columns); empty = all numeric columns.
+    report_columns: ClassVar[dict[str, list[str]]] = {}
 
     def actor_resources(self, params: KindParams, resources: dict[str, float]) -> dict[str, float]:
         """Resources the trial's own actor holds (default: the grid's per-trial resources)."""
@@ -75,5 +77,5 @@ class TrialKind(ABC):
     def run(self, session: Any, params: KindParams, ctx: TrialContext) -> TrialOutput:
         """Run one trial and return its tables."""
 
-    def close(self, session: Any) -> None:
+    def close(self, session: Any) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release what ``open`` built."""

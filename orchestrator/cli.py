@@ -1,0 +1,307 @@
+"""``orch``: submit grids, follow them, and read their results."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from orchestrator.cluster import ClusterOptions, set_ray_env
+from orchestrator.spec import GridSpec, SpecError, load_spec
+from orchestrator.store import STATES, ExperimentStore, list_experiments
+
+USAGE_ERROR = 2
+RESULTS_ENV = "ORCH_RESULTS"
+
+
+def _results_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--results",
+        "results",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=lambda: os.environ.get(RESULTS_ENV, "results"),
+        show_default="results (or $ORCH_RESULTS)",
+        help="Folder holding every experiment's results and the default MLflow store.",
+    )(func)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(USAGE_ERROR)
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn bad input into one line on stderr and exit code 2."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from workloads.registry import UnknownKindError
+
+        try:
+            return func(*args, **kwargs)
+        except (SpecError, UnknownKindError) as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+def _load(grid: Path) -> tuple[GridSpec, Any, list[Any]]:
+    from orchestrator.expand import expand
+    from workloads.registry import resolve_kind
+
+    spec = load_spec(grid)
+    try:
+        kind = resolve_kind(spec.kind)
+    except ValueError as exc:
+        raise SpecError(f"{grid}: kind: {exc}") from None
+    return spec, kind, expand(spec, kind, str(grid))
+
+
+def _print_trials(spec: GridSpec, trials: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{spec.experiment}: {len(trials)} trials of kind {spec.kind}")
+    table.add_column("trial id")
+    for axis in spec.axes:
+        table.add_column(axis)
+    if spec.repeats > 1:
+        table.add_column("repeat")
+    table.add_column("resources")
+    resources = " ".join(f"{k}={v:g}" for k, v in trials[0].resources.items() if v) if trials else ""
+    for trial in trials:
+        row = [trial.trial_id, *(str(trial.axes.get(a)) for a in spec.axes)]
+        if spec.repeats > 1:
+            row.append(str(trial.repeat))
+        table.add_row(*row, resources)
+    Console(width=200).print(table)
+
+
+@click.group()
+def main() -> None:
+    """orch: grid experiments on Ray, results in Parquet and MLflow."""
+    set_ray_env()
+
+
+@main.command()
+@click.argument("grid", type=click.Path(path_type=Path))
+@_user_errors
+def validate(grid: Path) -> None:
+    """Check a grid file and print its expanded trials."""
+    spec, _kind, trials = _load(grid)
+    _print_trials(spec, trials)
+
+
+@main.command()
+@click.argument("grid", type=click.Path(path_type=Path))
+@_results_option
+@click.option("--dry-run", is_flag=True, help="Print the expanded trials and run nothing.")
+@click.option("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray).")
+@click.option("--no-dashboard", is_flag=True, help="Embedded Ray without its dashboard (faster start).")
+@click.option("--num-cpus", type=float, default=None, help="CPUs the embedded Ray offers (default: all).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
+@_user_errors
+def submit(
+    grid: Path,
+    results: Path,
+    dry_run: bool,
+    address: str | None,
+    no_dashboard: bool,
+    num_cpus: float | None,
+    tracking_uri: str | None,
+) -> None:
+    """Run every trial of GRID that is not done yet."""
+    spec, kind, trials = _load(grid)
+    if dry_run:
+        _print_trials(spec, trials)
+        return
+    from orchestrator import cluster
+    from orchestrator.progress import TerminalProgress
+    from orchestrator.scheduler import Submission
+    from orchestrator.tracking import Tracker
+
+    store = ExperimentStore(results, spec.experiment)
+    progress = TerminalProgress()
+    started = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
+    if started and not no_dashboard:
+        progress.event(f"embedded Ray; dashboard at http://127.0.0.1:{cluster.DASHBOARD_PORT}")
+    begin = time.time()
+    try:
+        tracker = Tracker(store, tracking_uri)
+        outcome = Submission(spec, kind, trials, store, tracker, progress, grid_file=str(grid)).run()
+    finally:
+        cluster.disconnect()
+    progress.close(outcome.counts, time.time() - begin)
+    click.echo(f"results: {store.path}")
+    if outcome.tracking_error:
+        click.echo(f"MLflow: not synced ({outcome.tracking_error}); run `orch sync {spec.experiment}` later", err=True)
+    if outcome.interrupted:
+        sys.exit(130)
+    if outcome.counts.get("failed", 0) or outcome.counts.get("timeout", 0):
+        sys.exit(1)
+
+
+def _store_or_fail(results: Path, experiment: str) -> tuple[ExperimentStore, dict[str, Any]]:
+    store = ExperimentStore(results, experiment)
+    manifest = store.load_manifest()
+    if manifest is None:
+        known = ", ".join(list_experiments(results)) or "none"
+        _fail(f"no experiment {experiment!r} under {results} (known: {known})")
+    return store, manifest
+
+
+@main.command(name="ls")
+@_results_option
+def list_command(results: Path) -> None:
+    """Experiments with their trial counts by state."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.report import state_counts
+
+    table = Table(title=f"experiments in {results}")
+    table.add_column("experiment")
+    table.add_column("kind")
+    for state in STATES:
+        table.add_column(state, justify="right")
+    table.add_column("unsynced", justify="right")
+    for name in list_experiments(results):
+        manifest = ExperimentStore(results, name).load_manifest() or {}
+        counts = state_counts(manifest)
+        unsynced = sum(1 for e in manifest.get("trials", {}).values() if e.get("state") != "queued" and not e.get("synced"))
+        table.add_row(name, manifest.get("kind", "?"), *(str(counts.get(s, 0)) for s in STATES), str(unsynced))
+    Console(width=200).print(table)
+
+
+@main.command()
+@click.argument("experiment", required=False)
+@_results_option
+def status(experiment: str | None, results: Path) -> None:
+    """Trial states of EXPERIMENT (or of every experiment)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.progress import status_line
+    from orchestrator.report import state_counts
+
+    names = [experiment] if experiment else list_experiments(results)
+    console = Console(width=200)
+    for name in names:
+        _store, manifest = _store_or_fail(results, name)
+        submission = (manifest.get("submissions") or [{}])[-1]
+        console.print(f"[bold]{name}[/bold] ({manifest.get('kind')}) last submission {submission.get('id')}: "
+                      f"{submission.get('status')}; " + status_line(state_counts(manifest), 0, None).rsplit(" | elapsed", 1)[0])
+        if not experiment:
+            continue
+        table = Table()
+        for column in ("trial id", "state", "attempts", "node", "seconds", "axes", "error"):
+            table.add_column(column)
+        for trial_id, entry in sorted(manifest.get("trials", {}).items()):
+            seconds = entry["end_s"] - entry["start_s"] if entry.get("end_s") and entry.get("start_s") else None
+            axes = " ".join(f"{k}={v}" for k, v in (entry.get("axes") or {}).items())
+            table.add_row(trial_id, entry.get("state", "?"), str(entry.get("attempts", 0)), str(entry.get("node") or "")[:12],
+                          f"{seconds:.1f}" if seconds else "", axes, (entry.get("error") or "")[:80])
+        console.print(table)
+
+
+@main.command()
+@click.argument("experiment")
+@_results_option
+def report(experiment: str, results: Path) -> None:
+    """Summary metrics grouped by the grid's axes (mean over repeats)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.report import format_value, state_counts, summarize
+    from workloads.registry import resolve_kind
+
+    store, manifest = _store_or_fail(results, experiment)
+    try:
+        columns = resolve_kind(manifest.get("kind", "")).report_columns
+    except ValueError:
+        columns = {}
+    console = Console(width=250)
+    counts = state_counts(manifest)
+    console.print(f"[bold]{experiment}[/bold]: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    reports = summarize(store, columns)
+    if not reports:
+        console.print("no finished trials with summaries yet")
+    for rep in reports:
+        table = Table(title=rep.table)
+        for column in rep.frame.columns:
+            table.add_column(str(column), justify="left" if column in rep.axes else "right")
+        for row in rep.frame.itertuples(index=False):
+            table.add_row(*(format_value(v) for v in row))
+        console.print(table)
+
+
+@main.command()
+@click.argument("experiment")
+@_results_option
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
+def sync(experiment: str, results: Path, tracking_uri: str | None) -> None:
+    """Log to MLflow the finished trials that are not synced yet."""
+    from orchestrator.tracking import Tracker
+
+    store, manifest = _store_or_fail(results, experiment)
+    tracker = Tracker(store, tracking_uri)
+    if not tracker.available:
+        _fail(f"MLflow at {tracker.uri} is unreachable: {tracker.error}")
+    todo = [(tid, e) for tid, e in manifest["trials"].items() if e.get("state") not in ("queued", "running") and not e.get("synced")]
+    existing = tracker.existing_runs() if todo else {}
+    parents: dict[int, str | None] = {}
+    synced = 0
+    for trial_id, entry in todo:
+        index = entry.get("submission", len(manifest["submissions"]) - 1)
+        submission = manifest["submissions"][index]
+        if index not in parents:
+            if not submission.get("parent_run_id"):
+                submission["parent_run_id"] = tracker.start_parent(submission)
+                tracker.end_parent(submission["parent_run_id"], "FINISHED")
+            parents[index] = submission["parent_run_id"]
+        duration = entry["end_s"] - entry["start_s"] if entry.get("end_s") and entry.get("start_s") else None
+        run_id = tracker.log_trial(trial_id, dict(entry, duration_s=duration), parents[index], existing.pop(trial_id, []))
+        entry.update(synced=True, mlflow_run_id=run_id, sync_error=None)
+        store.save_manifest(manifest)
+        synced += 1
+    click.echo(f"synced {synced} trial(s) of {experiment} to {tracker.uri}")
+
+
+@main.command()
+@_results_option
+@click.option("--port", default=5000, show_default=True)
+@click.option("--tracking-uri", default=None, help="Backend store (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
+def ui(results: Path, port: int, tracking_uri: str | None) -> None:
+    """Serve the MLflow UI on 127.0.0.1."""
+    from orchestrator.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(results)
+    artifacts = (results.resolve() / "mlartifacts").as_uri()
+    args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--default-artifact-root", artifacts,
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    click.echo(f"MLflow UI at http://127.0.0.1:{port} (store {uri})")
+    os.execv(sys.executable, args)
+
+
+@main.command()
+@click.argument("experiment")
+@_results_option
+def cancel(experiment: str, results: Path) -> None:
+    """Stop EXPERIMENT's running submission cleanly (running trials are recorded cancelled)."""
+    _store, manifest = _store_or_fail(results, experiment)
+    running = [s for s in manifest.get("submissions", []) if s.get("status") == "running" and s.get("pid")]
+    if not running:
+        _fail(f"{experiment} has no running submission")
+    pid = running[-1]["pid"]
+    try:
+        os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        _fail(f"the submission's driver (pid {pid}) is no longer running; resubmit the grid to finish it")
+    click.echo(f"sent interrupt to the driver of {experiment} (pid {pid})")

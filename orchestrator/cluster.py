@@ -1,0 +1,58 @@
+"""Connect to a Ray cluster, or start an embedded one bound to loopback."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# Ray reads these at import/start: keep usage stats off and Ray's own traffic on 127.0.0.1.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+DASHBOARD_PORT = 8265
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How to reach Ray: ``address`` None starts an embedded local cluster."""
+
+    address: str | None = None
+    dashboard: bool = True
+    dashboard_port: int = DASHBOARD_PORT
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+
+
+def set_ray_env() -> None:
+    """Default Ray's environment (user settings win)."""
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def connect(options: ClusterOptions) -> bool:
+    """Initialise Ray; True when this process started an embedded cluster."""
+    set_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        return False
+    ray.init(
+        include_dashboard=options.dashboard,
+        dashboard_host="127.0.0.1",
+        dashboard_port=options.dashboard_port,
+        num_cpus=options.num_cpus,
+        num_gpus=options.num_gpus,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    return True
+
+
+def disconnect() -> None:
+    """Detach from Ray; an embedded cluster this process started stops with it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

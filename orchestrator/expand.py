@@ -1,0 +1,157 @@
+"""GridSpec -> trials: grid is a cartesian product, zip lists vary together, then repeats.
+
+A trial id is a short hash of the kind and the canonical (sorted, typed) parameters, plus the
+repeat index, so the same grid always yields the same ids and a resubmission resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from orchestrator.spec import GridSpec, SpecError
+from workloads.kind import TrialKind
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One run of a kind with one set of parameters."""
+
+    trial_id: str
+    index: int
+    repeat: int
+    params: dict[str, Any]  # nested, as merged from the grid file (defaults not filled in)
+    axes: dict[str, Any]  # the varied dotted keys and this trial's values
+    resources: dict[str, float]
+    group_key: str  # trials with equal keys can share one engine session
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: the hashing form of parameters."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def short_hash(value: Any, length: int = 10) -> str:
+    """Stable hex digest of a JSON-able value."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:length]
+
+
+def trial_id_for(kind: str, params: dict[str, Any], repeat: int) -> str:
+    """Stable trial id: hash of kind + canonical params, then the repeat index."""
+    return f"{short_hash({'kind': kind, 'params': params})}-{repeat}"
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def set_dotted(target: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    """Set ``a.b.c`` inside nested dicts; a conflict with an existing scalar is a SpecError."""
+    parts = dotted.split(".")
+    if any(not part for part in parts):
+        raise SpecError(f"{source}.{dotted}: empty component in dotted key")
+    node = target
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise SpecError(f"{source}.{dotted}: conflicts with {where!r}, which is a value, not a mapping")
+        node = child
+    leaf = parts[-1]
+    if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
+        raise SpecError(f"{source}.{dotted}: conflicts with keys below {dotted!r}; set those instead")
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        for key, item in value.items():
+            set_dotted(node[leaf], key, item, f"{source}.{dotted}")
+    else:
+        node[leaf] = value
+
+
+def _base_params(base: dict[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for key, value in base.items():
+        set_dotted(params, key, _copy(value), "base")
+    return params
+
+
+def _copy(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _combinations(spec: GridSpec) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """Each combination of axis values, with the grid-file section each key came from."""
+    grid_keys = list(spec.grid)
+    zip_keys = list(spec.zip)
+    zip_rows = list(zip(*spec.zip.values(), strict=True)) if zip_keys else [()]
+    combos = []
+    for grid_values in itertools.product(*spec.grid.values()):
+        for zip_values in zip_rows:
+            values = dict(zip(grid_keys, grid_values, strict=True)) | dict(zip(zip_keys, zip_values, strict=True))
+            sources = {k: "grid" for k in grid_keys} | {k: "zip" for k in zip_keys}
+            combos.append((values, sources))
+    return combos
+
+
+def _source_of(loc: tuple[Any, ...], sources: dict[str, str]) -> str:
+    dotted = ".".join(str(p) for p in loc)
+    for key, section in sources.items():
+        if dotted == key or dotted.startswith(key + "."):
+            return f"{section}.{dotted}"
+    return f"base.{dotted}" if dotted else "base"
+
+
+def _without(params: dict[str, Any], dotted_keys: frozenset[str]) -> dict[str, Any]:
+    flat = flatten(params)
+    return {k: v for k, v in flat.items() if not any(k == d or k.startswith(d + ".") for d in dotted_keys)}
+
+
+def expand(spec: GridSpec, kind: TrialKind, source: str = "grid") -> list[Trial]:
+    """All trials of a spec, validated against the kind's parameter model."""
+    base = _base_params(spec.base)
+    resources = spec.resources.as_dict()
+    trials: list[Trial] = []
+    for values, sources in _combinations(spec):
+        params = _copy(base)
+        for key, value in values.items():
+            set_dotted(params, key, _copy(value), sources[key])
+        try:
+            kind.params_model.model_validate(params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            raise SpecError(f"{source}: {_source_of(err['loc'], sources)}: {message}") from None
+        except SpecError:
+            raise
+        except ValueError as exc:
+            raise SpecError(f"{source}: {exc}") from None
+        group = short_hash({"params": _without(params, kind.load_keys), "resources": resources})
+        for repeat in range(spec.repeats):
+            trials.append(
+                Trial(
+                    trial_id=trial_id_for(spec.kind, params, repeat),
+                    index=len(trials),
+                    repeat=repeat,
+                    params=params,
+                    axes=dict(values),
+                    resources=resources,
+                    group_key=group,
+                )
+            )
+    ids = [t.trial_id for t in trials]
+    if len(set(ids)) != len(ids):
+        raise SpecError(f"{source}: two trials have identical parameters; make the axis values distinct")
+    return trials

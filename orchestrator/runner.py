@@ -1,0 +1,139 @@
+"""The trial actor: builds the kind's session, runs trials in order, returns Arrow tables.
+
+One actor runs many trials (one at a time), so process start-up is paid once per actor, and
+trials of one engine group reuse the session ``open`` built (a loaded model). A trial that
+raises comes back as a ``failed`` result; the actor itself only dies when its process does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from workloads.kind import TrialContext, TrialKind
+from workloads.registry import resolve_kind
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """What the driver hands an actor for one attempt of one trial."""
+
+    experiment: str
+    kind: str
+    trial_id: str
+    repeat: int
+    attempt: int
+    params: dict[str, Any]
+    resources: dict[str, float]
+    group_key: str
+    workdir: str
+
+
+@dataclass
+class TrialResult:
+    """What an attempt produced."""
+
+    trial_id: str
+    state: str  # done | failed
+    node: str
+    pid: int
+    start_s: float
+    end_s: float
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None
+    traceback: str | None = None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__
+
+
+class TrialRunner:
+    """Ray actor body (wrapped with ``ray.remote`` by the scheduler with each trial's resources)."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, TrialKind] = {}
+        self._session: Any = None
+        self._session_key: tuple[str, str] | None = None
+        self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+
+    def where(self) -> dict[str, Any]:
+        """Node id, host and pid of this actor."""
+        return {"node": self._node, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def session_key(self) -> tuple[str, str] | None:
+        """(kind, group key) of the open session, if any."""
+        return self._session_key
+
+    def _kind(self, name: str) -> TrialKind:
+        if name not in self._kinds:
+            self._kinds[name] = resolve_kind(name)
+        return self._kinds[name]
+
+    def _close_session(self) -> None:
+        if self._session_key is not None:
+            kind = self._kind(self._session_key[0])
+            session, self._session, self._session_key = self._session, None, None
+            kind.close(session)
+
+    def run(self, job: TrialJob) -> TrialResult:
+        """Run one attempt of one trial; exceptions become a failed result."""
+        start = time.time()
+        try:
+            kind = self._kind(job.kind)
+            params = kind.params_model.model_validate(job.params)
+            key = (job.kind, job.group_key)
+            if self._session_key != key:
+                self._close_session()
+                self._session = kind.open(params)
+                self._session_key = key
+            workdir = Path(job.workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+            ctx = TrialContext(
+                experiment=job.experiment,
+                trial_id=job.trial_id,
+                repeat=job.repeat,
+                attempt=job.attempt,
+                workdir=workdir,
+                resources=job.resources,
+            )
+            output = kind.run(self._session, params, ctx)
+            return TrialResult(
+                trial_id=job.trial_id,
+                state="done",
+                node=self._node,
+                pid=os.getpid(),
+                start_s=start,
+                end_s=time.time(),
+                tables=dict(output.tables),
+                artifacts=dict(output.artifacts),
+            )
+        except Exception as exc:  # the trial's failure is data, not the actor's
+            try:
+                self._close_session()
+            except Exception:  # a broken session must not hide the trial's own error
+                self._session, self._session_key = None, None
+            return TrialResult(
+                trial_id=job.trial_id,
+                state="failed",
+                node=self._node,
+                pid=os.getpid(),
+                start_s=start,
+                end_s=time.time(),
+                error=_one_line(exc),
+                traceback=traceback.format_exc(),
+            )
+
+    def shutdown(self) -> None:
+        """Close the open session before the actor is released."""
+        self._close_session()

@@ -1,0 +1,243 @@
+"""Results on disk: versioned Arrow schemas, a hive-partitioned Parquet dataset, the manifest.
+
+Layout under ``<results>/<experiment>/``::
+
+    <table>/trial_id=<id>/part-0.parquet   one file per table per trial (rewritten on rerun)
+    artifacts/<trial_id>/...               tracebacks and the kind's artifacts
+    manifest.json                          trial states, attempts, errors; submissions
+
+Only the driver writes. Every write is atomic (temp file + rename) and a trial's Parquet is
+written before the manifest marks it done, so a crash never leaves a done trial without data.
+Files do not contain ``trial_id``: it is the hive partition key, so pandas, DuckDB and Polars
+read it from the path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION_KEY = b"schema_version"
+PARAM_FIELD_KEY = b"orch.param"  # field metadata marking a column that holds a grid parameter
+TERMINAL_STATES = frozenset({"done", "failed", "timeout", "cancelled"})
+STATES = ("queued", "running", "done", "failed", "timeout", "cancelled")
+
+TRIALS_SCHEMA = pa.schema(
+    [
+        ("experiment", pa.string()),
+        ("state", pa.string()),
+        ("attempts", pa.int64()),
+        ("node", pa.string()),
+        ("start_s", pa.float64()),
+        ("end_s", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("error", pa.string()),
+        ("repeat", pa.int64()),
+    ],
+    metadata={SCHEMA_VERSION_KEY: b"1"},
+)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _arrow_type(values: Iterable[Any]) -> pa.DataType:
+    """One Arrow type for a parameter across all trials (ints widen to floats)."""
+    kinds = {type(v) for v in values if v is not None}
+    if not kinds:
+        return pa.string()
+    if kinds == {bool}:
+        return pa.bool_()
+    if kinds <= {int}:
+        return pa.int64()
+    if kinds <= {int, float}:
+        return pa.float64()
+    return pa.string()
+
+
+def _param_value(value: Any, arrow_type: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_string(arrow_type):
+        return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if pa.types.is_floating(arrow_type):
+        return float(value)
+    return value
+
+
+@dataclass(frozen=True)
+class ParamColumns:
+    """How flattened parameters become typed columns: column name and Arrow type per dotted key."""
+
+    names: dict[str, str]
+    types: dict[str, pa.DataType]
+
+    @classmethod
+    def from_params(cls, flat_params: list[dict[str, Any]]) -> ParamColumns:
+        """Name each dotted key by its leaf when that is unique, else by the full path."""
+        keys: list[str] = []
+        for flat in flat_params:
+            keys.extend(k for k in flat if k not in keys)
+        leaves = [k.rsplit(".", 1)[-1] for k in keys]
+        names = {k: (leaf if leaves.count(leaf) == 1 else k.replace(".", "_")) for k, leaf in zip(keys, leaves, strict=True)}
+        types = {k: _arrow_type(flat.get(k) for flat in flat_params) for k in keys}
+        return cls(names=names, types=types)
+
+    def columns(self, flat: dict[str, Any], taken: set[str]) -> list[tuple[pa.Field, Any]]:
+        """(field, value) pairs for one trial, skipping names the table already has."""
+        out = []
+        for key, name in self.names.items():
+            column = name if name not in taken else f"param_{name}"
+            arrow_type = self.types[key]
+            field = pa.field(column, arrow_type, metadata={PARAM_FIELD_KEY: key.encode()})
+            out.append((field, _param_value(flat.get(key), arrow_type)))
+        return out
+
+
+def conform(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
+    """Cast a kind's table to its declared schema: missing columns become nulls; extra columns are kept after."""
+    if schema is None:
+        return table
+    arrays, fields = [], []
+    for schema_field in schema:
+        if schema_field.name in table.column_names:
+            arrays.append(table.column(schema_field.name).cast(schema_field.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, schema_field.type))
+        fields.append(schema_field)
+    for name in table.column_names:
+        if name not in schema.names:
+            arrays.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=schema.metadata))
+
+
+class ExperimentStore:
+    """Reads and writes one experiment's folder."""
+
+    def __init__(self, results_root: Path | str, experiment: str):
+        self.root = Path(results_root)
+        self.experiment = experiment
+        self.path = self.root / experiment
+
+    @property
+    def manifest_path(self) -> Path:
+        """Where the manifest lives."""
+        return self.path / "manifest.json"
+
+    def artifacts_dir(self, trial_id: str) -> Path:
+        """Folder of one trial's artifacts."""
+        return self.path / "artifacts" / trial_id
+
+    def workdir(self, trial_id: str) -> Path:
+        """Scratch folder of one trial that survives retries (checkpoints)."""
+        return self.path / "work" / trial_id
+
+    def table_file(self, table: str, trial_id: str) -> Path:
+        """The Parquet file of one table for one trial."""
+        return self.path / table / f"trial_id={trial_id}" / "part-0.parquet"
+
+    # -- tables -------------------------------------------------------------------------
+    def write_table(
+        self,
+        name: str,
+        trial_id: str,
+        table: pa.Table,
+        schema: pa.Schema | None,
+        params: list[tuple[pa.Field, Any]] | None = None,
+    ) -> Path:
+        """Conform and write one trial's table; ``params`` are constant columns appended."""
+        table = conform(table, schema)
+        metadata = table.schema.metadata
+        columns = [pa.array([self.experiment] * table.num_rows, pa.string())]
+        fields = [pa.field("experiment", pa.string())]
+        taken = {"experiment", *table.column_names}
+        for param_field, value in params or []:
+            if param_field.name in taken:
+                continue
+            columns.append(pa.array([value] * table.num_rows, param_field.type))
+            fields.append(param_field)
+            taken.add(param_field.name)
+        table = table.drop_columns([c for c in ("experiment", "trial_id") if c in table.column_names])
+        arrays = [columns[0], *table.columns, *columns[1:]]
+        out = pa.Table.from_arrays(arrays, schema=pa.schema([fields[0], *table.schema, *fields[1:]], metadata=metadata))
+        path = self.table_file(name, trial_id)
+        sink = pa.BufferOutputStream()
+        pq.write_table(out, sink, compression="zstd")
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        return path
+
+    def write_trial_row(self, trial_id: str, record: dict[str, Any], params: list[tuple[pa.Field, Any]]) -> Path:
+        """Write the one-row ``trials`` table of a trial in a terminal state."""
+        row = {f.name: [record.get(f.name)] for f in TRIALS_SCHEMA if f.name != "experiment"}
+        table = pa.table(row, schema=pa.schema([f for f in TRIALS_SCHEMA if f.name != "experiment"]))
+        return self.write_table("trials", trial_id, table, TRIALS_SCHEMA.remove(0), params)
+
+    def table_names(self) -> list[str]:
+        """Tables present in this experiment."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and any(p.glob("trial_id=*")))
+
+    def read_table(self, name: str, trial_ids: Iterable[str] | None = None) -> pa.Table | None:
+        """The whole dataset of one table (with the trial_id partition column), or None."""
+        folder = self.path / name
+        if not folder.is_dir():
+            return None
+        wanted = set(trial_ids) if trial_ids is not None else None
+        files = [
+            str(p)
+            for p in sorted(folder.glob("trial_id=*/part-0.parquet"))
+            if wanted is None or p.parent.name.removeprefix("trial_id=") in wanted
+        ]
+        if not files:
+            return None
+        dataset = ds.dataset(files, format="parquet", partitioning=ds.partitioning(flavor="hive"), partition_base_dir=str(folder))
+        return dataset.to_table()
+
+    def read_trial_table(self, name: str, trial_id: str) -> pa.Table | None:
+        """One trial's table as written, or None."""
+        path = self.table_file(name, trial_id)
+        return pq.read_table(path) if path.exists() else None
+
+    def trial_table_files(self, trial_id: str) -> dict[str, Path]:
+        """table name -> Parquet file, for the tables this trial wrote."""
+        return {name: self.table_file(name, trial_id) for name in self.table_names() if self.table_file(name, trial_id).exists()}
+
+    # -- manifest ------------------------------------------------------------------------
+    def load_manifest(self) -> dict[str, Any] | None:
+        """The manifest, or None when the experiment has never been submitted."""
+        if not self.manifest_path.exists():
+            return None
+        return json.loads(self.manifest_path.read_text())
+
+    def save_manifest(self, manifest: dict[str, Any]) -> None:
+        """Atomically replace the manifest."""
+        atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True, default=str).encode())
+
+
+def list_experiments(results_root: Path | str) -> list[str]:
+    """Experiments (folders with a manifest) under a results root."""
+    root = Path(results_root)
+    if not root.is_dir():
+        return []
+    return sorted(p.parent.name for p in root.glob("*/manifest.json"))

@@ -1,0 +1,122 @@
+"""Compressors against their definitions, in one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backends.compression import (
+    COMPRESSORS,
+    CompressContext,
+    CompressionConfig,
+    Communicator,
+    GradientSync,
+    ResidualMemory,
+    build_compressor,
+)
+from backends.compression.topk import topk_count
+
+
+def _ctx(t: torch.Tensor, world_size: int = 1) -> CompressContext:
+    return CompressContext(shape=t.shape, dtype=t.dtype, world_size=world_size)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 400), ratio=st.floats(0.001, 1.0), seed=st.integers(0, 2**16))
+def test_topk_keeps_exactly_the_k_largest_magnitudes(n: int, ratio: float, seed: int) -> None:
+    g = torch.randn(n, generator=torch.Generator().manual_seed(seed))  # ties have probability 0
+    comp = build_compressor(CompressionConfig(name="topk", ratio=ratio))
+    values, indices = comp.compress(g, _ctx(g))
+    k = topk_count(n, ratio)
+    assert values.numel() == indices.numel() == k == min(n, max(1, math.ceil(ratio * n)))
+    assert values.dtype == torch.float32 and indices.dtype == torch.int32
+    expected = set(torch.argsort(g.abs(), descending=True)[:k].tolist())
+    assert set(indices.tolist()) == expected
+    out = comp.decompress([values, indices], _ctx(g))
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[list(expected)] = True
+    assert torch.equal(out[kept], g[kept]) and torch.all(out[~kept] == 0)
+
+
+@pytest.mark.parametrize("levels,bucket", [(1, 64), (4, 32), (127, 128)])
+def test_qsgd_is_unbiased_and_meets_its_variance_bound(levels: int, bucket: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(300) * torch.rand(300) * 3
+    comp = build_compressor(CompressionConfig(name="qsgd", levels=levels, bucket_size=bucket, seed=1))
+    draws = 4000
+    samples = torch.stack([comp.decompress(comp.compress(x, _ctx(x)), _ctx(x)) for _ in range(draws)])
+    # Unbiased: each coordinate's sample mean lies within 5 standard errors of x_i
+    # (per-coordinate variance <= (norm/s)^2 / 4 for a two-point rounding), plus float slack.
+    pad = (-x.numel()) % bucket
+    norms = torch.nn.functional.pad(x, (0, pad)).view(-1, bucket).norm(dim=1)
+    step = norms.repeat_interleave(bucket)[: x.numel()] / levels
+    stderr = step / 2 / math.sqrt(draws)
+    assert torch.all((samples.mean(0) - x).abs() <= 5 * stderr + 1e-6)
+    # Variance bound per bucket of d elements: E||Q(x)-x||^2 <= min(d/s^2, sqrt(d)/s) ||x||^2.
+    err = (samples - x).pow(2)
+    err = torch.nn.functional.pad(err, (0, pad)).view(draws, -1, bucket).sum(2).mean(0)
+    bound = min(bucket / levels**2, math.sqrt(bucket) / levels) * norms.pow(2)
+    assert torch.all(err <= bound * 1.05 + 1e-9)
+
+
+def test_qsgd_payload_is_one_byte_per_element_plus_a_norm_per_bucket() -> None:
+    x = torch.randn(1000)
+    comp = build_compressor(CompressionConfig(name="qsgd", levels=127, bucket_size=128))
+    signed, norms = comp.compress(x, _ctx(x))
+    assert signed.dtype == torch.int8 and signed.numel() == 1024
+    assert norms.dtype == torch.float32 and norms.numel() == 8
+    assert signed.abs().max() <= 127
+
+
+@pytest.mark.parametrize("threshold", ["zero", "mean"])
+@pytest.mark.parametrize("residual", ["global", "local"])
+def test_a2sgd_payload_is_two_scalars_and_v_equals_u_plus_e(residual: str, threshold: str) -> None:
+    torch.manual_seed(0)
+    config = CompressionConfig(name="a2sgd", residual=residual, threshold=threshold)
+    sync = GradientSync(build_compressor(config), Communicator())
+    e_prev = torch.zeros(500)
+    for _ in range(5):
+        g = torch.randn(500) + 0.3
+        v = g + e_prev
+        ctx = _ctx(v)
+        payload = sync.compressor.compress(v, ctx)
+        assert len(payload) == 1 and payload[0].numel() == 2 and payload[0].dtype == torch.float32
+        cut = v.mean() if threshold == "mean" else 0.0
+        assert torch.allclose(payload[0], torch.stack([v[v >= cut].mean(), v[v < cut].mean()]))
+        u = sync.sync("w", g)
+        assert set(torch.unique(u).tolist()) <= set(payload[0].tolist())
+        e = sync.memory.residuals["w"]
+        assert torch.allclose(v, u + e, atol=1e-6)  # one worker: global and local means coincide
+        e_prev = e
+    assert sync.take_stats().payload_bytes == 5 * 8
+
+
+@pytest.mark.parametrize("name", sorted(set(COMPRESSORS) - {"powersgd"}))
+def test_error_feedback_identity_holds_for_every_compressor(name: str) -> None:
+    """With feedback on: g_t + e_{t-1} = reference_t + e_t, so sum(g) = sum(reference) + e_T."""
+    torch.manual_seed(1)
+    sync = GradientSync(
+        build_compressor(CompressionConfig(name=name, error_feedback=True, ratio=0.05)),
+        Communicator(),
+        ResidualMemory(),
+    )
+    grads, refs = torch.zeros(257), torch.zeros(257)
+    e_prev = torch.zeros(257)
+    for _ in range(6):
+        g = torch.randn(257)
+        out = sync.sync("p", g)
+        e = sync.memory.residuals["p"]
+        assert torch.allclose(g + e_prev, out + e, atol=1e-5)
+        grads += g
+        refs += out
+        e_prev = e
+    assert torch.allclose(grads, refs + e_prev, atol=1e-4)
+
+
+def test_unknown_compressor_is_rejected_with_the_allowed_names() -> None:
+    with pytest.raises(ValueError, match="allowed"):
+        build_compressor(CompressionConfig(name="zip"))

@@ -1,0 +1,201 @@
+"""Open-loop load over OpenAI-compatible streaming ``/v1/completions`` (vLLM's server, our Serve app).
+
+Timing follows vLLM's own benchmark client (``vllm bench serve``) so the numbers compare: the
+clock for a request starts when its POST is sent; every streamed chunk that carries a choice is a
+token arrival (the first one is the first token, even with empty text); the request ends at its
+last such chunk; the token count comes from the final ``usage`` chunk. When the server returns
+``token_ids`` per chunk (vLLM's ``return_token_ids`` extension, our Serve app), each id gets the
+chunk's timestamp, so a chunk carrying several tokens is counted as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from workloads.serving.transport import RequestRecord, RequestSpec
+
+
+class StepSampler(Protocol):
+    """Samples server-side state (running, waiting, KV usage) while a load runs."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> list[dict]: ...
+
+
+@dataclass(frozen=True)
+class HttpTarget:
+    """Where the completions endpoint is and what model name it serves."""
+
+    base_url: str  # e.g. http://127.0.0.1:8000 (no trailing /v1)
+    model: str
+    request_timeout_s: float = 600.0
+    extra_body: tuple[tuple[str, Any], ...] = ()  # extra JSON fields for every request
+
+
+def completion_body(target: HttpTarget, spec: RequestSpec) -> dict[str, Any]:
+    """The JSON body of one streaming completion request (greedy, forced length)."""
+    body: dict[str, Any] = {
+        "model": target.model,
+        "prompt": spec.prompt_token_ids if spec.prompt_token_ids else spec.prompt_text,
+        "max_tokens": spec.max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": spec.ignore_eos,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": True,
+    }
+    body.update(dict(target.extra_body))
+    return body
+
+
+def _sse_payloads(line: str) -> str | None:
+    """The JSON text of one server-sent-event line, or None for keep-alives and comments."""
+    line = line.strip()
+    if not line.startswith("data:"):
+        return None
+    return line[len("data:"):].strip()
+
+
+async def _one_request(
+    client: httpx.AsyncClient,
+    target: HttpTarget,
+    spec: RequestSpec,
+    t0: float,
+    gate: asyncio.Semaphore | None,
+) -> RequestRecord:
+    """Wait for the request's arrival time, send it, and time every streamed chunk."""
+    record = RequestRecord(request_id=spec.request_id, arrival_s=spec.arrival_s)
+    delay = t0 + spec.arrival_s - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    if gate is not None:
+        await gate.acquire()
+    try:
+        await _stream_into(client, target, spec, t0, record)
+    except (httpx.HTTPError, ValueError, OSError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if gate is not None:
+            gate.release()
+    if record.error is None and record.output_tokens == 0:
+        record.error = "no tokens received"
+    return record
+
+
+async def _stream_into(
+    client: httpx.AsyncClient, target: HttpTarget, spec: RequestSpec, t0: float, record: RequestRecord
+) -> None:
+    """POST one streaming completion and fill ``record`` from its chunks."""
+    body = completion_body(target, spec)
+    chunks_with_choice = 0
+    usage_tokens: int | None = None
+    record.send_s = time.perf_counter() - t0
+    async with client.stream("POST", f"{target.base_url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            record.error = f"HTTP {response.status_code}: {text[:500]}"
+            return
+        async for line in response.aiter_lines():
+            payload = _sse_payloads(line)
+            if payload is None:
+                continue
+            if payload == "[DONE]":
+                break
+            now = time.perf_counter() - t0
+            data = json.loads(payload)
+            if "error" in data and not data.get("choices"):
+                record.error = f"server error: {data['error']}"
+                return
+            choices = data.get("choices") or []
+            if choices:
+                choice = choices[0]
+                chunks_with_choice += 1
+                if record.first_token_s is None:
+                    record.first_token_s = now
+                record.finish_s = now
+                ids = choice.get("token_ids")
+                if ids:
+                    record.output_token_ids.extend(int(t) for t in ids)
+                    record.token_times_s.extend([now] * len(ids))
+                else:
+                    record.token_times_s.append(now)
+            usage = data.get("usage")
+            if usage:
+                usage_tokens = usage.get("completion_tokens")
+                record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    if not record.prompt_tokens:
+        record.prompt_tokens = len(spec.prompt_token_ids)
+    if usage_tokens is not None:
+        record.output_tokens = int(usage_tokens)
+    elif record.output_token_ids:
+        record.output_tokens = len(record.output_token_ids)
+    else:
+        record.output_tokens = chunks_with_choice
+
+
+async def run_schedule(
+    target: HttpTarget, requests: list[RequestSpec], max_concurrency: int | None
+) -> list[RequestRecord]:
+    """Send every request at its arrival time (open loop); one record per request, in order."""
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    connections = max_concurrency or max(1, len(requests))
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    timeout = httpx.Timeout(target.request_timeout_s, connect=30.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+        t0 = time.perf_counter()
+        tasks = [_one_request(client, target, spec, t0, gate) for spec in requests]
+        return list(await asyncio.gather(*tasks))
+
+
+def _run_coroutine_blocking(make: Callable[[], Any]) -> Any:
+    """asyncio.run, also from a thread whose event loop is already running (async Ray actors)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    box: dict[str, Any] = {}
+
+    def worker() -> None:
+        try:
+            box["value"] = asyncio.run(make())
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=worker, name="http-transport")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class HttpTransport:
+    """The ``Transport`` for any OpenAI-compatible streaming completions server."""
+
+    def __init__(self, target: HttpTarget, sampler: StepSampler | None = None):
+        self.target = target
+        self._sampler = sampler
+        self._steps: list[dict] = []
+
+    def run(self, requests: list[RequestSpec], max_concurrency: int | None) -> list[RequestRecord]:
+        """Send every request at its arrival time; return one record per request, in order."""
+        if self._sampler is not None:
+            self._sampler.start()
+        try:
+            return _run_coroutine_blocking(lambda: run_schedule(self.target, requests, max_concurrency))
+        finally:
+            if self._sampler is not None:
+                self._steps = self._sampler.stop()
+
+    def engine_steps(self) -> list[dict]:
+        """Server-side samples collected during the last ``run`` (empty without a sampler)."""
+        return list(self._steps)
