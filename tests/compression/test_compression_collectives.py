@@ -11,8 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backends.compression import (
     COMPRESSORS,
-    CompressionConfig,
     Communicator,
+    CompressionConfig,
     GradientSync,
     build_applier,
     build_compressor,

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from backends.compression import (
     COMPRESSORS,
+    Communicator,
     CompressContext,
     CompressionConfig,
-    Communicator,
     GradientSync,
     ResidualMemory,
     build_compressor,

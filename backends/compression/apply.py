@@ -1,0 +1,158 @@
+"""Two ways to apply a compressor: a DDP communication hook per bucket, or a flat whole-model sync.
+
+- ``hook``: DDP calls the hook for each gradient bucket during ``backward()``; the hook
+  averages the bucket through ``GradientSync`` (or PyTorch's PowerSGD hook) and DDP writes the
+  result into ``param.grad``. Error-feedback state is kept per bucket index.
+- ``flat``: the model is not wrapped in DDP; after ``backward()`` every gradient is flattened into
+  one vector and synchronised once (A2SGD's "two scalars per worker per step" needs this).
+A model that is not DDP-wrapped (one worker: Ray's ``prepare_model`` wraps only when there are
+several) always takes the flat path.
+"""
+
+
+import time
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from backends.compression.base import CompressionConfig, Compressor, build_compressor, mode_of
+from backends.compression.communicator import Communicator
+from backends.compression.memory import Memory
+from backends.compression.sync import GradientSync, SyncStats
+
+
+class GradientApplier:
+    """Synchronises a model's gradients each step and reports time and bytes."""
+
+    mode: str
+
+    def __init__(self, compressor: Compressor, communicator: Communicator) -> None:
+        self.compressor = compressor
+        self.communicator = communicator
+        self.stats = SyncStats()
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """Called once per step after ``backward()`` and before the optimizer."""
+
+    def take_stats(self) -> SyncStats:
+        """Time and bytes since the last call."""
+        stats, self.stats = self.stats, SyncStats()
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's compressor and error-feedback state."""
+        return {"compressor": self.compressor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict returned."""
+        self.compressor.load_state_dict(state.get("compressor", {}))
+
+
+class _SyncApplier(GradientApplier):
+    """Shared by the flat and hook paths: a GradientSync and its error-feedback memory."""
+
+    def __init__(self, compressor: Compressor, communicator: Communicator) -> None:
+        super().__init__(compressor, communicator)
+        self.sync = GradientSync(compressor, communicator)
+
+    @property
+    def memory(self) -> Memory:
+        """The error-feedback memory."""
+        return self.sync.memory
+
+    def take_stats(self) -> SyncStats:
+        """Sync stats plus this applier's own flatten/unflatten time."""
+        stats = super().take_stats()
+        stats.add(self.sync.take_stats())
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """Compressor state and residuals."""
+        return {**super().state_dict(), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore compressor state and residuals."""
+        super().load_state_dict(state)
+        self.memory.load_state_dict(state.get("memory", {}))
+
+
+class FlatApplier(_SyncApplier):
+    """Flattens all gradients, syncs them once, writes them back."""
+
+    mode = "flat"
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """One sync of the whole model's gradient (missing gradients count as zeros)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        start = time.perf_counter()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        self.stats.compress_s += time.perf_counter() - start
+        averaged = self.sync.sync("model", flat)
+        start = time.perf_counter()
+        offset = 0
+        for p in params:
+            n = p.numel()
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(averaged[offset : offset + n].view_as(p))
+            offset += n
+        self.stats.decompress_s += time.perf_counter() - start
+
+
+class HookApplier(_SyncApplier):
+    """A DDP communication hook that averages each bucket through GradientSync."""
+
+    mode = "hook"
+
+    def __init__(self, compressor: Compressor, communicator: Communicator, model: DistributedDataParallel):
+        super().__init__(compressor, communicator)
+
+        def hook(_state: Any, bucket) -> torch.futures.Future[torch.Tensor]:
+            result = self.sync.sync(f"bucket{bucket.index()}", bucket.buffer())
+            fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            fut.set_result(result)
+            return fut
+
+        model.register_comm_hook(None, hook)
+
+
+class NativeHookApplier(GradientApplier):
+    """A compressor that brings its own DDP hook (PowerSGD)."""
+
+    mode = "hook"
+
+    def __init__(self, compressor: Compressor, communicator: Communicator, model: DistributedDataParallel):
+        super().__init__(compressor, communicator)
+        state, hook = compressor.make_ddp_hook(communicator, self.stats)
+        model.register_comm_hook(state, hook)
+
+    def take_stats(self) -> SyncStats:
+        """Stats the hook accumulated (it writes into the live object, so copy and reset in place)."""
+        stats = SyncStats()
+        stats.add(self.stats)
+        for name in vars(self.stats):
+            setattr(self.stats, name, type(getattr(self.stats, name))())
+        return stats
+
+
+def build_applier(
+    config: CompressionConfig, model: torch.nn.Module, group: torch.distributed.ProcessGroup | None = None
+) -> GradientApplier:
+    """The applier for ``config`` on ``model`` (DDP-wrapped for hook mode, plain for flat)."""
+    communicator = Communicator(group)
+    compressor = build_compressor(config, rank=communicator.rank)
+    mode = mode_of(compressor)
+    is_ddp = isinstance(model, DistributedDataParallel)
+    if mode == "flat" and compressor.native_hook:
+        raise ValueError(f"compressor {compressor.name!r} runs only as a DDP hook; use mode: hook")
+    if mode == "flat" and is_ddp:
+        raise ValueError("flat mode needs a model that is not wrapped in DDP (it would all-reduce twice)")
+    if not is_ddp:
+        if compressor.native_hook:
+            # One worker: nothing to communicate, and PowerSGD's hook needs DDP; send plainly.
+            compressor = build_compressor(CompressionConfig(name="dense", seed=config.seed), communicator.rank)
+        return FlatApplier(compressor, communicator)
+    if compressor.native_hook:
+        return NativeHookApplier(compressor, communicator, model)
+    return HookApplier(compressor, communicator, model)

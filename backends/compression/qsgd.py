@@ -1,0 +1,82 @@
+"""QSGD: stochastic quantisation to s levels per bucket of elements (Alistarh et al., 2017).
+
+For a bucket x with norm ||x||_2, element i becomes ||x|| * sign(x_i) * l_i / s, where
+l_i = floor(s |x_i| / ||x||) + Bernoulli(frac(s |x_i| / ||x||)). E[Q(x)] = x, and
+E||Q(x) - x||^2 <= min(d / s^2, sqrt(d) / s) ||x||^2 for a bucket of d elements.
+Payload: the signed levels (int8 when s <= 127, else int16) and one fp32 norm per bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from backends.compression.base import CompressContext, Compressor, Payload, register
+
+
+def level_dtype(levels: int) -> torch.dtype:
+    """Smallest signed integer type holding -s..s."""
+    if levels <= 127:
+        return torch.int8
+    if levels <= 32767:
+        return torch.int16
+    raise ValueError(f"qsgd levels must be <= 32767, got {levels}")
+
+
+@register
+class QSGDCompressor(Compressor):
+    """Unbiased stochastic quantisation; all-gathered; error feedback optional (off by default)."""
+
+    name = "qsgd"
+    collective = "allgather"
+
+    def __init__(self, config, rank: int = 0) -> None:
+        super().__init__(config, rank)
+        if config.levels < 1 or config.bucket_size < 1:
+            raise ValueError("qsgd needs levels >= 1 and bucket_size >= 1")
+        self.generator: torch.Generator | None = None
+        self._generator_state: torch.Tensor | None = None
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        """Per-rank random stream for the rounding (seeded, checkpointed)."""
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.config.seed * 1000003 + self.rank)
+            if self._generator_state is not None and device.type == "cpu":
+                self.generator.set_state(self._generator_state)
+        return self.generator
+
+    def compress(self, tensor: torch.Tensor, ctx: CompressContext) -> Payload:
+        """Signed levels per element and one norm per bucket."""
+        s, d = self.config.levels, self.config.bucket_size
+        flat = tensor.reshape(-1).float()
+        pad = (-flat.numel()) % d
+        buckets = torch.nn.functional.pad(flat, (0, pad)).view(-1, d)
+        norms = buckets.norm(dim=1)
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        scaled = buckets.abs() / safe[:, None] * s
+        lower = scaled.floor()
+        noise = torch.rand(scaled.shape, generator=self._rng(flat.device), device=flat.device)
+        levels = lower + (noise < (scaled - lower)).float()
+        signed = (levels * buckets.sign()).to(level_dtype(s))
+        return [signed.view(-1), norms]
+
+    def decompress(self, payload: Payload, ctx: CompressContext) -> torch.Tensor:
+        """norm * level / s, trimmed to the original length."""
+        signed, norms = payload
+        d = self.config.bucket_size
+        values = signed.view(-1, d).float() * (norms[:, None] / self.config.levels)
+        n = ctx.shape.numel()
+        return values.view(-1)[:n].to(ctx.dtype).view(ctx.shape)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rounding RNG state (CPU generators only; CUDA streams restart from the seed)."""
+        if self.generator is not None and self.generator.device.type == "cpu":
+            return {"generator": self.generator.get_state()}
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the rounding RNG stream."""
+        self._generator_state = state.get("generator")
+        self.generator = None
