@@ -51,6 +51,15 @@ class ServingKind(TrialKind):
         | _section_keys("quality", QualityParams)
         | {"load", "slo", "quality", "percentiles"}
     )
+    # What `orch report` shows side by side (all columns stay in the Parquet dataset).
+    report_columns: ClassVar[dict[str, list[str]]] = {
+        "serving_summary": [
+            "completed", "failed", "request_throughput", "output_throughput",
+            "ttft_ms_mean", "ttft_ms_p99", "tpot_ms_mean", "itl_ms_p99", "e2el_ms_mean",
+            "peak_kv_bytes", "peak_kv_bytes_host", "h2d_bytes", "preemptions",
+            "ppl_ratio", "token_agreement",
+        ]
+    }
 
     def open(self, params: ServingParams) -> ServingSession:
         """Start the system under test (loads the model)."""
