@@ -10,6 +10,19 @@ from workloads.serving.params import ServingParams
 from workloads.serving.transport import Transport
 
 
+def policy_params_for(policy: str, params: ServingParams) -> dict[str, Any]:
+    """The grid's ``policy.*`` knobs that ``policy`` takes.
+
+    A grid sets one ``policy`` section for a whole ``backend`` axis (say ``kv_budget`` for
+    full, h2o and streaming alike); each policy gets the knobs it has. Misspelled knobs never
+    get here: ``PolicyParams`` rejects unknown keys.
+    """
+    from backends.kvcache.policies import POLICIES
+
+    accepted = POLICIES[policy].defaults if policy in POLICIES else {}
+    return {k: v for k, v in params.policy.engine_params().items() if k in accepted}
+
+
 def engine_config(params: ServingParams, policy: str | None = None) -> Any:
     """The ``EngineConfig`` a trial's parameters describe (``policy`` overrides the backend's)."""
     from backends.kvcache.config import EngineConfig
@@ -21,7 +34,8 @@ def engine_config(params: ServingParams, policy: str | None = None) -> Any:
         dtype=params.dtype,
         device=params.device,
         policy=policy,
-        policy_params=params.policy.engine_params() if policy == params.backend.name else {},
+        # The full-cache reference of a quality measurement keeps every token.
+        policy_params=policy_params_for(policy, params) if policy == params.backend.name else {},
         kv_cache_bytes=params.engine.kv_cache_bytes,
         kv_cache_blocks=params.engine.kv_cache_blocks,
         block_size=params.engine.block_size,

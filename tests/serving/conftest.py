@@ -1,0 +1,42 @@
+"""Fixtures for serving tests: a tiny model shape (dummy weights) and a trial context."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workloads.kind import TrialContext
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A folder holding only a config.json: the engine builds it with seeded dummy weights."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    (folder / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return str(folder)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> TrialContext:
+    reports: list[dict] = []
+    return TrialContext(
+        experiment="test-serving", trial_id="t0", repeat=0, attempt=0, workdir=tmp_path,
+        resources={"num_cpus": 1.0}, report=reports.append,
+    )
