@@ -305,3 +305,7 @@ def cancel(experiment: str, results: Path) -> None:
     except ProcessLookupError:
         _fail(f"the submission's driver (pid {pid}) is no longer running; resubmit the grid to finish it")
     click.echo(f"sent interrupt to the driver of {experiment} (pid {pid})")
+
+
+if __name__ == "__main__":
+    main()

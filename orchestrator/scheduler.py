@@ -81,6 +81,9 @@ class Slot:
     ref: Any = None
     started: float = 0.0
     footprint: dict[str, float] = field(default_factory=dict)
+    # Resolves once the actor process is up; a trial's timeout counts from then, not from the
+    # (possibly slow) start of a new worker process.
+    ready_ref: Any = None
 
 
 @dataclass
@@ -251,7 +254,7 @@ class Submission:
         for slot in [s for s in self.slots if s.trial is None]:
             self._release(slot)
         actor = self._runner_cls.options(**actor_options(dict(shape))).remote()
-        slot = Slot(actor=actor, shape=shape)
+        slot = Slot(actor=actor, shape=shape, ready_ref=actor.where.remote())
         self.slots.append(slot)
         return slot
 
@@ -341,12 +344,23 @@ class Submission:
         slot.trial = None
         self._record(trial, result)
 
+    def _mark_ready(self) -> None:
+        waiting = [s for s in self._running_slots() if s.ready_ref is not None]
+        if not waiting:
+            return
+        ready, _ = ray.wait([s.ready_ref for s in waiting], num_returns=len(waiting), timeout=0)
+        ready_set = set(ready)
+        for slot in waiting:
+            if slot.ready_ref in ready_set:
+                slot.ready_ref, slot.started = None, time.time()
+
     def _check_timeouts(self) -> None:
         if self.spec.timeout_s is None:
             return
+        self._mark_ready()
         now = time.time()
         for slot in self._running_slots():
-            if now - slot.started > self.spec.timeout_s:
+            if slot.ready_ref is None and now - slot.started > self.spec.timeout_s:
                 trial = slot.trial
                 assert trial is not None
                 slot.trial = None

@@ -81,14 +81,19 @@ class GridSpec(BaseModel):
                 raise ValueError(f"axis {key!r} is empty; give at least one value")
         return axes
 
-    @model_validator(mode="after")
-    def _zip_lengths_equal(self) -> GridSpec:
-        lengths = {key: len(values) for key, values in self.zip.items()}
+    @field_validator("zip")
+    @classmethod
+    def _zip_lengths_equal(cls, axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        lengths = {key: len(values) for key, values in axes.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"zip lists must have equal lengths, got {lengths}")
+        return axes
+
+    @model_validator(mode="after")
+    def _axes_disjoint(self) -> GridSpec:
         both = set(self.grid) & set(self.zip)
         if both:
-            raise ValueError(f"keys in both grid and zip: {sorted(both)}")
+            raise ValueError(f"grid and zip both set {sorted(both)}; give each key in one of them")
         return self
 
     @property
@@ -155,6 +160,8 @@ def parse_spec(data: Any, source: str = "grid") -> GridSpec:
         raise SpecError(f"{source}: top level must be a mapping with keys experiment, kind, base, grid, ...")
     try:
         _check_values(data, "")
+    except SpecError as exc:
+        raise SpecError(f"{source}: {exc}") from None
     except RecursionError:
         raise SpecError(f"{source}: nesting too deep") from None
     try:
