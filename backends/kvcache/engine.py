@@ -1,0 +1,236 @@
+"""LLMEngine: the public API (add_request / step / stats) over scheduler, runner and policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backends.kvcache.block_manager import BlockManager
+from backends.kvcache.config import EngineConfig, ModelConfig
+from backends.kvcache.kv_store import PagedKVStore
+from backends.kvcache.loader import load_model
+from backends.kvcache.model_runner import ModelRunner
+from backends.kvcache.policies import make_policy
+from backends.kvcache.scheduler import Scheduler
+from backends.kvcache.sequence import Sequence
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_bytes_device: int  # K/V bytes resident on the device (persistent + the step's fetched peak)
+    kv_bytes_host: int  # K/V bytes in host memory
+    h2d_bytes: int  # cumulative host -> device bytes
+    preemptions: int  # cumulative
+
+
+class LLMEngine:
+    """A continuous-batching engine for decoder-only models with a pluggable KV cache policy."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        loaded = load_model(config)
+        self.model = loaded.model
+        self.model_config: ModelConfig = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.device = torch.device(config.device)
+        cfg = self.model_config
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.policy = make_policy(config.policy, config.policy_params, self.model, cfg, self.device)
+        num_blocks = self._num_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.store = PagedKVStore(
+            cfg,
+            num_blocks,
+            config.block_size,
+            self.policy.store_device(),
+            config.torch_dtype,
+            pin_memory=self.policy.kv_on_host and self.device.type == "cuda",
+            preallocate=self.device.type == "cuda" and not self.policy.kv_on_host,
+        )
+        self.policy.bind(self.store)
+        self.scheduler = Scheduler(self.block_manager, self.policy, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.policy, self.store, self.device)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[StepOutput] = []
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
+        self.reset_peaks()
+
+    def _num_blocks(self) -> int:
+        c, bs = self.config, self.config.block_size
+        if c.kv_cache_blocks is not None:
+            return int(c.kv_cache_blocks)
+        if c.kv_cache_bytes is not None:
+            return int(c.kv_cache_bytes) // (bs * self.model_config.kv_bytes_per_token)
+        return c.max_num_seqs * -(-self.max_model_len // bs)
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        """The block budget in bytes."""
+        return self.block_manager.num_blocks * self.config.block_size * self.model_config.kv_bytes_per_token
+
+    # --- requests ------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], max_tokens: int, ignore_eos: bool = True,
+        _forced: list[int] | None = None,
+    ) -> None:
+        """Queue a request; problems become an error output at the next step, not an exception."""
+        seq = Sequence(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            max_tokens=int(max_tokens),
+            ignore_eos=ignore_eos,
+            eos_token_id=self.model_config.eos_token_id,
+            forced_token_ids=_forced,
+        )
+        error = self._check(seq)
+        if request_id in self._seqs:
+            error = f"duplicate request_id {request_id!r}"
+        if error:
+            self._pending.append(StepOutput(request_id, [], True, error))
+            return
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _check(self, seq: Sequence) -> str | None:
+        n, m = len(seq.prompt_token_ids), seq.max_tokens
+        if n == 0:
+            return "empty prompt"
+        if m < 1:
+            return f"max_tokens must be >= 1, got {m}"
+        if n + m > self.max_model_len:
+            return f"prompt ({n}) + max_tokens ({m}) exceeds max_model_len {self.max_model_len}"
+        if max(seq.prompt_token_ids) >= self.model_config.vocab_size or min(seq.prompt_token_ids) < 0:
+            return f"token id out of range [0, {self.model_config.vocab_size})"
+        if not self.scheduler.fits_ever(n, m):
+            return f"request needs more KV blocks than the whole budget ({self.block_manager.num_blocks})"
+        return None
+
+    def has_unfinished(self) -> bool:
+        """Requests waiting, running, or with an undelivered error."""
+        return bool(self._pending) or self.scheduler.has_unfinished()
+
+    # --- one iteration -------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """One scheduler iteration: a prefill batch or a decode batch; returns new tokens."""
+        outputs, self._pending = self._pending, []
+        if not self.scheduler.has_unfinished():
+            return outputs
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:  # the queue head can never fit again (grew past the budget while preempted)
+            seq = self.scheduler.waiting.popleft()
+            self._seqs.pop(seq.request_id, None)
+            outputs.append(StepOutput(seq.request_id, [], True, "cannot fit in the KV budget after preemption"))
+            return outputs
+        tokens, logprobs = self.runner.run(seqs, is_prefill)
+        for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
+            fed = seq.num_tokens if is_prefill else 1
+            seq.num_seen += fed
+            seq.num_stored += fed
+            self._evict(seq)
+            seq.output_token_ids.append(tok)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            done = seq.is_done()
+            if done:
+                self.scheduler.finish(seq)
+                self._seqs.pop(seq.request_id, None)
+            outputs.append(StepOutput(seq.request_id, [tok], done))
+        self._update_peaks()
+        return outputs
+
+    def _evict(self, seq: Sequence) -> None:
+        if self.policy.kept_tokens(seq.num_seen) >= seq.num_stored:
+            return
+        slots = self.store.slots([seq.block_table], [seq.num_stored])[0]
+        keep = self.policy.select_keep(seq, slots)
+        if keep is None:
+            return
+        self.store.compact(slots, keep)
+        seq.num_stored = keep.shape[1]
+        self.block_manager.shrink(seq, seq.num_stored)
+
+    # --- accounting ----------------------------------------------------------------------
+    def stored_tokens(self) -> int:
+        """K/V entries held by running sequences."""
+        return sum(s.num_stored for s in self.scheduler.running)
+
+    def stats(self) -> EngineStats:
+        """Engine state now (counters are cumulative)."""
+        stored = self.stored_tokens()
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.block_manager.num_used,
+            kv_bytes_device=self.policy.device_bytes(stored) + self.policy.step_fetch_peak,
+            kv_bytes_host=self.policy.host_bytes(stored),
+            h2d_bytes=self.policy.h2d_bytes,
+            preemptions=self.scheduler.preemptions,
+        )
+
+    def _update_peaks(self) -> None:
+        s = self.stats()
+        self._peak_kv = max(self._peak_kv, s.kv_bytes_device)
+        if self.device.type != "cuda":
+            store_dev = self.store.bytes_allocated() if not self.policy.kv_on_host else 0
+            tracked = self.weight_bytes + store_dev + self.policy.step_fetch_peak + self.runner.last_activation_bytes
+            self._peak_tracked = max(self._peak_tracked, tracked)
+
+    def peak_kv_bytes(self) -> int:
+        """Peak device K/V bytes since construction or reset_peaks()."""
+        return self._peak_kv
+
+    def peak_device_bytes(self) -> int:
+        """CUDA: the allocator's peak; CPU: tracked weights + K/V storage + activation estimate."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return self._peak_tracked
+
+    def reset_peaks(self) -> None:
+        """Start peak tracking afresh."""
+        self._peak_kv = self.stats().kv_bytes_device
+        self._peak_tracked = self.weight_bytes
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    # --- convenience ---------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_tokens: int, ignore_eos: bool = True) -> list[list[int]]:
+        """Greedy-decode every prompt to completion; returns the generated tokens of each."""
+        if self.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine")
+        ids = [f"gen-{i}" for i in range(len(prompts))]
+        for rid, p in zip(ids, prompts, strict=True):
+            self.add_request(rid, p, max_tokens, ignore_eos)
+        out: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.error:
+                    raise ValueError(f"request {o.request_id}: {o.error}")
+                out[o.request_id].extend(o.new_token_ids)
+        return [out[rid] for rid in ids]
+
+    def score(self, token_ids: list[int], prompt_len: int) -> list[float]:
+        """Teacher-forced log-probs of token_ids[prompt_len:], decoding through the cache policy."""
+        if self.has_unfinished():
+            raise RuntimeError("score() needs an idle engine")
+        if not 0 < prompt_len < len(token_ids):
+            raise ValueError("need 0 < prompt_len < len(token_ids)")
+        target = list(token_ids[prompt_len:])
+        self.add_request("__score__", token_ids[:prompt_len], len(target), True, _forced=target)
+        seq = self._seqs.get("__score__")
+        while self.has_unfinished():
+            for o in self.step():
+                if o.error:
+                    raise ValueError(o.error)
+        return list(seq.logprobs) if seq is not None else []

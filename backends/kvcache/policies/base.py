@@ -1,0 +1,151 @@
+"""The cache-policy interface: what is kept, where it lives, and what is fetched for attention.
+
+The model calls ``attend`` once per layer. The base class is the device-resident full cache
+(vLLM-style baseline); policies override the hooks they change: ``kept_tokens``/``select_keep``
+(eviction), ``context`` (what K/V reach the device for attention), ``observe`` (scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from backends.kvcache.config import ModelConfig
+from backends.kvcache.kv_store import PagedKVStore
+from backends.kvcache.sequence import Sequence
+
+
+@dataclass
+class BatchMeta:
+    """Per-step tensors the model runner builds once and every layer reuses."""
+
+    is_prefill: bool
+    seqs: list[Sequence]
+    positions: torch.Tensor  # [B, T]
+    write_slots: torch.Tensor  # [N] store slots of the new tokens (valid rows only)
+    write_rows: torch.Tensor  # [N] row index into the flattened [B*T] tokens
+    # prefill: causal & padding mask [B, 1, 1, T, T]; decode: the cached entries
+    prefill_mask: torch.Tensor | None = None
+    slot_idx: torch.Tensor | None = None  # decode: [B, L] slots of stored entries + the new one
+    kv_valid: torch.Tensor | None = None  # decode: [B, L]
+    prev_len: torch.Tensor | None = None  # decode: [B] entries stored before this step (= new token's column)
+    stored_before: tuple[int, ...] = ()  # decode: prev_len as Python ints (accounting without a sync)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, want_probs: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grouped-query attention. q [B,T,H,D]; k, v [B,KVH,L,D]; mask bool, broadcastable to
+    [B,KVH,1,T,L]. Returns out [B,T,H,D] and, if asked, probabilities [B,KVH,G,T,L]."""
+    b, t, h, d = q.shape
+    kvh = k.shape[1]
+    qg = q.view(b, t, kvh, h // kvh, d).permute(0, 2, 3, 1, 4)  # [B,KVH,G,T,D]
+    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # [B,KVH,G,T,L]
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.unsqueeze(2))  # [B,KVH,G,T,D]
+    out = out.permute(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return out, (probs if want_probs else None)
+
+
+class CachePolicy:
+    """Full cache on the device. Subclasses set ``name`` and override hooks."""
+
+    name: ClassVar[str] = "full"
+    kv_on_host: ClassVar[bool] = False  # where the K/V store lives
+    wants_probs: ClassVar[bool] = False  # observe() needs attention probabilities
+    defaults: ClassVar[dict[str, Any]] = {"kv_budget": 1.0}
+
+    def __init__(self, params: dict[str, Any], model: torch.nn.Module, cfg: ModelConfig, device: torch.device):
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"policy {self.name!r}: unknown parameters {unknown}; allowed: {sorted(self.defaults)}")
+        self.params = {**self.defaults, **params}
+        self.model, self.cfg, self.device = model, cfg, device
+        self.scale = cfg.head_dim**-0.5
+        self.h2d_bytes = 0  # cumulative bytes moved host -> device for attention
+        self.step_fetch_peak = 0  # most K/V bytes resident on the device at once during the last step
+        self.store: PagedKVStore
+
+    # --- storage -------------------------------------------------------------------------
+    def bind(self, store: PagedKVStore) -> None:
+        """Attach the K/V store (subclasses add side fields here)."""
+        self.store = store
+
+    def store_device(self) -> torch.device:
+        """Where the K/V store lives: the compute device, or host memory for offloading policies."""
+        return torch.device("cpu") if self.kv_on_host and self.device.type != "meta" else self.device
+
+    def kept_tokens(self, n_seen: int) -> int:
+        """Entries a sequence keeps after eviction once it has seen ``n_seen`` tokens."""
+        return n_seen
+
+    def select_keep(self, seq: Sequence, slots: torch.Tensor) -> torch.Tensor | None:
+        """Entries to keep [layers, n_keep, kv_heads] (indices into ``slots``), or None to keep all."""
+        return None
+
+    def device_bytes(self, stored_tokens: int) -> int:
+        """K/V bytes resident on the device for ``stored_tokens`` stored entries (persistent part)."""
+        return 0 if self.kv_on_host else stored_tokens * self.cfg.kv_bytes_per_token
+
+    def host_bytes(self, stored_tokens: int) -> int:
+        """K/V bytes held in host memory."""
+        return stored_tokens * self.cfg.kv_bytes_per_token if self.kv_on_host else 0
+
+    # --- the per-layer call --------------------------------------------------------------
+    def begin_step(self, batch: BatchMeta) -> None:
+        """Reset per-step state."""
+        self.step_fetch_peak = 0
+
+    def attend(self, layer: int, q, k, v, x, k_raw, batch: BatchMeta) -> torch.Tensor:
+        """Store the new K/V and return attention output [B,T,H,D] for ``layer``."""
+        rows_k, rows_v = k.flatten(0, 1)[batch.write_rows], v.flatten(0, 1)[batch.write_rows]
+        self.store.write(layer, batch.write_slots, rows_k, rows_v)
+        self.on_write(layer, batch, k_raw)
+        if batch.is_prefill:  # attention over the prompt itself; nothing needs fetching
+            kk, vv, mask = k.transpose(1, 2), v.transpose(1, 2), batch.prefill_mask
+        else:
+            kk, vv, mask = self.context(layer, k, v, batch)
+        out, probs = attention(q, kk, vv, mask, self.scale, self.wants_probs)
+        if probs is not None:
+            self.observe(layer, probs, batch)
+        self.after_attention(layer, x, batch)
+        return out
+
+    def on_write(self, layer: int, batch: BatchMeta, k_raw: torch.Tensor) -> None:
+        """Hook after the new tokens' K/V are stored (side fields)."""
+
+    def context(self, layer: int, k_new, v_new, batch: BatchMeta):
+        """Decode: K/V [B,KVH,L,D] the new tokens attend to, and the mask [B,1,1,1,L]."""
+        kk = self.store.k[layer][batch.slot_idx].transpose(1, 2)
+        vv = self.store.v[layer][batch.slot_idx].transpose(1, 2)
+        return kk, vv, batch.kv_valid[:, None, None, None, :]
+
+    def observe(self, layer: int, probs: torch.Tensor, batch: BatchMeta) -> None:
+        """Receives attention probabilities when ``wants_probs``."""
+
+    def after_attention(self, layer: int, x: torch.Tensor, batch: BatchMeta) -> None:
+        """Hook after a layer's attention (InfiniGen speculates the next layer here)."""
+
+    # --- helpers for host-resident policies ----------------------------------------------
+    def fetch_all(self, layer: int, k_new, v_new, batch: BatchMeta):
+        """Bring every stored entry of ``layer`` to the device (counted), with the new token in place."""
+        kk = self.store.k[layer][batch.slot_idx].to(self.device, non_blocking=True)
+        vv = self.store.v[layer][batch.slot_idx].to(self.device, non_blocking=True)
+        rows = torch.arange(kk.shape[0], device=self.device)
+        kk[rows, batch.prev_len] = k_new[:, 0].to(kk.dtype)  # the new token was computed here
+        vv[rows, batch.prev_len] = v_new[:, 0].to(vv.dtype)
+        moved = sum(batch.stored_before) * self.token_layer_bytes()
+        self.count_fetch(moved)
+        return kk.transpose(1, 2), vv.transpose(1, 2), batch.kv_valid[:, None, None, None, :]
+
+    def token_layer_bytes(self) -> int:
+        """K+V bytes of one token in one layer."""
+        return self.cfg.kv_bytes_per_token // self.cfg.num_layers
+
+    def count_fetch(self, nbytes: int) -> None:
+        """Account ``nbytes`` moved host -> device for one layer's attention."""
+        self.h2d_bytes += nbytes
+        self.step_fetch_peak = max(self.step_fetch_peak, nbytes)

@@ -1,0 +1,74 @@
+"""``h2o`` (Heavy-Hitter Oracle): per layer and KV head, keep the tokens with the largest
+accumulated attention plus a recent window; evicted entries are dropped from the store and
+their blocks returned.
+
+Definition used here (and in the test that checks it): after every step, a sequence that has
+seen ``n`` tokens keeps ``total = min(n, floor((heavy_ratio + recent_ratio) * n))`` entries (at
+least 1) per layer and KV head: the ``recent = min(total, max(1, floor(recent_ratio * n)))``
+most recent positions, and the ``total - recent`` others with the largest accumulated
+attention. A token's accumulated attention is the sum, over every query that attended to it
+while it was cached and over the query heads sharing its KV head, of the softmax probability.
+``kv_budget`` alone splits evenly into heavy and recent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from backends.kvcache.policies.base import BatchMeta, CachePolicy
+
+
+class H2OPolicy(CachePolicy):
+    name = "h2o"
+    wants_probs = True
+    defaults = {"kv_budget": None, "heavy_ratio": None, "recent_ratio": None}
+
+    def __init__(self, params, model, cfg, device):
+        super().__init__(params, model, cfg, device)
+        heavy, recent, budget = self.params["heavy_ratio"], self.params["recent_ratio"], self.params["kv_budget"]
+        if heavy is None and recent is None:
+            budget = 0.2 if budget is None else float(budget)
+            heavy = recent = budget / 2
+        self.heavy = float(heavy if heavy is not None else 0.0)
+        self.recent = float(recent if recent is not None else 0.0)
+
+    def bind(self, store):
+        super().bind(store)
+        store.add_field("score", (self.cfg.num_kv_heads,), torch.float32)
+        store.add_field("pos", (self.cfg.num_kv_heads,), torch.int64)
+
+    def budgets(self, n_seen: int) -> tuple[int, int]:
+        """(total kept, recent kept) for a sequence that has seen ``n_seen`` tokens."""
+        total = max(1, min(n_seen, math.floor((self.heavy + self.recent) * n_seen + 1e-9)))
+        recent = min(total, max(1, math.floor(self.recent * n_seen + 1e-9)))
+        return total, recent
+
+    def kept_tokens(self, n_seen: int) -> int:
+        return self.budgets(n_seen)[0]
+
+    def on_write(self, layer, batch: BatchMeta, k_raw):
+        pos = batch.positions.flatten()[batch.write_rows].to(self.store.device)
+        slots = batch.write_slots
+        self.store.fields["pos"][layer][slots] = pos.unsqueeze(-1)
+        self.store.fields["score"][layer][slots] = 0.0
+
+    def observe(self, layer, probs, batch):
+        per_kv = probs.float().sum(dim=2)  # [B,KVH,T,L]: summed over the query heads of a group
+        if batch.is_prefill:  # column sums over all prompt queries
+            cols = per_kv.sum(dim=2).transpose(1, 2).flatten(0, 1)[batch.write_rows]  # [N,KVH]
+            self.store.fields["score"][layer].index_copy_(0, batch.write_slots, cols)
+        else:
+            vals = per_kv[:, :, 0].transpose(1, 2)  # [B,L,KVH]; padded columns are exactly 0
+            self.store.fields["score"][layer].index_put_((batch.slot_idx,), vals, accumulate=True)
+
+    def select_keep(self, seq, slots):
+        n, stored = seq.num_seen, seq.num_stored
+        total, recent = self.budgets(n)
+        if stored <= total:
+            return None
+        score = self.store.fields["score"][:, slots]  # [L, stored, KVH]
+        pos = self.store.fields["pos"][:, slots]
+        key = torch.where(pos >= n - recent, torch.inf, score)
+        return key.topk(total, dim=1).indices.sort(dim=1).values
