@@ -1,0 +1,1 @@
+"""The real vLLM, driven as an OpenAI-compatible server: launcher, model folders, metrics scraping."""

@@ -1,0 +1,162 @@
+"""Engine-side samples from vLLM's own Prometheus ``/metrics`` endpoint.
+
+vLLM exports gauges for running and waiting requests and the fraction of KV blocks in use, a
+counter of preemptions, and its cache configuration (block size, number of blocks) as labels of
+``vllm:cache_config_info``. A background thread scrapes them at a fixed interval while a load
+runs and turns each scrape into a row of the ``engine_steps`` table (same columns as our
+engine's per-step rows; ``step`` is the sample index). KV bytes = blocks in use x block size x
+KV bytes per token; vLLM here keeps the whole cache on the device, so host bytes and
+host->device traffic are 0.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+
+_LINE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(?P<key>[A-Za-z_][A-Za-z0-9_]*)="(?P<value>(?:[^"\\]|\\.)*)"')
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # fraction 0..1; older name second
+PREEMPTIONS = "vllm:num_preemptions_total"
+CACHE_INFO = "vllm:cache_config_info"
+
+
+def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Prometheus text exposition -> metric name -> [(labels, value)]."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _LINE.match(line)
+        if match is None:
+            continue
+        labels = {m["key"]: m["value"] for m in _LABEL.finditer(match["labels"] or "")}
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue
+        out.setdefault(match["name"], []).append((labels, value))
+    return out
+
+
+def _sum(metrics: dict[str, list[tuple[dict[str, str], float]]], *names: str) -> float | None:
+    """Sum of a metric over its label sets (engines, models); the first name present wins."""
+    for name in names:
+        if name in metrics:
+            return sum(v for _, v in metrics[name])
+    return None
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """The KV cache vLLM allocated: how many blocks of how many tokens."""
+
+    num_blocks: int
+    block_size: int
+
+
+def cache_shape(metrics: dict[str, list[tuple[dict[str, str], float]]]) -> CacheShape | None:
+    """Blocks and block size from ``vllm:cache_config_info`` labels, when exported."""
+    for labels, _ in metrics.get(CACHE_INFO, []):
+        blocks = labels.get("num_gpu_blocks")
+        if blocks not in (None, "None") and labels.get("block_size") not in (None, "None"):
+            return CacheShape(int(blocks), int(labels["block_size"]))
+    return None
+
+
+def step_row(
+    step: int, t_s: float, metrics: dict[str, list[tuple[dict[str, str], float]]],
+    shape: CacheShape | None, kv_bytes_per_token: int, preemptions_before: float, preemptions_last: float,
+) -> dict:
+    """One ``engine_steps`` row from one scrape (preemption counts relative to the run's start)."""
+    usage = _sum(metrics, *KV_USAGE)
+    blocks = int(round(usage * shape.num_blocks)) if usage is not None and shape is not None else None
+    preempted = _sum(metrics, PREEMPTIONS) or 0.0
+    running = _sum(metrics, RUNNING)
+    waiting = _sum(metrics, WAITING)
+    return {
+        "step": step,
+        "t_s": t_s,
+        "running": int(running) if running is not None else None,
+        "waiting": int(waiting) if waiting is not None else None,
+        "kv_blocks_used": blocks,
+        "kv_bytes_device": blocks * shape.block_size * kv_bytes_per_token if blocks is not None else None,
+        "kv_bytes_host": 0,
+        "h2d_bytes": 0,
+        "preemptions": int(preempted - preemptions_last),
+        "h2d_bytes_total": 0,
+        "preemptions_total": int(preempted - preemptions_before),
+    }
+
+
+class PrometheusStepSampler:
+    """Scrapes a vLLM-style ``/metrics`` endpoint in a thread while a load runs."""
+
+    def __init__(self, metrics_url: str, kv_bytes_per_token: int, interval_s: float = 0.2):
+        if not interval_s > 0 or math.isinf(interval_s):
+            raise ValueError(f"interval_s must be a positive number of seconds; got {interval_s}")
+        self.metrics_url = metrics_url
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.interval_s = interval_s
+        self._rows: list[dict] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client = httpx.Client(timeout=5.0, trust_env=False)
+
+    def scrape(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """One scrape of the endpoint, parsed."""
+        response = self._client.get(self.metrics_url)
+        response.raise_for_status()
+        return parse_prometheus(response.text)
+
+    def start(self) -> None:
+        """Take a baseline scrape, then sample every ``interval_s`` until ``stop``."""
+        self.stop()
+        self._rows = []
+        self._stop.clear()
+        first = self.scrape()
+        baseline = _sum(first, PREEMPTIONS) or 0.0
+        shape = cache_shape(first)
+        t0 = time.perf_counter()
+        self._thread = threading.Thread(
+            target=self._loop, args=(t0, baseline, shape), name="vllm-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self, t0: float, baseline: float, shape: CacheShape | None) -> None:
+        last = baseline
+        step = 0
+        while True:
+            try:
+                metrics = self.scrape()
+            except httpx.HTTPError:
+                metrics = None  # a busy server may miss a scrape; the next one counts
+            if metrics is not None:
+                row = step_row(step, time.perf_counter() - t0, metrics, shape, self.kv_bytes_per_token,
+                               baseline, last)
+                last = baseline + row["preemptions_total"]
+                self._rows.append(row)
+                step += 1
+            if self._stop.wait(self.interval_s):
+                return
+
+    def stop(self) -> list[dict]:
+        """Stop sampling; the rows sampled since ``start``."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        return list(self._rows)
+
+    def close(self) -> None:
+        """Stop and release the HTTP client."""
+        self.stop()
+        self._client.close()

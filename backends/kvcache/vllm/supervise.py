@@ -1,0 +1,86 @@
+"""Runs one command as a child and takes its whole process group down with it (stdlib only).
+
+Started by ``server.py`` as the leader of a new process group, from the vLLM virtualenv's Python,
+as ``python supervise.py <parent-pid> -- <command...>``. vLLM spawns engine-core processes of
+its own; they stay in this group, so one ``killpg`` ends them all. The supervisor ends the group
+when it is told to (SIGTERM/SIGINT), when the command exits, or when the process that started
+it is gone (its parent pid changes) — that last case covers a trial actor killed with SIGKILL,
+which cannot run any clean-up of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+POLL_S = 0.5
+GRACE_S = 10.0
+
+
+def _group_members() -> list[int]:
+    """Pids in this process group other than this process (read from /proc)."""
+    group, me, members = os.getpgrp(), os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            members.append(int(entry))
+    return members
+
+
+def _end_group(child: subprocess.Popen) -> None:
+    """SIGTERM the rest of the group, wait a grace period, then SIGKILL whatever is left."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline:
+        child.poll()
+        if not _group_members():
+            return
+        time.sleep(0.1)
+    for pid in _group_members():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    child.poll()
+
+
+def main(argv: list[str]) -> int:
+    """Supervise ``argv[2:]`` (after ``--``) on behalf of the process ``argv[0]``."""
+    parent = int(argv[0])
+    command = argv[2:] if argv[1:2] == ["--"] else argv[1:]
+    stopping = {"flag": False}
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    if os.getppid() != parent:  # the starter died before we got here
+        return 1
+    child = subprocess.Popen(command)
+    while True:
+        code = child.poll()
+        if code is not None:  # ended on its own (a failed start-up): end any helpers it left
+            _end_group(child)
+            return code
+        if stopping["flag"] or os.getppid() != parent:
+            _end_group(child)
+            return 143
+        time.sleep(POLL_S)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
