@@ -1,0 +1,41 @@
+"""The ``training`` trial kind: a Ray Train job per trial, three tables back."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from workloads.kind import KindParams, TrialContext, TrialKind, TrialOutput
+from workloads.training.params import TrainingParams
+from workloads.training.tables import TABLES, build_tables
+
+
+class TrainingKind(TrialKind):
+    """Distributed training with gradient compression (DESIGN.md "Training trials")."""
+
+    name: ClassVar[str] = "training"
+    params_model: ClassVar[type[KindParams]] = TrainingParams
+    tables: ClassVar[dict[str, pa.Schema]] = TABLES
+
+    def actor_resources(self, params: KindParams, resources: dict[str, float]) -> dict[str, float]:
+        """The trial actor only drives the trainer; the Train workers hold the resources."""
+        return {"num_cpus": 0}
+
+    def footprint(self, params: KindParams, resources: dict[str, float]) -> dict[str, float]:
+        """num_workers x the grid's per-worker resources."""
+        assert isinstance(params, TrainingParams)
+        return {k: v * params.num_workers for k, v in resources.items()}
+
+    def run(self, session: Any, params: KindParams, ctx: TrialContext) -> TrialOutput:
+        """Train with Ray Train (resuming from the trial's checkpoints) and tabulate the ranks' rows."""
+        from workloads.training.ray_train import fit
+
+        assert isinstance(params, TrainingParams)
+        start = time.perf_counter()
+        states = fit(params, ctx.workdir, ctx.resources)
+        tables = build_tables(params, states, time.perf_counter() - start)
+        summary = tables["train_summary"].to_pylist()[0]
+        ctx.report({k: float(v) for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        return TrialOutput(tables=tables)

@@ -1,0 +1,92 @@
+"""Typed parameters of a training trial (the grid's keys, validated by pydantic)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from backends.compression import COMPRESSORS, CompressionConfig
+from workloads.kind import KindParams
+
+
+class CompressorParams(KindParams):
+    """Which compressor and its knobs (unused knobs are ignored by the other compressors)."""
+
+    name: str = "dense"
+    ratio: float = Field(default=0.01, gt=0, le=1)
+    levels: int = Field(default=127, ge=1, le=32767)
+    bucket_size: int = Field(default=128, ge=1)
+    rank: int = Field(default=1, ge=1)
+    start_iter: int = Field(default=10, ge=2)
+    residual: Literal["global", "local"] = "global"
+    threshold: Literal["zero", "mean"] = "zero"
+    error_feedback: bool | None = None
+    mode: Literal["hook", "flat"] | None = None
+
+    @model_validator(mode="after")
+    def _known(self) -> CompressorParams:
+        if self.name not in COMPRESSORS:
+            raise ValueError(f"unknown compressor {self.name!r}; allowed: {sorted(COMPRESSORS)}")
+        if self.name == "powersgd" and self.mode == "flat":
+            raise ValueError("powersgd runs only as a DDP hook (mode: hook)")
+        return self
+
+    def config(self, seed: int) -> CompressionConfig:
+        """The backend's typed config."""
+        return CompressionConfig(**self.model_dump(), seed=seed)
+
+
+class OptimParams(KindParams):
+    """Optimizer: SGD (momentum, weight decay) or Adam; gradient-norm clipping when clip > 0."""
+
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=20.0, gt=0)
+    momentum: float = Field(default=0.0, ge=0)
+    clip: float = Field(default=0.25, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class ModelParams(KindParams):
+    """Model sizes: LSTM (embed, hidden, layers, dropout, tied, vocab_size) or CNN (channels, hidden)."""
+
+    embed: int = Field(default=650, ge=1)
+    hidden: int = Field(default=650, ge=1)
+    layers: int = Field(default=2, ge=1)
+    dropout: float = Field(default=0.5, ge=0, lt=1)
+    tied: bool = False
+    vocab_size: int = Field(default=10_000, ge=3)
+    channels: int = Field(default=32, ge=1)
+
+
+class TrainingParams(KindParams):
+    """One training trial: workload, compressor, workers, optimizer, budget, evaluation, target."""
+
+    workload: Literal["lstm", "cnn"] = "lstm"
+    compressor: CompressorParams = CompressorParams()
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    optim: OptimParams = OptimParams()
+    model: ModelParams = ModelParams()
+    steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=20, ge=1)  # per worker
+    bptt: int = Field(default=35, ge=2)
+    eval_every: int = Field(default=200, ge=1)
+    eval_batches: int | None = Field(default=None, ge=1)  # cap on validation batches per evaluation
+    checkpoint_every: int | None = Field(default=None, ge=1)  # default: eval_every
+    target_ppl: float | None = Field(default=None, gt=0)
+    target_accuracy: float | None = Field(default=None, gt=0, le=1)
+    max_failures: int = Field(default=2, ge=0)  # Ray Train worker-group restarts
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _budget(self) -> TrainingParams:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give at most one of steps or epochs (neither: one epoch)")
+        return self
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Steps between checkpoints."""
+        return self.checkpoint_every or self.eval_every

@@ -1,0 +1,116 @@
+"""Ray Train launch: a ``TorchTrainer`` whose workers run ``loop.run_worker``.
+
+Checkpoints: every rank writes ``rank<r>.pt`` into the checkpoint it reports, so one Ray
+checkpoint holds every rank's model, optimizer, compressor state and rows. Ray Train V2
+restarts a failed worker group (``FailureConfig.max_failures``) and the workers resume from
+``ray.train.get_checkpoint()``; a retried trial (same ``storage_path`` under the trial's
+workdir and the same run name) restores Ray's checkpoint manager and resumes too.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workloads.training.loop import WorkerEnv, run_worker
+from workloads.training.params import TrainingParams
+
+RUN_NAME = "train"
+
+
+class RayTrainEnv(WorkerEnv):
+    """A Ray Train worker: rank and device from the train context, checkpoints through ray.train.report."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        device = ray.train.torch.get_device()
+        self.device = device[0] if isinstance(device, list) else device
+
+    def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
+        """Ray's prepare_model: DDP (only when several workers) for hook mode, none for flat mode."""
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None)
+
+    def load_state(self) -> dict[str, Any] | None:
+        """This rank's file from the latest reported checkpoint."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return torch.load(Path(folder) / f"rank{self.rank}.pt", map_location=self.device, weights_only=False)
+
+    def save_state(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Report metrics with a checkpoint holding this rank's state file."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / f"rank{self.rank}.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: record our PID (for fault tests), then train."""
+    env = RayTrainEnv()
+    pid_dir = Path(config["workdir"]) / "pids"
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / f"rank{env.rank}.pid").write_text(str(os.getpid()))
+    if not env.device.type == "cuda":
+        torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    run_worker(TrainingParams.model_validate(config["params"]), env)
+
+
+def ray_resources(resources: dict[str, float]) -> dict[str, float]:
+    """Grid resource keys (num_cpus, num_gpus, custom) -> Ray Train's (CPU, GPU, custom)."""
+    names = {"num_cpus": "CPU", "num_gpus": "GPU"}
+    return {names.get(k, k): float(v) for k, v in resources.items() if v}
+
+
+def fit(params: TrainingParams, workdir: Path, resources: dict[str, float]) -> list[dict[str, Any]]:
+    """Run the trainer to completion; returns each rank's final state (from the last checkpoint)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    per_worker = ray_resources(resources)
+    if params.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    else:
+        per_worker.pop("GPU", None)
+    per_worker.setdefault("CPU", 1.0)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "params": params.model_dump(mode="json"),
+            "workdir": str(workdir),
+            "threads": max(1, int(per_worker["CPU"])),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=params.num_workers, use_gpu=params.use_gpu, resources_per_worker=per_worker
+        ),
+        torch_config=TorchConfig(backend="nccl" if params.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(workdir / "ray_train"),
+            failure_config=FailureConfig(max_failures=params.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
+    states = []
+    with result.checkpoint.as_directory() as folder:
+        for rank in range(params.num_workers):
+            states.append(torch.load(Path(folder) / f"rank{rank}.pt", map_location="cpu", weights_only=False))
+    return states
