@@ -134,10 +134,12 @@ class LLMEngine:
             outputs.append(StepOutput(seq.request_id, [], True, "cannot fit in the KV budget after preemption"))
             return outputs
         tokens, logprobs = self.runner.run(seqs, is_prefill)
-        for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
+        for seq in seqs:
             fed = seq.num_tokens if is_prefill else 1
             seq.num_seen += fed
             seq.num_stored += fed
+        self._update_peaks(self.stored_tokens())  # before eviction: the step really held these
+        for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
             self._evict(seq)
             seq.output_token_ids.append(tok)
             if lp is not None:
@@ -147,7 +149,6 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 self._seqs.pop(seq.request_id, None)
             outputs.append(StepOutput(seq.request_id, [tok], done))
-        self._update_peaks()
         return outputs
 
     def _evict(self, seq: Sequence) -> None:
@@ -169,19 +170,20 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """Engine state now (counters are cumulative)."""
         stored = self.stored_tokens()
+        fetched = self.policy.step_fetch_peak if self.scheduler.running else 0
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.block_manager.num_used,
-            kv_bytes_device=self.policy.device_bytes(stored) + self.policy.step_fetch_peak,
+            kv_bytes_device=self.policy.device_bytes(stored) + fetched,
             kv_bytes_host=self.policy.host_bytes(stored),
             h2d_bytes=self.policy.h2d_bytes,
             preemptions=self.scheduler.preemptions,
         )
 
-    def _update_peaks(self) -> None:
-        s = self.stats()
-        self._peak_kv = max(self._peak_kv, s.kv_bytes_device)
+    def _update_peaks(self, stored_before_finish: int) -> None:
+        resident = self.policy.device_bytes(stored_before_finish) + self.policy.step_fetch_peak
+        self._peak_kv = max(self._peak_kv, resident)
         if self.device.type != "cuda":
             store_dev = self.store.bytes_allocated() if not self.policy.kv_on_host else 0
             tracked = self.weight_bytes + store_dev + self.policy.step_fetch_peak + self.runner.last_activation_bytes
