@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from workloads.kind import TrialContext
 
@@ -23,6 +24,15 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
     "eos_token_id": 2,
 }
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine, 2 spinning OpenMP threads run ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
