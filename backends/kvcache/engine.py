@@ -50,22 +50,26 @@ class LLMEngine:
         self.policy = make_policy(config.policy, config.policy_params, self.model, cfg, self.device)
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.store = PagedKVStore(
-            cfg,
-            num_blocks,
-            config.block_size,
-            self.policy.store_device(),
-            config.torch_dtype,
-            pin_memory=self.policy.kv_on_host and self.device.type == "cuda",
-            preallocate=self.device.type == "cuda" and not self.policy.kv_on_host,
-        )
-        self.policy.bind(self.store)
+        with torch.inference_mode():  # the store is only ever touched inside inference mode
+            self.store = self._make_store(num_blocks)
+            self.policy.bind(self.store)
         self.scheduler = Scheduler(self.block_manager, self.policy, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.policy, self.store, self.device)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []
         self.weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
         self.reset_peaks()
+
+    def _make_store(self, num_blocks: int) -> PagedKVStore:
+        return PagedKVStore(
+            self.model_config,
+            num_blocks,
+            self.config.block_size,
+            self.policy.store_device(),
+            self.config.torch_dtype,
+            pin_memory=self.policy.kv_on_host and self.device.type == "cuda",
+            preallocate=self.device.type == "cuda" and not self.policy.kv_on_host,
+        )
 
     def _num_blocks(self) -> int:
         c, bs = self.config, self.config.block_size
@@ -122,6 +126,7 @@ class LLMEngine:
         return bool(self._pending) or self.scheduler.has_unfinished()
 
     # --- one iteration -------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """One scheduler iteration: a prefill batch or a decode batch; returns new tokens."""
         outputs, self._pending = self._pending, []
@@ -205,6 +210,15 @@ class LLMEngine:
         self._peak_tracked = self.weight_bytes
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def kept_positions(self, request_id: str) -> torch.Tensor:
+        """Positions of the entries a running request keeps, [layers, entries, kv_heads]
+        (policies that track positions: h2o)."""
+        seq = self._seqs[request_id]
+        if "pos" not in self.store.fields:
+            raise ValueError(f"policy {self.policy.name!r} does not track positions")
+        slots = self.store.slots([seq.block_table], [seq.num_stored])[0]
+        return self.store.fields["pos"][:, slots].cpu()
 
     # --- convenience ---------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_tokens: int, ignore_eos: bool = True) -> list[list[int]]:
