@@ -8,7 +8,6 @@ measured through the same OpenAI streaming client as every HTTP backend. Engine-
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from backends.kvcache.vllm.metrics import PrometheusStepSampler
@@ -41,7 +40,7 @@ def server_config(params: ServingParams, folder: ModelFolder) -> VLLMServerConfi
     return VLLMServerConfig(
         model_path=str(folder.path),
         served_model_name=SERVED_NAME,
-        python=str(Path(python).expanduser()),
+        python=python,
         load_format=folder.load_format,
         dtype=params.dtype,
         device=params.device,

@@ -5,8 +5,9 @@ counter of preemptions, and its cache configuration (block size, number of block
 ``vllm:cache_config_info``. A background thread scrapes them at a fixed interval while a load
 runs and turns each scrape into a row of the ``engine_steps`` table (same columns as our
 engine's per-step rows; ``step`` is the sample index). KV bytes = blocks in use x block size x
-KV bytes per token; vLLM here keeps the whole cache on the device, so host bytes and
-host->device traffic are 0.
+KV bytes per token; vLLM keeps the whole cache on the device, so host bytes and host->device
+traffic are 0. Our Serve app exports the same names plus ``orch:`` byte gauges and counters,
+which take precedence when present.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ WAITING = "vllm:num_requests_waiting"
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # fraction 0..1; older name second
 PREEMPTIONS = "vllm:num_preemptions_total"
 CACHE_INFO = "vllm:cache_config_info"
+# Exported by our own Serve app (backends/kvcache/serve.py), whose policies may keep KV on the host.
+KV_BYTES_DEVICE = "orch:kv_bytes_device"
+KV_BYTES_HOST = "orch:kv_bytes_host"
+H2D_BYTES = "orch:h2d_bytes_total"
 
 
 def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -72,14 +77,30 @@ def cache_shape(metrics: dict[str, list[tuple[dict[str, str], float]]]) -> Cache
     return None
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """Counter values when the run started (rows report counts since then)."""
+
+    preemptions: float = 0.0
+    h2d_bytes: float = 0.0
+
+    @classmethod
+    def of(cls, metrics: dict[str, list[tuple[dict[str, str], float]]]) -> Baseline:
+        """The counters of one scrape."""
+        return cls(_sum(metrics, PREEMPTIONS) or 0.0, _sum(metrics, H2D_BYTES) or 0.0)
+
+
 def step_row(
     step: int, t_s: float, metrics: dict[str, list[tuple[dict[str, str], float]]],
-    shape: CacheShape | None, kv_bytes_per_token: int, preemptions_before: float, preemptions_last: float,
+    shape: CacheShape | None, kv_bytes_per_token: int, start: Baseline, previous: Baseline,
 ) -> dict:
-    """One ``engine_steps`` row from one scrape (preemption counts relative to the run's start)."""
+    """One ``engine_steps`` row from one scrape (counters relative to ``start`` and ``previous``)."""
     usage = _sum(metrics, *KV_USAGE)
     blocks = int(round(usage * shape.num_blocks)) if usage is not None and shape is not None else None
-    preempted = _sum(metrics, PREEMPTIONS) or 0.0
+    device_bytes = _sum(metrics, KV_BYTES_DEVICE)
+    if device_bytes is None and blocks is not None:
+        device_bytes = blocks * shape.block_size * kv_bytes_per_token
+    now = Baseline.of(metrics)
     running = _sum(metrics, RUNNING)
     waiting = _sum(metrics, WAITING)
     return {
@@ -88,12 +109,12 @@ def step_row(
         "running": int(running) if running is not None else None,
         "waiting": int(waiting) if waiting is not None else None,
         "kv_blocks_used": blocks,
-        "kv_bytes_device": blocks * shape.block_size * kv_bytes_per_token if blocks is not None else None,
-        "kv_bytes_host": 0,
-        "h2d_bytes": 0,
-        "preemptions": int(preempted - preemptions_last),
-        "h2d_bytes_total": 0,
-        "preemptions_total": int(preempted - preemptions_before),
+        "kv_bytes_device": int(device_bytes) if device_bytes is not None else None,
+        "kv_bytes_host": int(_sum(metrics, KV_BYTES_HOST) or 0),
+        "h2d_bytes": int(now.h2d_bytes - previous.h2d_bytes),
+        "preemptions": int(now.preemptions - previous.preemptions),
+        "h2d_bytes_total": int(now.h2d_bytes - start.h2d_bytes),
+        "preemptions_total": int(now.preemptions - start.preemptions),
     }
 
 
@@ -123,7 +144,7 @@ class PrometheusStepSampler:
         self._rows = []
         self._stop.clear()
         first = self.scrape()
-        baseline = _sum(first, PREEMPTIONS) or 0.0
+        baseline = Baseline.of(first)
         shape = cache_shape(first)
         t0 = time.perf_counter()
         self._thread = threading.Thread(
@@ -131,8 +152,8 @@ class PrometheusStepSampler:
         )
         self._thread.start()
 
-    def _loop(self, t0: float, baseline: float, shape: CacheShape | None) -> None:
-        last = baseline
+    def _loop(self, t0: float, baseline: Baseline, shape: CacheShape | None) -> None:
+        previous = baseline
         step = 0
         while True:
             try:
@@ -141,8 +162,8 @@ class PrometheusStepSampler:
                 metrics = None  # a busy server may miss a scrape; the next one counts
             if metrics is not None:
                 row = step_row(step, time.perf_counter() - t0, metrics, shape, self.kv_bytes_per_token,
-                               baseline, last)
-                last = baseline + row["preemptions_total"]
+                               baseline, previous)
+                previous = Baseline.of(metrics)
                 self._rows.append(row)
                 step += 1
             if self._stop.wait(self.interval_s):

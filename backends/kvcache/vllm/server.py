@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 DEFAULT_PYTHON = ".venv-vllm/bin/python"
+REPO_ROOT = Path(__file__).resolve().parents[3]
 SUPERVISOR = Path(__file__).with_name("supervise.py")
 LOG_TAIL_LINES = 40
 # vLLM's CPU attention kernels take blocks of a multiple of this many tokens.
@@ -73,6 +74,14 @@ class VLLMServerConfig:
             raise ValueError("give engine.kv_cache_bytes or engine.gpu_memory_utilization, not both")
 
 
+def resolve_python(python: str) -> Path:
+    """The interpreter path: as given, else relative to the repo root (trial actors run elsewhere)."""
+    path = Path(python).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -83,7 +92,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def serve_command(config: VLLMServerConfig, port: int) -> list[str]:
     """The ``vllm serve`` command line (run by the vLLM environment's Python)."""
     cmd = [
-        config.python, "-m", "vllm.entrypoints.cli.main", "serve", config.model_path,
+        str(resolve_python(config.python)), "-m", "vllm.entrypoints.cli.main", "serve", config.model_path,
         "--served-model-name", config.served_model_name,
         "--host", config.host,
         "--port", str(port),
@@ -106,8 +115,8 @@ def serve_command(config: VLLMServerConfig, port: int) -> list[str]:
     return cmd + list(config.extra_args)
 
 
-def serve_env(config: VLLMServerConfig) -> dict[str, str]:
-    """The server's environment: ours minus this venv's, loopback-only, plus the config's."""
+def vllm_env() -> dict[str, str]:
+    """Environment for any vLLM process: ours minus this venv's, loopback-only, offline."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env.update(
         VLLM_HOST_IP="127.0.0.1",  # vLLM's internal message queues stay on loopback
@@ -117,6 +126,12 @@ def serve_env(config: VLLMServerConfig) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )
+    return env
+
+
+def serve_env(config: VLLMServerConfig) -> dict[str, str]:
+    """The server's environment: ``vllm_env()`` plus the config's settings."""
+    env = vllm_env()
     if config.kv_cache_bytes is not None or config.gpu_memory_utilization is not None:
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the explicit size
     env.update(config.env)
@@ -179,7 +194,7 @@ class VLLMServer:
 
     def start(self) -> VLLMServer:
         """Launch, and wait until ``/health`` answers and our model is listed (or raise)."""
-        python = Path(self.config.python)
+        python = resolve_python(self.config.python)
         if not python.exists():
             raise VLLMStartupError(
                 f"no Python at {self.config.python!r} for vLLM (backend.python); build it with `make vllm-env`"

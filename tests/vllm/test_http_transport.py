@@ -1,0 +1,121 @@
+"""The OpenAI streaming client (HTTP transport) and the /metrics sampler against a fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from backends.kvcache.vllm.metrics import PrometheusStepSampler, cache_shape, parse_prometheus
+from tests.vllm.fake_openai import METRICS_TEXT, FakeOpenAI
+from workloads.serving.http_transport import HttpTarget, HttpTransport, completion_body
+from workloads.serving.metrics import compute_metrics
+from workloads.serving.transport import RequestSpec
+
+
+def _spec(i: int, arrival_s: float, max_tokens: int = 5, prompt: list[int] | None = None) -> RequestSpec:
+    return RequestSpec(f"r{i}", arrival_s, prompt if prompt is not None else [1, 2, 3], max_tokens)
+
+
+def test_body_is_a_greedy_streaming_completion_with_usage() -> None:
+    body = completion_body(HttpTarget("http://x", "m"), _spec(0, 0.0, 7))
+    assert body["prompt"] == [1, 2, 3] and body["max_tokens"] == 7 and body["model"] == "m"
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["ignore_eos"] is True and body["temperature"] == 0.0
+
+
+def test_records_every_token_with_its_time_and_usage_counts() -> None:
+    with FakeOpenAI(first_delay_s=0.1, chunk_delay_s=0.02) as fake:
+        transport = HttpTransport(HttpTarget(fake.url, "fake"))
+        records = transport.run([_spec(0, 0.0), _spec(1, 0.3)], max_concurrency=None)
+    first, second = records
+    assert [r.request_id for r in records] == ["r0", "r1"]
+    assert first.error is None and first.output_tokens == 5 and first.prompt_tokens == 3
+    assert first.output_token_ids == [0, 1, 2, 3, 4]
+    assert len(first.token_times_s) == 5 and first.token_times_s == sorted(first.token_times_s)
+    assert first.first_token_s - first.send_s == pytest.approx(0.1, abs=0.08)
+    assert first.finish_s == first.token_times_s[-1]
+    # Open loop: the second request leaves at its scheduled time, not when the first is done.
+    assert second.send_s == pytest.approx(0.3, abs=0.05)
+    metrics = compute_metrics(records)
+    assert metrics.completed == 2 and metrics.total_output_tokens == 10
+    assert metrics.samples["tpot"][0] == pytest.approx(0.02, abs=0.015)
+
+
+def test_a_chunk_with_several_tokens_counts_each_token() -> None:
+    with FakeOpenAI(tokens_per_chunk=3, chunk_delay_s=0.01) as fake:
+        (record,) = HttpTransport(HttpTarget(fake.url, "fake")).run([_spec(0, 0.0, max_tokens=7)], None)
+    assert record.output_tokens == 7 and record.output_token_ids == list(range(7))
+    assert len(record.token_times_s) == 7
+    assert record.token_times_s[0] == record.token_times_s[1] == record.token_times_s[2]
+
+
+def test_an_http_error_becomes_the_request_error() -> None:
+    with FakeOpenAI() as fake:
+        bad, good = HttpTransport(HttpTarget(fake.url, "fake")).run(
+            [_spec(0, 0.0, prompt=[666, 1]), _spec(1, 0.0)], None
+        )
+    assert bad.error is not None and "HTTP 400" in bad.error and "bad prompt" in bad.error
+    assert bad.first_token_s is None and good.error is None
+    assert compute_metrics([bad, good]).failed == 1
+
+
+def test_a_server_that_is_not_there_fails_requests_not_the_run() -> None:
+    (record,) = HttpTransport(HttpTarget("http://127.0.0.1:9", "x", request_timeout_s=2)).run([_spec(0, 0.0)], None)
+    assert record.error is not None and record.output_tokens == 0
+
+
+def test_max_concurrency_caps_requests_in_flight() -> None:
+    with FakeOpenAI(first_delay_s=0.1) as fake:
+        records = HttpTransport(HttpTarget(fake.url, "fake")).run([_spec(i, 0.0) for i in range(6)], 2)
+        assert fake.max_in_flight == 2
+    assert all(r.error is None for r in records)
+
+
+def test_runs_from_inside_a_running_event_loop() -> None:
+    async def inside() -> list:
+        with FakeOpenAI() as fake:
+            return HttpTransport(HttpTarget(fake.url, "fake")).run([_spec(0, 0.0)], None)
+
+    (record,) = asyncio.run(inside())
+    assert record.output_tokens == 5
+
+
+def test_prometheus_text_is_parsed_with_labels() -> None:
+    metrics = parse_prometheus(METRICS_TEXT)
+    assert metrics["vllm:num_requests_running"][0][1] == 3.0
+    assert metrics["vllm:kv_cache_usage_perc"][0][0] == {"engine": "0", "model_name": "fake"}
+    shape = cache_shape(metrics)
+    assert shape is not None and (shape.num_blocks, shape.block_size) == (400, 32)
+
+
+def test_sampler_turns_scrapes_into_engine_step_rows() -> None:
+    with FakeOpenAI() as fake:
+        sampler = PrometheusStepSampler(f"{fake.url}/metrics", kv_bytes_per_token=1000, interval_s=0.05)
+        transport = HttpTransport(HttpTarget(fake.url, "fake"), sampler=sampler)
+        transport.run([_spec(0, 0.0), _spec(1, 0.2)], None)
+        sampler.close()
+    rows = transport.engine_steps()
+    assert len(rows) >= 3 and [r["step"] for r in rows] == list(range(len(rows)))
+    row = rows[0]
+    # 25% of 400 blocks of 32 tokens at 1000 bytes per token.
+    assert row["running"] == 3 and row["waiting"] == 2 and row["kv_blocks_used"] == 100
+    assert row["kv_bytes_device"] == 100 * 32 * 1000
+    # Counters are reported relative to the start of the run.
+    assert row["preemptions_total"] == 0 and row["kv_bytes_host"] == 0 and row["h2d_bytes_total"] == 0
+
+
+def test_send_times_follow_the_schedule_under_load() -> None:
+    with FakeOpenAI(first_delay_s=0.05, chunk_delay_s=0.005) as fake:
+        arrivals = [0.02 * i for i in range(20)]
+        start = time.perf_counter()
+        records = HttpTransport(HttpTarget(fake.url, "fake")).run(
+            [_spec(i, a) for i, a in enumerate(arrivals)], None
+        )
+        elapsed = time.perf_counter() - start
+    lags = sorted(r.send_s - r.arrival_s for r in records)
+    # A closed loop (send after the previous answer, 70 ms each) would fall ~1 s behind; allow
+    # for scheduling hiccups on a busy 2-core machine.
+    assert min(lags) >= 0 and lags[len(lags) // 2] < 0.02 and lags[-1] < 0.3
+    assert elapsed < 2.5

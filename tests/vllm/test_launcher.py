@@ -1,0 +1,142 @@
+"""The vLLM launcher without vLLM: command lines, model folders, failures and orphan clean-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.kvcache.vllm.model_folder import complete_hf_config, dummy_folder, kv_bytes_per_token
+from backends.kvcache.vllm.server import (
+    SUPERVISOR,
+    VLLMServer,
+    VLLMServerConfig,
+    VLLMStartupError,
+    group_pids,
+    serve_command,
+)
+from tests.vllm.shapes import TINY_SHAPE
+
+
+def _gone(pids: list[int], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not [p for p in pids if _alive(p)]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_command_carries_the_engine_settings() -> None:
+    config = VLLMServerConfig(model_path="/m", python="/py", load_format="dummy", max_num_seqs=4,
+                              max_model_len=256, block_size=64, kv_cache_bytes=1 << 26)
+    cmd = serve_command(config, 1234)
+    assert cmd[:5] == ["/py", "-m", "vllm.entrypoints.cli.main", "serve", "/m"]
+    pairs = dict(zip(cmd[5::1], cmd[6::1], strict=False))
+    assert pairs["--host"] == "127.0.0.1" and pairs["--port"] == "1234"
+    assert pairs["--max-num-seqs"] == "4" and pairs["--max-model-len"] == "256" and pairs["--block-size"] == "64"
+    assert pairs["--kv-cache-memory-bytes"] == str(1 << 26) and pairs["--load-format"] == "dummy"
+    assert "--no-enable-prefix-caching" in cmd and "--enforce-eager" in cmd
+
+
+def test_cpu_block_size_must_suit_vllm_kernels() -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        VLLMServerConfig(model_path="/m", block_size=16)
+    with pytest.raises(ValueError, match="not both"):
+        VLLMServerConfig(model_path="/m", kv_cache_bytes=1, gpu_memory_utilization=0.5)
+
+
+def test_dummy_folder_has_config_and_a_round_tripping_tokenizer(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ORCH_CACHE", str(tmp_path))
+    from transformers import AutoTokenizer
+
+    folder = dummy_folder(TINY_SHAPE, "float32")
+    config = json.loads((folder.path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "float32"
+    assert folder.load_format == "dummy"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder.path))
+    assert len(tokenizer) == TINY_SHAPE["vocab_size"]
+    ids = [5, 9, 300, 511]
+    assert tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False) == ids
+    assert dummy_folder(TINY_SHAPE, "float32").path == folder.path  # cached by content
+    # 2 x layers x kv_heads x head_dim x 4 bytes
+    assert folder.kv_bytes_per_token == 2 * 2 * 2 * 32 * 4
+    assert kv_bytes_per_token(TINY_SHAPE, "bfloat16") == folder.kv_bytes_per_token // 2
+
+
+def test_opt_shapes_get_the_opt_architecture() -> None:
+    from backends.kvcache.presets import PRESETS
+
+    assert complete_hf_config(PRESETS["opt-125m"], "float32")["architectures"] == ["OPTForCausalLM"]
+    with pytest.raises(ValueError, match="not supported"):
+        complete_hf_config({"model_type": "gpt2"}, "float32")
+
+
+def test_missing_python_fails_at_once() -> None:
+    server = VLLMServer(VLLMServerConfig(model_path="/m", python="/nowhere/bin/python"))
+    with pytest.raises(VLLMStartupError, match="make vllm-env"):
+        server.start()
+
+
+def test_a_server_that_dies_during_startup_fails_with_its_log_and_leaves_nothing() -> None:
+    # The main environment has no vLLM: the process exits at once with an import error.
+    server = VLLMServer(VLLMServerConfig(model_path="/m", python=sys.executable, startup_timeout_s=60))
+    start = time.monotonic()
+    with pytest.raises(VLLMStartupError) as failure:
+        server.start()
+    assert time.monotonic() - start < 30
+    assert "exited with code" in str(failure.value) and "No module named" in str(failure.value)
+    assert server.pids() == []
+
+
+def _start_supervised(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """A starter process that supervises `sh` with a grandchild, then waits; returns (starter, group)."""
+    script = tmp_path / "starter.py"
+    script.write_text(textwrap.dedent(f"""
+        import subprocess, sys, time, os
+        proc = subprocess.Popen([sys.executable, {str(SUPERVISOR)!r}, str(os.getpid()), "--",
+                                 "/bin/sh", "-c", "sleep 300 & sleep 300"], start_new_session=True)
+        print(proc.pid, flush=True)
+        time.sleep(300)
+    """))
+    starter = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    group = int(starter.stdout.readline())
+    deadline = time.monotonic() + 10
+    while len(group_pids(group)) < 3 and time.monotonic() < deadline:  # supervisor, sh, sleep
+        time.sleep(0.05)
+    return starter, group
+
+
+def test_killing_the_starter_ends_the_whole_server_group(tmp_path: Path) -> None:
+    starter, group = _start_supervised(tmp_path)
+    pids = group_pids(group)
+    assert len(pids) >= 3
+    os.kill(starter.pid, signal.SIGKILL)  # a trial actor killed without any clean-up
+    starter.wait()
+    assert _gone(pids, within_s=15), f"left behind: {[p for p in pids if _alive(p)]}"
+
+
+def test_terminating_the_supervisor_ends_its_children(tmp_path: Path) -> None:
+    starter, group = _start_supervised(tmp_path)
+    pids = group_pids(group)
+    os.kill(group, signal.SIGTERM)
+    try:
+        assert _gone(pids, within_s=15)
+    finally:
+        starter.kill()
+        starter.wait()
