@@ -221,11 +221,12 @@ class Submission:
         return self._capacity_cache
 
     def _used(self) -> dict[str, float]:
+        """Resources held: running trials' footprints plus what idle actors reserve."""
         used: dict[str, float] = {}
         for slot in self.slots:
-            if slot.trial is not None:
-                for key, value in slot.footprint.items():
-                    used[key] = used.get(key, 0.0) + value
+            held = slot.footprint if slot.trial is not None else ray_resources(dict(slot.shape))
+            for key, value in held.items():
+                used[key] = used.get(key, 0.0) + value
         return used
 
     @staticmethod
@@ -243,16 +244,15 @@ class Submission:
         params = self.kind.params_model.model_validate(trial.params)
         return self.kind.actor_resources(params, trial.resources)
 
-    def _slot_for(self, trial: Trial, shape: tuple[tuple[str, float], ...]) -> Slot:
+    def _idle_slot(self, trial: Trial, shape: tuple[tuple[str, float], ...]) -> Slot | None:
+        """An idle actor of this shape, preferring one whose session is the trial's engine group."""
         idle = [s for s in self.slots if s.trial is None and s.shape == shape]
         for slot in idle:
             if slot.session_key == trial.group_key:
                 return slot
-        if idle:
-            return idle[0]
-        # A new actor: release idle actors of other shapes so their reservations free up.
-        for slot in [s for s in self.slots if s.trial is None]:
-            self._release(slot)
+        return idle[0] if idle else None
+
+    def _new_slot(self, shape: tuple[tuple[str, float], ...]) -> Slot:
         actor = self._runner_cls.options(**actor_options(dict(shape))).remote()
         slot = Slot(actor=actor, shape=shape, ready_ref=actor.where.remote())
         self.slots.append(slot)
@@ -267,9 +267,7 @@ class Submission:
             except Exception:  # already dead
                 pass
 
-    def _launch(self, trial: Trial, footprint: dict[str, float]) -> None:
-        shape = tuple(sorted(self._actor_resources(trial).items()))
-        slot = self._slot_for(trial, shape)
+    def _launch(self, trial: Trial, slot: Slot, footprint: dict[str, float]) -> None:
         self.attempts[trial.trial_id] = self.attempts.get(trial.trial_id, 0) + 1
         entry = self._entry(trial.trial_id)
         entry["attempts"] = entry.get("attempts", 0) + 1
@@ -306,12 +304,29 @@ class Submission:
                     trial, "failed", f"needs {missing} but the cluster has {({k: capacity.get(k, 0.0) for k in missing})}"
                 )
                 continue
-            if self._fits(need, free):
-                self.pending.remove(trial)
-                self._launch(trial, need)
-                launched = True
-                for key, value in need.items():
-                    free[key] = free.get(key, 0.0) - value
+            shape = tuple(sorted(self._actor_resources(trial).items()))
+            slot = self._idle_slot(trial, shape)
+            # Reusing an idle actor reuses what it reserves; a new actor needs the whole footprint.
+            reserved = ray_resources(dict(shape)) if slot is not None else {}
+            extra = {k: v - reserved.get(k, 0.0) for k, v in need.items()}
+            if slot is None and not self._fits(extra, free):
+                idle = [s for s in self.slots if s.trial is None]
+                freed = dict(free)
+                for other in idle:
+                    for key, value in ray_resources(dict(other.shape)).items():
+                        freed[key] = freed.get(key, 0.0) + value
+                if not idle or not self._fits(extra, freed):
+                    continue
+                for other in idle:  # idle actors of other shapes give their reservations back
+                    self._release(other)
+                free = freed
+            if not self._fits(extra, free):
+                continue
+            self.pending.remove(trial)
+            self._launch(trial, slot or self._new_slot(shape), need)
+            launched = True
+            for key, value in extra.items():
+                free[key] = free.get(key, 0.0) - value
         if launched:
             self._save()
 
@@ -331,6 +346,7 @@ class Submission:
         except RayError as exc:  # actor or node died: retry elsewhere
             slot.trial = None
             self._release(slot, kill=False)
+            self._capacity_at = 0.0  # the cluster may have lost a node: re-read its resources
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             if self.attempts.get(trial.trial_id, 0) <= self.spec.retries:
                 entry = self._entry(trial.trial_id)
