@@ -33,14 +33,27 @@ class A2SGDCompressor(Compressor):
         self.residual_reference = config.residual
 
     def compress(self, tensor: torch.Tensor, ctx: CompressContext) -> Payload:
-        """[m+, m-]: the means of v above and below the threshold; the mask stays local."""
-        flat = tensor.reshape(-1).float()
-        threshold = flat.mean() if self.config.threshold == "mean" else flat.new_zeros(())
+        """[m+, m-]: the means of v above and below the threshold; the mask stays local.
+
+        Memory traffic is kept to a few reads: sum(v), sum|v - t| (no temporary: the
+        threshold is broadcast), the mask, and its count. Above t, sum(v - t) equals
+        (sum(v - t) + sum|v - t|) / 2, and below it (sum(v - t) - sum|v - t|) / 2.
+        """
+        flat = tensor.reshape(-1)
+        n = flat.numel()
+        total = flat.sum(dtype=torch.float32)
+        threshold = total / n if self.config.threshold == "mean" else total.new_zeros(())
         positive = flat >= threshold
-        count_pos = positive.sum()
-        count_neg = flat.numel() - count_pos
-        sum_pos = torch.where(positive, flat, flat.new_zeros(())).sum()
-        sum_neg = flat.sum() - sum_pos
+        # Counting bytes as int32 is markedly faster on GPUs than summing a bool tensor.
+        count_pos = positive.view(torch.uint8).sum(dtype=torch.int32).float()
+        count_neg = n - count_pos
+        shifted_sum = total - threshold * n
+        if self.config.threshold == "mean":
+            shifted_l1 = torch.dist(flat.float(), threshold.expand_as(flat), p=1)
+        else:
+            shifted_l1 = torch.linalg.vector_norm(flat, 1, dtype=torch.float32)
+        sum_pos = (shifted_sum + shifted_l1) / 2 + threshold * count_pos
+        sum_neg = (shifted_sum - shifted_l1) / 2 + threshold * count_neg
         means = torch.stack([sum_pos / count_pos.clamp(min=1), sum_neg / count_neg.clamp(min=1)])
         ctx.extra["positive"] = positive
         return [means]

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from dist_harness import run_group
 from torch.nn.parallel import DistributedDataParallel
 
 from backends.compression import (
@@ -17,6 +16,7 @@ from backends.compression import (
     build_applier,
     build_compressor,
 )
+from workloads.training.local import spawn_gloo_group as run_group
 
 N = 1000
 FLAT = sorted(set(COMPRESSORS) - {"powersgd"})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,24 +53,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, params_json: str, checkpoint_dir: str, threads: int) -> None:
+def _entry(
+    rank: int, world_size: int, port: int, outdir: str, threads: int, fn: Callable[..., Any], args: tuple
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        run_worker(TrainingParams.model_validate_json(params_json), LocalEnv(rank, world_size, Path(checkpoint_dir)))
+        torch.save(fn(rank, world_size, *args), Path(outdir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def spawn_gloo_group(world_size: int, fn: Callable[..., Any], *args: Any, threads: int = 1) -> list[Any]:
+    """Run fn(rank, world_size, *args) in ``world_size`` spawned CPU processes joined by gloo on
+    127.0.0.1; returns their results in rank order (``fn`` must be importable by name)."""
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.start_processes(
+            _entry, args=(world_size, _free_port(), outdir, threads, fn, args), nprocs=world_size, start_method="spawn"
+        )
+        return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _train(rank: int, world_size: int, params_json: str, checkpoint_dir: str) -> dict[str, Any]:
+    params = TrainingParams.model_validate_json(params_json)
+    return run_worker(params, LocalEnv(rank, world_size, Path(checkpoint_dir)))
+
+
 def run_local(params: TrainingParams, checkpoint_dir: Path, threads_per_worker: int = 1) -> list[dict[str, Any]]:
     """Train with ``params.num_workers`` local gloo processes; returns each rank's final state."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(
-        _entry,
-        args=(params.num_workers, _free_port(), params.model_dump_json(), str(checkpoint_dir), threads_per_worker),
-        nprocs=params.num_workers,
-        start_method="spawn",
+    return spawn_gloo_group(
+        params.num_workers, _train, params.model_dump_json(), str(checkpoint_dir), threads=threads_per_worker
     )
-    env = LocalEnv(0, params.num_workers, checkpoint_dir)
-    return [LocalEnv(r, params.num_workers, checkpoint_dir).load_state() for r in range(env.world_size)]
