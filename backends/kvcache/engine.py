@@ -44,6 +44,7 @@ class LLMEngine:
         self.model = loaded.model
         self.model_config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
+        self.weights_dir = loaded.weights_dir  # the HF folder of real weights, else None
         self.device = torch.device(config.device)
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)

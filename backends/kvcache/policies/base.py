@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from backends.kvcache.config import ModelConfig
 from backends.kvcache.kv_store import PagedKVStore
@@ -40,14 +41,19 @@ def attention(
     """Grouped-query attention. q [B,T,H,D]; k, v [B,KVH,L,D]; mask bool, broadcastable to
     [B,KVH,1,T,L]. Returns out [B,T,H,D] and, if asked, probabilities [B,KVH,G,T,L]."""
     b, t, h, d = q.shape
-    kvh = k.shape[1]
-    qg = q.view(b, t, kvh, h // kvh, d).permute(0, 2, 3, 1, 4)  # [B,KVH,G,T,D]
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # [B,KVH,G,T,L]
-    scores = scores.float().masked_fill(~mask, float("-inf"))
+    kvh, length = k.shape[1], k.shape[2]
+    g = h // kvh
+    if not want_probs:  # fused kernel; the mask goes per query head
+        m = mask.expand(b, kvh, 1, t, length)
+        m = m[:, :1, 0] if mask.shape[1] == 1 else m.expand(b, kvh, g, t, length).reshape(b, h, t, length)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=m, scale=scale, enable_gqa=g > 1)
+        return out.transpose(1, 2), None
+    qg = q.view(b, t, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, kvh, g, t, length)
+    scores = (scores.float() * scale).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v.unsqueeze(2))  # [B,KVH,G,T,D]
-    out = out.permute(0, 3, 1, 2, 4).reshape(b, t, h, d)
-    return out, (probs if want_probs else None)
+    out = torch.matmul(probs.view(b, kvh, g * t, length), v).view(b, kvh, g, t, d)
+    return out.permute(0, 3, 1, 2, 4).reshape(b, t, h, d), probs
 
 
 class CachePolicy:
@@ -119,9 +125,14 @@ class CachePolicy:
 
     def context(self, layer: int, k_new, v_new, batch: BatchMeta):
         """Decode: K/V [B,KVH,L,D] the new tokens attend to, and the mask [B,1,1,1,L]."""
-        kk = self.store.k[layer][batch.slot_idx].transpose(1, 2)
-        vv = self.store.v[layer][batch.slot_idx].transpose(1, 2)
+        kk = self.gather(self.store.k[layer], batch.slot_idx).transpose(1, 2)
+        vv = self.gather(self.store.v[layer], batch.slot_idx).transpose(1, 2)
         return kk, vv, batch.kv_valid[:, None, None, None, :]
+
+    @staticmethod
+    def gather(pool: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
+        """Rows of ``pool`` [S, ...] at ``slot_idx`` [B, L] -> [B, L, ...]."""
+        return pool.index_select(0, slot_idx.flatten()).view(*slot_idx.shape, *pool.shape[1:])
 
     def observe(self, layer: int, probs: torch.Tensor, batch: BatchMeta) -> None:
         """Receives attention probabilities when ``wants_probs``."""
@@ -132,8 +143,8 @@ class CachePolicy:
     # --- helpers for host-resident policies ----------------------------------------------
     def fetch_all(self, layer: int, k_new, v_new, batch: BatchMeta):
         """Bring every stored entry of ``layer`` to the device (counted), with the new token in place."""
-        kk = self.store.k[layer][batch.slot_idx].to(self.device, non_blocking=True)
-        vv = self.store.v[layer][batch.slot_idx].to(self.device, non_blocking=True)
+        kk = self.gather(self.store.k[layer], batch.slot_idx).to(self.device, non_blocking=True)
+        vv = self.gather(self.store.v[layer], batch.slot_idx).to(self.device, non_blocking=True)
         rows = torch.arange(kk.shape[0], device=self.device)
         kk[rows, batch.prev_len] = k_new[:, 0].to(kk.dtype)  # the new token was computed here
         vv[rows, batch.prev_len] = v_new[:, 0].to(vv.dtype)
