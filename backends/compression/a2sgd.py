@@ -15,6 +15,22 @@ import torch
 from backends.compression.base import CompressContext, Compressor, Payload, register
 
 
+def count_true(mask: torch.Tensor) -> torch.Tensor:
+    """Number of set elements of a flat bool tensor, as an fp32 scalar tensor.
+
+    Summing bools is slow on GPUs; instead read 8 mask bytes as one int64 w = sum_i b_i 256^i.
+    Since 256 = 1 (mod 255), w mod 255 = sum_i b_i (at most 8), so the count is the sum of
+    w mod 255 over n / 8 words, plus the tail.
+    """
+    whole = mask.numel() // 8 * 8
+    if whole == 0 or mask.storage_offset() % 8:
+        return mask.sum(dtype=torch.float32)
+    count = torch.remainder(mask[:whole].view(torch.int64), 255).sum()
+    if whole < mask.numel():
+        count = count + mask[whole:].sum()
+    return count.float()
+
+
 @register
 class A2SGDCompressor(Compressor):
     """Two fp32 scalars per worker per step; the update is rebuilt from the local sign pattern."""
@@ -42,19 +58,22 @@ class A2SGDCompressor(Compressor):
         flat = tensor.reshape(-1)
         n = flat.numel()
         total = flat.sum(dtype=torch.float32)
-        threshold = total / n if self.config.threshold == "mean" else total.new_zeros(())
-        positive = flat >= threshold
-        # Counting bytes as int32 is markedly faster on GPUs than summing a bool tensor.
-        count_pos = positive.view(torch.uint8).sum(dtype=torch.int32).float()
-        count_neg = n - count_pos
-        shifted_sum = total - threshold * n
         if self.config.threshold == "mean":
+            threshold = total / n
+            positive = flat >= threshold
             shifted_l1 = torch.dist(flat.float(), threshold.expand_as(flat), p=1)
-        else:
+            shifted_sum = total - threshold * n
+        else:  # few small ops: on GPUs their launch cost rivals the memory passes at 20M elements
+            threshold = None
+            positive = flat >= 0
             shifted_l1 = torch.linalg.vector_norm(flat, 1, dtype=torch.float32)
-        sum_pos = (shifted_sum + shifted_l1) / 2 + threshold * count_pos
-        sum_neg = (shifted_sum - shifted_l1) / 2 + threshold * count_neg
-        means = torch.stack([sum_pos / count_pos.clamp(min=1), sum_neg / count_neg.clamp(min=1)])
+            shifted_sum = total
+        count_pos = count_true(positive)
+        counts = torch.stack([count_pos, n - count_pos])
+        sums = torch.stack([shifted_sum + shifted_l1, shifted_sum - shifted_l1]) / 2
+        if threshold is not None:
+            sums = sums + threshold * counts
+        means = sums / counts.clamp(min=1)
         ctx.extra["positive"] = positive
         return [means]
 
