@@ -131,7 +131,7 @@ def submit(
     progress = TerminalProgress()
     started = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
     if started and not no_dashboard:
-        progress.event(f"embedded Ray; dashboard at http://127.0.0.1:{cluster.DASHBOARD_PORT}")
+        progress.event(f"embedded Ray; dashboard at http://127.0.0.1:{cluster.DASHBOARD_PORT} (token: ~/.ray/auth_token)")
     begin = time.time()
     try:
         tracker = Tracker(store, tracking_uri)

@@ -1,0 +1,113 @@
+"""The CLI end to end, each run in its own process with an embedded Ray: Ctrl-C and a killed driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.store import ExperimentStore
+from tests.conftest import REPO
+from tests.core.helpers import ORCH, mlflow_trial_runs, orch, parquet_trial_ids, write_grid
+
+pytestmark = pytest.mark.slow
+
+
+def _start(grid: Path, results: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*ORCH, "submit", str(grid), "--results", str(results), "--num-cpus", "2", *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Clean up what the driver started (it runs in its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
+def _wait_for(predicate, timeout_s: float = 180.0, what: str = "condition") -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _states(results: Path, experiment: str) -> dict[str, int]:
+    manifest = ExperimentStore(results, experiment).load_manifest() or {"trials": {}}
+    counts: dict[str, int] = {}
+    for entry in manifest["trials"].values():
+        counts[entry["state"]] = counts.get(entry["state"], 0) + 1
+    return counts
+
+
+def test_ctrl_c_cancels_running_trials_and_records_them(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    grid = write_grid(tmp_path, experiment="interrupt", grid={"x": [1, 2, 3, 4]},
+                      base={"sleep_s": 120.0, "pid_file": str(pids / "worker")})
+    results = tmp_path / "r"
+    proc = _start(grid, results)
+    try:
+        _wait_for(lambda: _states(results, "interrupt").get("running") == 2, what="two running trials")
+        # the embedded Ray's dashboard answers on loopback while the grid runs
+        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        version = httpx.get("http://127.0.0.1:8265/api/version", timeout=10, headers={"Authorization": f"Bearer {token}"})
+        assert version.status_code == 200 and "ray_version" in version.json()
+        _wait_for(lambda: (pids / "worker").exists(), what="a worker pid")
+        worker_pid = int((pids / "worker").read_text().split()[0])
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130, output
+    finally:
+        _stop_group(proc)
+    manifest = ExperimentStore(results, "interrupt").load_manifest()
+    states = sorted(e["state"] for e in manifest["trials"].values())
+    assert states == ["cancelled", "cancelled", "queued", "queued"]
+    assert manifest["submissions"][-1]["status"] == "interrupted"
+    cancelled = [tid for tid, e in manifest["trials"].items() if e["state"] == "cancelled"]
+    assert parquet_trial_ids(results, "interrupt", "trials") == sorted(cancelled)
+    _wait_for(lambda: not Path(f"/proc/{worker_pid}").exists(), 30, "the cancelled worker to exit")
+
+
+def test_killed_driver_then_resubmit_completes_and_all_records_agree(tmp_path: Path) -> None:
+    grid = write_grid(tmp_path, experiment="crash", grid={"x": [1, 2, 3, 4, 5, 6]}, base={"sleep_s": 1.5})
+    results = tmp_path / "r"
+    proc = _start(grid, results, "--no-dashboard")
+    try:
+        _wait_for(lambda: _states(results, "crash").get("done", 0) >= 2, what="two done trials")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        _stop_group(proc)
+    before = _states(results, "crash")
+    assert before.get("done", 0) < 6
+    second = orch("submit", str(grid), "--results", str(results), "--no-dashboard", "--num-cpus", "2")
+    assert second.returncode == 0, second.stdout + second.stderr
+    manifest = json.loads((results / "crash" / "manifest.json").read_text())
+    ids = sorted(manifest["trials"])
+    assert len(ids) == 6 and all(e["state"] == "done" for e in manifest["trials"].values())
+    # trials done before the kill were not run again
+    finished_now = [line for line in second.stdout.splitlines() if re.match(r"done\s+[0-9a-f]{10}-0 ", line)]
+    assert len(finished_now) == 6 - before["done"]
+    assert parquet_trial_ids(results, "crash", "toy_summary") == ids
+    assert parquet_trial_ids(results, "crash", "trials") == ids
+    runs = mlflow_trial_runs(results, "crash")
+    assert sorted(r.data.tags["orch.trial_id"] for r in runs) == ids
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(e["synced"] for e in manifest["trials"].values())
+    report = orch("report", "crash", "--results", str(results))
+    assert report.returncode == 0 and "toy_summary" in report.stdout
+    for x in range(1, 7):
+        assert f"│ {x} " in report.stdout and f" {x * 10} " in report.stdout
