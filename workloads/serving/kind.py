@@ -137,6 +137,7 @@ class ServingKind(TrialKind):
         sampled_kv = max((s["kv_bytes_device"] for s in steps), default=None)
         memory: dict[str, Any] = {
             "peak_kv_bytes": sampled_kv,
+            "peak_kv_bytes_steps": sampled_kv,
             "peak_kv_bytes_host": max((s["kv_bytes_host"] for s in steps), default=None),
             "peak_device_bytes": None,
             "h2d_bytes": steps[-1]["h2d_bytes_total"] if steps else None,

@@ -72,7 +72,8 @@ SERVING_SUMMARY = _schema(
             for stat in LATENCY_STATS
         ],
         pa.field("max_send_lag_s", pa.float64()),  # open-loop check: max(send - scheduled arrival)
-        pa.field("peak_kv_bytes", pa.int64()),
+        pa.field("peak_kv_bytes", pa.int64()),  # engine peak, transients inside a step included
+        pa.field("peak_kv_bytes_steps", pa.int64()),  # max KV resident between steps (sampled)
         pa.field("peak_kv_bytes_host", pa.int64()),
         pa.field("peak_device_bytes", pa.int64()),
         pa.field("h2d_bytes", pa.int64()),
