@@ -17,6 +17,8 @@ import platform
 import time
 from pathlib import Path
 
+import torch
+
 from workloads.kind import TrialContext
 from workloads.serving.kind import ServingKind, ServingParams
 
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--quality-texts", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     started = time.time()
     results = {policy: measure(policy, args) for policy in POLICIES}

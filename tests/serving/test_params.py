@@ -1,0 +1,58 @@
+"""Serving parameters: the grid's keys, their defaults and their errors."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from workloads.serving.engine_system import engine_config
+from workloads.serving.kind import ServingKind, ServingParams
+
+
+def test_backend_as_name_or_mapping() -> None:
+    assert ServingParams.model_validate({"backend": "h2o"}).backend.name == "h2o"
+    vllm = ServingParams.model_validate({"backend": {"name": "vllm", "python": ".venv-vllm/bin/python"}})
+    assert (vllm.backend.name, vllm.backend.python) == ("vllm", ".venv-vllm/bin/python")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"backend": "paged"}, "unknown backend 'paged'; allowed: full, h2o, infinigen, offload, streaming, vllm"),
+        ({"load": {"rate": 3}}, "Extra inputs are not permitted"),
+        ({"policy": {"kv_budget": 1.5}}, "less than or equal to 1"),
+        ({"load": {"arrival": "trace"}}, "needs load.trace"),
+        ({"percentiles": [50, 101]}, "percentiles must be"),
+        ({"quality": {"text_len": 32, "prompt_len": 32}}, "prompt_len must be smaller"),
+    ],
+)
+def test_bad_parameters_are_rejected_with_the_reason(raw: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        ServingParams.model_validate(raw)
+
+
+def test_quality_defaults_to_lossy_policies_with_real_weights() -> None:
+    def enabled(**raw) -> bool:
+        return ServingParams.model_validate(raw).quality_enabled()
+
+    assert enabled(backend="h2o", weights="real") and enabled(backend="streaming", weights="real")
+    assert not enabled(backend="full", weights="real") and not enabled(backend="h2o", weights="dummy")
+    assert enabled(backend="full", weights="real", quality={"enabled": True})
+    assert not enabled(backend="vllm", weights="real", quality={"enabled": True})  # needs our engine
+
+
+def test_shared_policy_section_gives_each_policy_its_own_knobs() -> None:
+    raw = {"policy": {"kv_budget": 0.2, "heavy_ratio": 0.1, "sink_tokens": 2}, "engine": {"max_num_seqs": 3}}
+    h2o = engine_config(ServingParams.model_validate({**raw, "backend": "h2o"}))
+    streaming = engine_config(ServingParams.model_validate({**raw, "backend": "streaming"}))
+    assert h2o.policy_params == {"kv_budget": 0.2, "heavy_ratio": 0.1}
+    assert streaming.policy_params == {"kv_budget": 0.2, "sink_tokens": 2}
+    assert h2o.max_num_seqs == 3 and h2o.policy == "h2o"
+    # The full-cache reference for quality keeps every token.
+    assert engine_config(ServingParams.model_validate({**raw, "backend": "h2o"}), policy="full").policy_params == {}
+
+
+def test_load_keys_cover_load_slo_quality_and_percentiles_only() -> None:
+    keys = ServingKind.load_keys
+    assert {"load.request_rate", "load.seed", "slo.ttft_ms", "percentiles", "quality.num_texts"} <= keys
+    assert not any(k.startswith(("backend", "policy", "engine", "model")) for k in keys)
