@@ -1,8 +1,16 @@
-"""Our engine (backends/kvcache) as a system under test, one cache policy per backend name."""
+"""Our engine (backends/kvcache) as a system under test, one cache policy per backend name.
+
+``transport: inprocess`` (default) drives an ``LLMEngine`` in the trial's own process;
+``transport: http`` serves the same engine configuration as a Ray Serve application with an
+OpenAI-compatible streaming endpoint (backends/kvcache/serve.py) and measures it through the
+HTTP client that measures vLLM.
+"""
 
 from __future__ import annotations
 
 import gc
+import socket
+import uuid
 from typing import Any
 
 from workloads.serving.inprocess_transport import InProcessTransport
@@ -93,8 +101,62 @@ class EngineSystem:
         gc.collect()
 
 
-def open_engine_system(params: ServingParams) -> EngineSystem:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServedEngineSystem:
+    """One ``LLMEngine`` behind Ray Serve's OpenAI-compatible ``/v1/completions`` (HTTP only)."""
+
+    def __init__(self, params: ServingParams):
+        from backends.kvcache.config import ModelConfig
+        from backends.kvcache.loader import resolve
+        from backends.kvcache.serve import deploy
+        from backends.kvcache.vllm.metrics import PrometheusStepSampler
+
+        self.name = params.backend.name
+        self.params = params
+        config = engine_config(params)
+        hf, folder = resolve(config)
+        self.vocab_size = int(hf["vocab_size"])
+        self._tokenizer = None
+        if folder is not None and any(folder.glob("tokenizer*")):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        kv_bytes_per_token = ModelConfig.from_hf(hf, config.torch_dtype.itemsize).kv_bytes_per_token
+        self.app_name = f"orch-{self.name}-{uuid.uuid4().hex[:8]}"
+        self.base_url = deploy(config, port=_free_port(), name=self.app_name)
+        self._sampler = PrometheusStepSampler(f"{self.base_url}/metrics", kv_bytes_per_token)
+
+    def transport(self, kind: str) -> Transport:
+        """HTTP only: the engine runs in a Serve replica."""
+        from workloads.serving.http_transport import HttpTarget, HttpTransport
+
+        if kind != "http":
+            raise ValueError(f"this system serves backend {self.name!r} over HTTP; got transport {kind!r}")
+        return HttpTransport(HttpTarget(self.base_url, self.app_name), sampler=self._sampler)
+
+    def tokenizer(self) -> Any | None:
+        """The model's tokenizer (real weights), else None."""
+        return self._tokenizer
+
+    def close(self) -> None:
+        """Stop sampling and delete the Serve application (idempotent)."""
+        from backends.kvcache.serve import undeploy
+
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None
+            undeploy(self.app_name)
+
+
+def open_engine_system(params: ServingParams) -> EngineSystem | ServedEngineSystem:
     """Factory registered in ``workloads.serving.systems.SYSTEMS`` for our engine's policies."""
+    if params.transport == "http":
+        return ServedEngineSystem(params)
     system = EngineSystem(params)
     system.warm_up()
     return system

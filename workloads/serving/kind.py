@@ -37,6 +37,8 @@ class ServingSession:
     params: ServingParams
     # Quality of the full cache on the quality passages, by (num_texts, text_len, prompt_len).
     quality_reference: dict[tuple[int, int, int], QualityRun] = field(default_factory=dict)
+    # A local engine for quality when the system's own engine is out of reach (served over HTTP).
+    quality_engine: Any = None
 
 
 class ServingKind(TrialKind):
@@ -157,7 +159,9 @@ class ServingKind(TrialKind):
         system = session.system
         engine = getattr(system, "engine", None)
         if engine is None:
-            raise ValueError(f"quality needs our engine; backend {system.name!r} has none")
+            if session.quality_engine is None:
+                session.quality_engine = build_engine(params)
+            engine = session.quality_engine
         q = params.quality
         prompt_len = q.resolved_prompt_len()
         passages = quality_passages(system.tokenizer(), q)
