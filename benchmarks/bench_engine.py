@@ -28,7 +28,7 @@ BATCH = 16
 
 def hf_model(engine: LLMEngine, args):
     """The same weights in transformers (a HF folder for real weights, the preset config for dummy)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if engine.config.weights == "real":
         return AutoModelForCausalLM.from_pretrained(str(engine.weights_dir), dtype=torch.float32).eval()
@@ -50,14 +50,14 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> float:
 
 
 def engine_run(engine: LLMEngine, prompts: list[list[int]], lengths: list[int]) -> tuple[float, float, int]:
-    """(total seconds, seconds of steps that were prefills, tokens produced) for all requests at once."""
+    """(total seconds, seconds of prefill-only steps, tokens produced) for all requests at once."""
     for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
         engine.add_request(f"b{i}", p, n)
     prefill_s, produced = 0.0, 0
     t0 = time.perf_counter()
     while engine.has_unfinished():
         ts = time.perf_counter()
-        is_prefill = bool(engine.scheduler.waiting)
+        is_prefill = not engine.scheduler.running  # a step with nothing decoding only prefills
         out = engine.step()
         if is_prefill:
             prefill_s += time.perf_counter() - ts

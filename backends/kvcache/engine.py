@@ -129,21 +129,28 @@ class LLMEngine:
     # --- one iteration -------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """One scheduler iteration: a prefill batch or a decode batch; returns new tokens."""
+        """One scheduler iteration: every running request decodes a token and waiting ones are
+        admitted (prefilled) in the same forward; returns the new tokens and errors."""
         outputs, self._pending = self._pending, []
         if not self.scheduler.has_unfinished():
             return outputs
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:  # the queue head can never fit again (grew past the budget while preempted)
+        decode, prefill = self.scheduler.schedule()
+        seqs = decode + prefill
+        head = self.scheduler.waiting[0] if self.scheduler.waiting else None
+        if not seqs and head is not None and not self.block_manager.can_hold(head, head.num_tokens):
+            # the queue head can never fit again (grew past the budget while preempted)
             seq = self.scheduler.waiting.popleft()
             self._seqs.pop(seq.request_id, None)
             outputs.append(StepOutput(seq.request_id, [], True, "cannot fit in the KV budget after preemption"))
             return outputs
-        tokens, logprobs = self.runner.run(seqs, is_prefill)
-        for seq in seqs:
-            fed = seq.num_tokens if is_prefill else 1
-            seq.num_seen += fed
-            seq.num_stored += fed
+        if not seqs:
+            return outputs
+        tokens, logprobs = self.runner.run(decode, prefill)
+        for seq in decode:
+            seq.num_seen += 1
+            seq.num_stored += 1
+        for seq in prefill:
+            seq.num_seen = seq.num_stored = seq.num_tokens
         self._update_peaks(self.stored_tokens())  # before eviction: the step really held these
         for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
             self._evict(seq)

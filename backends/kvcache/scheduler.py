@@ -1,8 +1,9 @@
 """Continuous batching: which sequences run this step, under the block budget.
 
-Prefill has priority (new requests join as soon as blocks and batch slots allow); otherwise
-every running sequence decodes one token. When a decode cannot get a block, the most recently
-admitted sequence is preempted by recompute (its blocks freed, it re-enters the queue front).
+Every step, each running sequence decodes one token, and waiting requests are admitted
+(prefilled in the same forward) as soon as batch slots and blocks allow. When a decode cannot
+get a block, the most recently admitted sequence is preempted by recompute (its blocks freed,
+it re-enters the queue front).
 """
 
 from __future__ import annotations
@@ -39,41 +40,42 @@ class Scheduler:
         """Any request waiting or running."""
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences to run this step and whether it is a prefill step."""
-        batch: list[Sequence] = []
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(sequences that decode one token, sequences admitted for prefill) for this step."""
+        decode: list[Sequence] = []
+        queue = deque(self.running)
+        preempted = False
+        while queue:
+            seq = queue.popleft()
+            while not self.blocks.can_hold(seq, seq.num_stored + 1):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq, seq.num_stored + 1)
+                decode.append(seq)
+        self.running = list(decode)
+        prefill: list[Sequence] = []
         longest = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+        # admit waiting requests into the same step while slots, blocks and the token budget allow
+        # (not right after a preemption: that would only evict someone again)
+        while (not preempted or not decode) and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.num_tokens
-            padded = max(longest, n) * (len(batch) + 1)
-            if batch and padded > self.max_num_batched_tokens:
+            padded = max(longest, n) * (len(prefill) + 1)
+            if prefill and padded > self.max_num_batched_tokens:
                 break
             if not self.blocks.can_hold(seq, n):
                 break
             self.blocks.grow(seq, n)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
-            batch.append(seq)
+            prefill.append(seq)
+            self.running.append(seq)
             longest = max(longest, n)
-        if batch:
-            self.running.extend(batch)
-            return batch, True
-
-        scheduled: list[Sequence] = []
-        queue = deque(self.running)
-        while queue:
-            seq = queue.popleft()
-            while not self.blocks.can_hold(seq, seq.num_stored + 1):
-                victim = queue.pop() if queue else seq
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            else:
-                self.blocks.grow(seq, seq.num_stored + 1)
-                scheduled.append(seq)
-        self.running = list(scheduled)
-        return scheduled, False
+        return decode, prefill
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)

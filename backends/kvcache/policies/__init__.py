@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backends.kvcache.policies.base import BatchMeta, CachePolicy
+from backends.kvcache.policies.base import BatchMeta, CachePolicy, StepBatch
 from backends.kvcache.policies.full import FullPolicy
 from backends.kvcache.policies.h2o import H2OPolicy
 from backends.kvcache.policies.infinigen import InfiniGenPolicy
@@ -21,4 +21,4 @@ def make_policy(name: str, params, model, cfg, device) -> CachePolicy:
     return POLICIES[name](dict(params or {}), model, cfg, device)
 
 
-__all__ = ["POLICIES", "BatchMeta", "CachePolicy", "make_policy"]
+__all__ = ["POLICIES", "BatchMeta", "CachePolicy", "StepBatch", "make_policy"]

@@ -35,6 +35,18 @@ class BatchMeta:
     stored_before: tuple[int, ...] = ()  # decode: prev_len as Python ints (accounting without a sync)
 
 
+@dataclass
+class StepBatch:
+    """One engine step: decoding sequences and newly admitted (prefill) sequences, run in a
+    single forward over their tokens flattened to [1, N]: decode tokens first, then the
+    prefill tokens in order. Attention runs per part."""
+
+    decode: BatchMeta | None
+    prefill: BatchMeta | None
+    num_decode: int
+    prefill_shape: tuple[int, int] = (0, 0)  # (sequences, padded length)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, want_probs: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,11 +113,31 @@ class CachePolicy:
         return stored_tokens * self.cfg.kv_bytes_per_token if self.kv_on_host else 0
 
     # --- the per-layer call --------------------------------------------------------------
-    def begin_step(self, batch: BatchMeta) -> None:
+    def begin_step(self, step: StepBatch) -> None:
         """Reset per-step state."""
         self.step_fetch_peak = 0
 
-    def attend(self, layer: int, q, k, v, x, k_raw, batch: BatchMeta) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, x, k_raw, step: StepBatch) -> torch.Tensor:
+        """Attention for ``layer`` over a step's flattened tokens [1, N, ...] -> [1, N, H, D]."""
+        nd, parts = step.num_decode, []
+        tensors = (q, k, v, x, k_raw)
+        if step.decode is not None:
+            sub = [t[0, :nd].unsqueeze(1) for t in tensors]  # [B,1,...]
+            parts.append(self.attend_batch(layer, *sub, step.decode)[:, 0])
+        if step.prefill is not None:
+            rows = step.prefill.write_rows
+            bp, tp = step.prefill_shape
+
+            def pad(t: torch.Tensor) -> torch.Tensor:
+                full = t.new_zeros(bp * tp, *t.shape[2:])
+                full[rows] = t[0, nd:]
+                return full.view(bp, tp, *t.shape[2:])
+
+            out = self.attend_batch(layer, *(pad(t) for t in tensors), step.prefill)
+            parts.append(out.flatten(0, 1)[rows])
+        return torch.cat(parts, 0).unsqueeze(0)
+
+    def attend_batch(self, layer: int, q, k, v, x, k_raw, batch: BatchMeta) -> torch.Tensor:
         """Store the new K/V and return attention output [B,T,H,D] for ``layer``."""
         rows_k, rows_v = k.flatten(0, 1)[batch.write_rows], v.flatten(0, 1)[batch.write_rows]
         self.store.write(layer, batch.write_slots, rows_k, rows_v)

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from backends.kvcache.policies.base import BatchMeta, CachePolicy
+from backends.kvcache.policies.base import CachePolicy, StepBatch
 
 
 class InfiniGenPolicy(CachePolicy):
@@ -83,8 +83,8 @@ class InfiniGenPolicy(CachePolicy):
         per_token = len(self.speculated) * self.cfg.num_heads * self.rank * self.cfg.dtype_bytes
         return stored_tokens * per_token
 
-    def begin_step(self, batch: BatchMeta) -> None:
-        super().begin_step(batch)
+    def begin_step(self, step: StepBatch) -> None:
+        super().begin_step(step)
         self.selection.clear()
         self._grow_partial()
 
