@@ -29,6 +29,7 @@ from workloads.kind import TrialKind
 
 RAY_RESOURCE_NAMES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
 EPS = 1e-9
+MANIFEST_EVERY_S = 0.5
 
 
 class Progress(Protocol):
@@ -129,6 +130,8 @@ class Submission:
         self._footprints: dict[str, dict[str, float]] = {}
         self._capacity_cache: dict[str, float] = {}
         self._capacity_at = 0.0
+        self._manifest_saved_at = 0.0
+        self._manifest_dirty = False
         self._start = time.time()
         self._runner_cls = ray.remote(TrialRunner)
 
@@ -174,10 +177,23 @@ class Submission:
                 self.pending.append(trial)
         self.manifest = manifest
         self.pending = deque(sorted(self.pending, key=lambda t: (t.group_key, t.index)))
-        self._save()
+        self._save(force=True)
 
-    def _save(self) -> None:
-        self.store.save_manifest(self.manifest)
+    def _save(self, force: bool = False) -> None:
+        """Write the manifest at most every ``MANIFEST_EVERY_S`` unless forced.
+
+        Lagging is safe: Parquet is always written before the manifest can say `done`, so a
+        crash between the two only means the trial reruns on resume (and overwrites its files).
+        """
+        self._manifest_dirty = True
+        now = time.time()
+        if force or now - self._manifest_saved_at >= MANIFEST_EVERY_S:
+            self.store.save_manifest(self.manifest)
+            self._manifest_saved_at, self._manifest_dirty = now, False
+
+    def _flush(self) -> None:
+        if self._manifest_dirty:
+            self._save(force=True)
 
     def _entry(self, trial_id: str) -> dict[str, Any]:
         return self.manifest["trials"][trial_id]
@@ -453,12 +469,16 @@ class Submission:
                 if running:
                     refs = [s.ref for s in running]
                     ready, _ = ray.wait(refs, num_returns=1, timeout=poll_s)
+                    if ready:  # collect every result that is in, not just the first
+                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                     ready_set = set(ready)
                     for slot in [s for s in running if s.ref in ready_set]:
                         self._handle_ready(slot)
                     self._check_timeouts()
                 if self.logger is not None:
                     self._collect_tracking(self.logger.drain())
+                if self._manifest_dirty:
+                    self._save()
                 counts = self.counts()
                 self.telemetry.update(counts)
                 self.progress.update(counts, time.time() - self._start, self._eta(counts))
@@ -469,7 +489,7 @@ class Submission:
             self._shutdown_actors()
             self.submission["status"] = "interrupted" if interrupted else "finished"
             self.submission["ended_at"] = time.time()
-            self._save()
+            self._save(force=True)
             tracking_error = self._close_tracking(interrupted)
         counts = self.counts()
         self.progress.update(counts, time.time() - self._start, 0.0)
@@ -498,12 +518,11 @@ class Submission:
         if self.logger is None:
             return self.tracker.error if self.tracker else None
         self._collect_tracking(self.logger.close())
+        self._flush()
         try:
-            status = "KILLED" if interrupted else "FINISHED"
-            self.tracker.end_parent(self.submission["parent_run_id"], status)
-        except Exception as exc:
+            self.tracker.end_parent(self.submission["parent_run_id"], "KILLED" if interrupted else "FINISHED")
+        except Exception as exc:  # the runs are logged; only the parent's status is missing
             return str(exc)
-        self._save()
         return None
 
 
