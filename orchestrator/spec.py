@@ -113,7 +113,7 @@ def _check_values(value: Any, path: str) -> None:
         for i, item in enumerate(value):
             _check_values(item, f"{path}[{i}]")
     elif isinstance(value, float) and not math.isfinite(value):
-        raise SpecError(f"{path}: {value!r} is not allowed; use a finite number")
+        raise SpecError(f"{path}: {value!r} is not allowed; use a finite number (or the string 'inf' where a kind accepts it)")
     elif not isinstance(value, Scalar):
         raise SpecError(
             f"{path}: {type(value).__name__} values are not allowed; use strings, numbers, booleans, lists or mappings"
