@@ -124,16 +124,8 @@ class NativeHookApplier(GradientApplier):
 
     def __init__(self, compressor: Compressor, communicator: Communicator, model: DistributedDataParallel):
         super().__init__(compressor, communicator)
-        state, hook = compressor.make_ddp_hook(communicator, self.stats)
+        state, hook = compressor.make_ddp_hook(communicator, lambda stats: self.stats.add(stats))
         model.register_comm_hook(state, hook)
-
-    def take_stats(self) -> SyncStats:
-        """Stats the hook accumulated (it writes into the live object, so copy and reset in place)."""
-        stats = SyncStats()
-        stats.add(self.stats)
-        for name in vars(self.stats):
-            setattr(self.stats, name, type(getattr(self.stats, name))())
-        return stats
 
 
 def build_applier(
