@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -155,6 +156,24 @@ def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> str:
         return ""
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:\w+\.)*\w*(?:Error|Exception): .+")
+
+
+def error_lines(path: str | Path, limit: int = 5) -> list[str]:
+    """The last distinct exception lines (``ValueError: ...``) of a log: the root cause of a crash,
+    which vLLM prints above tracebacks that push it out of the tail."""
+    found: list[str] = []
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                match = _EXCEPTION_LINE.match(line.strip())
+                if match and match.group(0) not in found:
+                    found.append(match.group(0))
+    except OSError:
+        return []
+    return found[-limit:]
+
+
 def group_pids(pgid: int) -> list[int]:
     """Live (non-zombie) processes in a process group, read from /proc."""
     pids = []
@@ -180,7 +199,9 @@ class VLLMServer:
         self.base_url = f"http://{config.host}:{self.port}"
         self._proc: subprocess.Popen | None = None
         self._log_file = None
+        self._own_log = config.log_path is None
         self.log_path = config.log_path or tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1]
+        self._failed = False
         self._lock = threading.Lock()
 
     @property
@@ -243,9 +264,12 @@ class VLLMServer:
         return any(m.get("id") == self.config.served_model_name for m in models)
 
     def _fail(self, why: str) -> None:
+        self._failed = True
         self.stop()
+        causes = error_lines(self.log_path)
+        cause = "vLLM's errors:\n" + "\n".join(causes) + "\n" if causes else ""
         raise VLLMStartupError(
-            f"{why} (model {self.config.model_path}, {self.base_url}); last lines of {self.log_path}:\n"
+            f"{why} (model {self.config.model_path}, {self.base_url}); {cause}last lines of {self.log_path}:\n"
             f"{log_tail(self.log_path)}"
         )
 
@@ -259,6 +283,8 @@ class VLLMServer:
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
+                if self._own_log and not self._failed:  # a failed start's log stays, for its error
+                    Path(self.log_path).unlink(missing_ok=True)
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last lines of the server's log."""

@@ -1,0 +1,107 @@
+"""vLLM that cannot start fails the trial within the start-up timeout, with vLLM's own last log
+lines in the error, and leaves no process behind. The failing starts run in parallel to save time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from backends.kvcache.vllm.model_folder import dummy_folder
+from backends.kvcache.vllm.server import VLLMServer, VLLMServerConfig, VLLMStartupError
+from tests.vllm.shapes import TINY_SHAPE
+from workloads.serving.params import ServingParams
+from workloads.serving.vllm_system import open_vllm_system
+
+pytestmark = pytest.mark.slow
+
+STARTUP_TIMEOUT_S = 240.0
+
+
+def _attempt(config: VLLMServerConfig) -> tuple[str, float, list[int]]:
+    """Start a server that must fail: (error text, seconds it took, pids seen while it ran)."""
+    server = VLLMServer(config)
+    seen: list[int] = []
+    start = time.monotonic()
+    original_wait = server._serves_our_model
+
+    def watching(client):  # record the server's processes while it is starting
+        seen.extend(p for p in server.pids() if p not in seen)
+        return original_wait(client)
+
+    server._serves_our_model = watching
+    try:
+        server.start()
+    except VLLMStartupError as exc:
+        return str(exc), time.monotonic() - start, seen
+    server.stop()
+    raise AssertionError(f"vLLM started although it should not have: {config}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory: pytest.TempPathFactory):
+    """Three bad starts at once: a model path that does not exist, a port taken, a KV cache too small."""
+    tiny = dummy_folder(TINY_SHAPE, "float32")
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    taken = holder.getsockname()[1]
+    base = dict(load_format="dummy", max_num_seqs=4, max_model_len=512, startup_timeout_s=STARTUP_TIMEOUT_S)
+    configs = {
+        "bad_path": VLLMServerConfig(model_path=str(tmp_path_factory.mktemp("x") / "no-such-model"), **base),
+        "port_taken": VLLMServerConfig(model_path=str(tiny.path), port=taken, kv_cache_bytes=8 << 20, **base),
+        # One sequence of 512 tokens needs 512 KiB of KV here; give it 64 KiB.
+        "kv_too_small": VLLMServerConfig(model_path=str(tiny.path), kv_cache_bytes=64 << 10, **base),
+    }
+    try:
+        with ThreadPoolExecutor(len(configs)) as pool:
+            futures = {name: pool.submit(_attempt, config) for name, config in configs.items()}
+            yield {name: future.result() for name, future in futures.items()}
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("bad_path", "HFValidationError"),
+        ("port_taken", "Address already in use"),
+        ("kv_too_small", "KV cache is needed"),
+    ],
+)
+def test_bad_start_fails_in_time_with_vllm_log_and_no_leftover(failures, case: str, expected: str) -> None:
+    error, seconds, pids = failures[case]
+    assert seconds < STARTUP_TIMEOUT_S
+    assert "last lines of" in error and "exited with code" in error
+    # vLLM's own words, pulled out of its log into the error.
+    causes = error.split("vLLM's errors:", 1)[1].split("last lines of", 1)[0]
+    assert expected in causes, error[-3000:]
+    assert pids, "the server's processes were never seen"
+    assert not [p for p in pids if _alive(p)]
+
+
+def test_unknown_model_fails_the_trial_before_starting_anything(tmp_path: Path) -> None:
+    params = ServingParams.model_validate({"model": str(tmp_path / "nothing-here"), "backend": "vllm",
+                                           "transport": "http", "engine": {"block_size": 32}})
+    with pytest.raises(ValueError, match="neither a preset"):
+        open_vllm_system(params)
+
+
+def test_block_size_vllm_cannot_use_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(TINY_SHAPE))
+    params = ServingParams.model_validate({"model": str(tmp_path), "backend": "vllm", "transport": "http",
+                                           "engine": {"block_size": 16}})
+    with pytest.raises(ValueError, match="multiple of 32"):
+        open_vllm_system(params)

