@@ -20,14 +20,15 @@ from workloads.training.params import TrainingParams
 
 
 class LocalEnv(WorkerEnv):
-    """A CPU worker whose checkpoints are files ``<dir>/step_<n>/rank<r>.pt``."""
+    """A local worker (CPU by default) whose checkpoints are files ``<dir>/step_<n>/rank<r>.pt``."""
 
-    def __init__(self, rank: int, world_size: int, checkpoint_dir: Path) -> None:
-        self.rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
+    def __init__(self, rank: int, world_size: int, checkpoint_dir: Path, device: str = "cpu") -> None:
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.checkpoint_dir = checkpoint_dir
 
     def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
-        """DDP only for several workers, as Ray's prepare_model does."""
+        """Move to the device; DDP only for several workers, as Ray's prepare_model does."""
+        model = model.to(self.device)
         return DistributedDataParallel(model) if ddp and self.world_size > 1 else model
 
     def load_state(self) -> dict[str, Any] | None:
@@ -35,7 +36,7 @@ class LocalEnv(WorkerEnv):
         steps = sorted(self.checkpoint_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
         for folder in reversed(steps):
             if len(list(folder.glob("rank*.pt"))) == self.world_size:
-                return torch.load(folder / f"rank{self.rank}.pt", weights_only=False)
+                return torch.load(folder / f"rank{self.rank}.pt", map_location=self.device, weights_only=False)
         return None
 
     def save_state(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
