@@ -15,19 +15,20 @@ def _load(n: int, gap_s: float, max_tokens: int = 3) -> list[RequestSpec]:
 
 
 def test_sends_happen_on_schedule_while_steps_are_slow() -> None:
-    # Steps take 250 ms; requests arrive every 40 ms: a closed loop would send ~6x late.
-    transport = InProcessTransport(SlowEngine(step_s=0.25))
+    # Steps take 400 ms; requests arrive every 40 ms: a closed loop would send up to a step late.
+    transport = InProcessTransport(SlowEngine(step_s=0.4))
     records = transport.run(_load(10, 0.04), max_concurrency=None)
     lags = [r.send_s - r.arrival_s for r in records]
     assert min(lags) >= 0
-    assert max(lags) < 0.03, lags
+    # Bounds far below a step, with room for thread wake-ups on a busy machine.
+    assert max(lags) < 0.15 and sum(lags) / len(lags) < 0.05, lags
     # The wait for the step boundary is queueing inside the server: it shows up in TTFT.
-    assert max(r.first_token_s - r.send_s for r in records) > 0.2
+    assert max(r.first_token_s - r.send_s for r in records) > 0.3
     assert all(r.error is None and r.output_tokens == 3 for r in records)
     # Every token gets its own timestamp, one step apart.
     for r in records:
         gaps = [b - a for a, b in zip(r.token_times_s, r.token_times_s[1:], strict=False)]
-        assert all(g == pytest.approx(0.25, abs=0.05) for g in gaps)
+        assert all(g == pytest.approx(0.4, abs=0.1) for g in gaps)
 
 
 def test_max_concurrency_caps_requests_in_flight() -> None:
@@ -47,7 +48,8 @@ def test_max_concurrency_caps_requests_in_flight() -> None:
 def test_idle_engine_waits_for_the_next_arrival_and_steps_are_sampled() -> None:
     transport = InProcessTransport(SlowEngine(step_s=0.01))
     records = transport.run([RequestSpec("a", 0.0, [1], 2), RequestSpec("b", 0.3, [1], 2)], None)
-    assert records[1].send_s == pytest.approx(0.3, abs=0.03)
+    assert records[1].send_s == pytest.approx(0.3, abs=0.1)
+    assert records[1].send_s >= 0.3
     steps = transport.engine_steps()
     assert len(steps) == 4  # two steps per request, none while idle
     assert [s["step"] for s in steps] == [0, 1, 2, 3]

@@ -58,7 +58,7 @@ class ServingKind(TrialKind):
         "serving_summary": [
             "completed", "failed", "request_throughput", "output_throughput",
             "ttft_ms_mean", "ttft_ms_p99", "tpot_ms_mean", "itl_ms_p99", "e2el_ms_mean",
-            "peak_kv_bytes", "peak_kv_bytes_host", "h2d_bytes", "preemptions",
+            "peak_kv_bytes", "peak_kv_bytes_steps", "peak_kv_bytes_host", "h2d_bytes", "preemptions",
             "ppl_ratio", "token_agreement",
         ]
     }
