@@ -107,9 +107,14 @@ class HookApplier(_SyncApplier):
 
     def __init__(self, compressor: Compressor, communicator: Communicator, model: DistributedDataParallel):
         super().__init__(compressor, communicator)
+        # Error feedback is keyed by the bucket's parameters (by position in the model), not by
+        # bucket index: DDP rebuilds its buckets after the first iteration, and the keys must
+        # also survive a restart.
+        position = {p: i for i, p in enumerate(model.module.parameters())}
 
         def hook(_state: Any, bucket) -> torch.futures.Future[torch.Tensor]:
-            result = self.sync.sync(f"bucket{bucket.index()}", bucket.buffer())
+            name = "params:" + ",".join(str(position[p]) for p in bucket.parameters())
+            result = self.sync.sync(name, bucket.buffer())
             fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
             fut.set_result(result)
             return fut
