@@ -18,6 +18,14 @@ class TrainingKind(TrialKind):
     name: ClassVar[str] = "training"
     params_model: ClassVar[type[KindParams]] = TrainingParams
     tables: ClassVar[dict[str, pa.Schema]] = TABLES
+    # `orch report`: compressors side by side on bytes, time and quality.
+    report_columns: ClassVar[dict[str, list[str]]] = {
+        "train_summary": [
+            "bytes_per_worker_step", "step_time_s", "final_ppl", "final_ppl_average", "final_accuracy",
+            "final_divergence", "unigram_ppl", "time_to_target_s", "train_s",
+            "comm_model_s_1gbit", "comm_model_s_10gbit", "comm_model_s_25gbit",
+        ]
+    }
 
     def actor_resources(self, params: KindParams, resources: dict[str, float]) -> dict[str, float]:
         """The trial actor only drives the trainer; the Train workers hold the resources."""
