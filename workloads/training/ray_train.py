@@ -66,7 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pid_dir = Path(config["workdir"]) / "pids"
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank{env.rank}.pid").write_text(str(os.getpid()))
-    if not env.device.type == "cuda":
+    if env.device.type != "cuda":
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
     run_worker(TrainingParams.model_validate(config["params"]), env)
 
