@@ -16,3 +16,4 @@ TINY_SHAPE = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+

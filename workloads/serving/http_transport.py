@@ -3,9 +3,10 @@
 Timing follows vLLM's own benchmark client (``vllm bench serve``) so the numbers compare: the
 clock for a request starts when its POST is sent; every streamed chunk that carries a choice is a
 token arrival (the first one is the first token, even with empty text); the request ends at its
-last such chunk; the token count comes from the final ``usage`` chunk. When the server returns
-``token_ids`` per chunk (vLLM's ``return_token_ids`` extension, our Serve app), each id gets the
-chunk's timestamp, so a chunk carrying several tokens is counted as such.
+last such chunk; the token count comes from the final ``usage`` chunk. ``token_times_s`` holds
+one time per chunk (a chunk may carry several tokens: one ITL per chunk, as vLLM's client), and
+the generated ids are kept when the server returns ``token_ids`` (vLLM's ``return_token_ids``
+extension, our Serve app).
 """
 
 from __future__ import annotations
@@ -122,12 +123,8 @@ async def _stream_into(
                 if record.first_token_s is None:
                     record.first_token_s = now
                 record.finish_s = now
-                ids = choice.get("token_ids")
-                if ids:
-                    record.output_token_ids.extend(int(t) for t in ids)
-                    record.token_times_s.extend([now] * len(ids))
-                else:
-                    record.token_times_s.append(now)
+                record.token_times_s.append(now)
+                record.output_token_ids.extend(int(t) for t in choice.get("token_ids") or ())
             usage = data.get("usage")
             if usage:
                 usage_tokens = usage.get("completion_tokens")

@@ -56,7 +56,8 @@ def complete_hf_config(hf_config: dict[str, Any], dtype: str) -> dict[str, Any]:
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type {model_type!r} not supported for vLLM; allowed: {sorted(ARCHITECTURES)}")
     config = {"model_type": model_type, **hf_config}
-    config.setdefault("architectures", [ARCHITECTURES[model_type]])
+    if not config.get("architectures"):  # absent, or None in a GGUF conversion
+        config["architectures"] = [ARCHITECTURES[model_type]]
     config["torch_dtype"] = dtype
     config.setdefault("bos_token_id", 1)
     config.setdefault("eos_token_id", 2)
@@ -122,11 +123,33 @@ def has_tokenizer(folder: Path) -> bool:
 
 
 def real_folder(folder: Path, dtype: str) -> ModelFolder:
-    """A HF folder with weights and tokenizer, used as it is."""
+    """A HF folder with weights and tokenizer; when its config lacks what vLLM needs (a GGUF
+    conversion has no ``architectures``), an overlay folder with a completed config.json and
+    links to the original files."""
     config = json.loads((folder / "config.json").read_text())
     if not has_tokenizer(folder):
         raise ValueError(f"{folder} has weights but no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    return ModelFolder(path=folder, load_format="auto", hf_config={**config, "torch_dtype": dtype})
+    if config.get("architectures"):
+        return ModelFolder(path=folder, load_format="auto", hf_config={**config, "torch_dtype": dtype})
+    from backends.kvcache.loader import cache_root
+
+    completed = complete_hf_config(config, dtype)
+    key = hashlib.sha256(json.dumps([str(folder.resolve()), completed], sort_keys=True).encode()).hexdigest()[:16]
+    dest = cache_root() / "vllm-models" / f"real-{key}"
+    if not (dest / "config.json").exists():
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for item in folder.iterdir():
+            if item.name != "config.json":
+                (tmp / item.name).symlink_to(item.resolve())
+        (tmp / "config.json").write_text(json.dumps(completed, indent=2, sort_keys=True))
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process won the race; theirs is identical
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ModelFolder(path=dest, load_format="auto", hf_config=completed)
 
 
 def prepare_model_folder(model: str, weights: str, dtype: str) -> ModelFolder:
