@@ -69,7 +69,9 @@ class LLMEngine:
             self.policy.store_device(),
             self.config.torch_dtype,
             pin_memory=self.policy.kv_on_host and self.device.type == "cuda",
-            preallocate=self.device.type == "cuda" and not self.policy.kv_on_host,
+            # an explicit budget on a GPU is reserved up front (as vLLM does); otherwise grow lazily
+            preallocate=self.device.type == "cuda" and not self.policy.kv_on_host
+            and (self.config.kv_cache_bytes is not None or self.config.kv_cache_blocks is not None),
         )
 
     def _num_blocks(self) -> int:

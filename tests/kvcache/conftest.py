@@ -46,11 +46,19 @@ def smol_prompts(smol_dir):
 
 
 @pytest.fixture(scope="session")
-def hf_greedy(smol_dir, smol_prompts):
-    """transformers' own greedy generate(), one prompt at a time (no padding effects)."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+def hf_smol(smol_dir):
+    """SmolLM2-135M in transformers (the reference implementation)."""
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_smol, smol_prompts):
+    """transformers' own greedy generate(), one prompt at a time (no padding effects)."""
+    from transformers import GenerationConfig
+
+    model = hf_smol
     gen = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
     outs = []
     with torch.inference_mode():

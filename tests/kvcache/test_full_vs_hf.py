@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from tests.kvcache.conftest import NEW_TOKENS
 
 
@@ -33,3 +35,14 @@ def test_continuous_batching_with_preemption_matches(smol_engine_factory, smol_p
     assert engine.stats().preemptions > 0
     assert tokens == hf_greedy
     assert engine.block_manager.num_used == 0  # everything returned
+
+
+def test_score_equals_transformers_log_probs(smol_engine_factory, smol_prompts, hf_smol):
+    ids = smol_prompts[1]
+    prompt_len = 6
+    got = smol_engine_factory("full").score(ids, prompt_len)
+    with torch.inference_mode():
+        logp = hf_smol(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    want = [float(logp[i - 1, ids[i]]) for i in range(prompt_len, len(ids))]
+    assert len(got) == len(ids) - prompt_len
+    assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-3)
