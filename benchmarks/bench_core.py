@@ -105,7 +105,7 @@ def main() -> None:
         print(f"mlflow: {args.metrics} step metrics in {mlflow['wall_s']:.2f} s "
               f"(goal <= 2 s: {'met' if mlflow['wall_s'] <= 2 else 'MISSED'})")
         os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
             bench_scheduling(4, root / "warm", with_mlflow=False)  # worker start-up outside the measurement
             bare = bench_scheduling(args.trials, root, with_mlflow=False)

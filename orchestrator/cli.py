@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from orchestrator.cluster import ClusterOptions, set_ray_env
+from orchestrator.jobs import JobsError
 from orchestrator.spec import GridSpec, SpecError, load_spec
 from orchestrator.store import STATES, ExperimentStore, list_experiments
 
@@ -47,6 +48,8 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except (SpecError, UnknownKindError) as exc:
+            _fail(str(exc))
+        except JobsError as exc:
             _fail(str(exc))
 
     return wrapper
@@ -107,6 +110,9 @@ def validate(grid: Path) -> None:
 @click.option("--no-dashboard", is_flag=True, help="Embedded Ray without its dashboard (faster start).")
 @click.option("--num-cpus", type=float, default=None, help="CPUs the embedded Ray offers (default: all).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
+@click.option("--remote-results", default="~/orch-results", show_default=True,
+              help="With an http:// address: results folder on the head node.")
+@click.option("--no-follow", is_flag=True, help="With an http:// address: return once the job is submitted.")
 @_user_errors
 def submit(
     grid: Path,
@@ -116,12 +122,32 @@ def submit(
     no_dashboard: bool,
     num_cpus: float | None,
     tracking_uri: str | None,
+    remote_results: str,
+    no_follow: bool,
 ) -> None:
-    """Run every trial of GRID that is not done yet."""
+    """Run every trial of GRID that is not done yet.
+
+    With --address http://HEAD:8265 the driver runs on the cluster as a Ray Job; otherwise here,
+    against the cluster at --address / $RAY_ADDRESS or an embedded local Ray.
+    """
     spec, kind, trials = _load(grid)
     if dry_run:
         _print_trials(spec, trials)
         return
+    from orchestrator import jobs
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if jobs.is_job_address(address):
+        extra = ["--tracking-uri", tracking_uri] if tracking_uri else []
+        job_id, new = jobs.submit_job(address, grid, spec.experiment, remote_results, extra)
+        click.echo(f"{'submitted' if new else 'attached to running'} job {job_id} on {address}")
+        if no_follow:
+            return
+        final = jobs.follow_logs(address, job_id)
+        click.echo(f"job {job_id}: {final}")
+        sys.exit(0 if final == "SUCCEEDED" else 1)
+    # `kill` and Ray's job stop send SIGTERM: stop as cleanly as on Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from orchestrator import cluster
     from orchestrator.progress import TerminalProgress
     from orchestrator.scheduler import Submission
@@ -183,14 +209,22 @@ def list_command(results: Path) -> None:
 @main.command()
 @click.argument("experiment", required=False)
 @_results_option
-def status(experiment: str | None, results: Path) -> None:
+@click.option("--address", default=None, help="A cluster's dashboard (http://HEAD:8265): show its orch jobs.")
+@_user_errors
+def status(experiment: str | None, results: Path, address: str | None) -> None:
     """Trial states of EXPERIMENT (or of every experiment)."""
     from rich.console import Console
     from rich.table import Table
 
+    from orchestrator import jobs
     from orchestrator.progress import status_line
     from orchestrator.report import state_counts
 
+    if jobs.is_job_address(address):
+        for job in jobs.list_jobs(address):
+            if experiment in (None, job["experiment"]):
+                click.echo(f"{job['id']}  {job['experiment']}  {job['status']}")
+        return
     names = [experiment] if experiment else list_experiments(results)
     console = Console(width=200)
     for name in names:
@@ -293,8 +327,20 @@ def ui(results: Path, port: int, tracking_uri: str | None) -> None:
 @main.command()
 @click.argument("experiment")
 @_results_option
-def cancel(experiment: str, results: Path) -> None:
+@click.option("--address", default=None, help="A cluster's dashboard (http://HEAD:8265): stop the experiment's job there.")
+@_user_errors
+def cancel(experiment: str, results: Path, address: str | None) -> None:
     """Stop EXPERIMENT's running submission cleanly (running trials are recorded cancelled)."""
+    from orchestrator import jobs
+
+    if jobs.is_job_address(address):
+        running = [j for j in jobs.list_jobs(address) if j["experiment"] == experiment and j["status"] not in jobs.TERMINAL]
+        if not running:
+            _fail(f"no running orch job for {experiment} on {address}")
+        for job in running:
+            jobs.stop_job(address, job["id"])
+            click.echo(f"stopping job {job['id']}")
+        return
     _store, manifest = _store_or_fail(results, experiment)
     running = [s for s in manifest.get("submissions", []) if s.get("status") == "running" and s.get("pid")]
     if not running:

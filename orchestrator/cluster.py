@@ -35,10 +35,13 @@ def connect(options: ClusterOptions) -> bool:
     if ray.is_initialized():
         return False
     address = options.address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if address and address != "local":
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         return False
     ray.init(
+        # "local" always starts a new cluster; a bare init() would join whatever cluster
+        # another process on this machine last started.
+        address="local",
         include_dashboard=options.dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=options.dashboard_port,

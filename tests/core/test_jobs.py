@@ -1,0 +1,82 @@
+"""`orch submit --address http://HEAD:8265`: the driver runs on a real Ray cluster as a Ray Job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.jobs import submission_id
+from orchestrator.store import ExperimentStore
+from tests.conftest import REPO
+from tests.core.helpers import orch, write_grid
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head node started with `ray start --block` in its own session (stopped by PID group)."""
+    gcs, dashboard = _free_port(), _free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--temp-dir={temp}", "--include-dashboard=true"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        # job drivers run `orch` from the PATH the head was started with
+        env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"),
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    token = (Path.home() / ".ray" / "auth_token")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            headers = {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
+            if httpx.get(f"{address}/api/version", timeout=2, headers=headers).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("ray head did not start")
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_submit_to_a_cluster_runs_the_driver_as_a_ray_job(head: str, tmp_path: Path) -> None:
+    grid = write_grid(tmp_path, experiment="remote", grid={"x": [1, 2, 3]})
+    results = tmp_path / "remote-results"
+    first = orch("submit", str(grid), "--address", head, "--remote-results", str(results))
+    assert first.returncode == 0, first.stdout + first.stderr
+    job_id = submission_id("remote", grid.read_text())
+    assert f"submitted job {job_id}" in first.stdout
+    assert "done 3 | running 0 | failed 0 | queued 0" in first.stdout  # the driver's log, followed
+    manifest = ExperimentStore(results, "remote").load_manifest()
+    assert sorted(e["state"] for e in manifest["trials"].values()) == ["done"] * 3
+    status = orch("status", "remote", "--address", head)
+    assert f"{job_id}  remote  SUCCEEDED" in status.stdout
+    # the same grid again: same job id, resubmitted after the finished one, and nothing reruns
+    again = orch("submit", str(grid), "--address", head, "--remote-results", str(results))
+    assert again.returncode == 0 and f"submitted job {job_id}" in again.stdout
+    assert "done 3 | running 0" in again.stdout
+    assert len(ExperimentStore(results, "remote").load_manifest()["submissions"]) == 2
