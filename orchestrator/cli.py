@@ -19,6 +19,7 @@ from orchestrator.spec import GridSpec, SpecError, load_spec
 from orchestrator.store import STATES, ExperimentStore, list_experiments
 
 USAGE_ERROR = 2
+REPORT_METRICS_PER_TABLE = 7
 RESULTS_ENV = "ORCH_RESULTS"
 
 
@@ -268,12 +269,16 @@ def report(experiment: str, results: Path) -> None:
     if not reports:
         console.print("no finished trials with summaries yet")
     for rep in reports:
-        table = Table(title=rep.table)
-        for column in rep.frame.columns:
-            table.add_column(str(column), justify="left" if column in rep.axes else "right")
-        for row in rep.frame.itertuples(index=False):
-            table.add_row(*(format_value(v) for v in row))
-        console.print(table)
+        metrics = [c for c in rep.frame.columns if c not in rep.axes]
+        # Several narrow tables (the axes repeated) instead of one with truncated headers.
+        for start in range(0, len(metrics), REPORT_METRICS_PER_TABLE):
+            chunk = metrics[start : start + REPORT_METRICS_PER_TABLE]
+            table = Table(title=rep.table if start == 0 else None)
+            for column in [*rep.axes, *chunk]:
+                table.add_column(str(column), justify="left" if column in rep.axes else "right", min_width=len(str(column)))
+            for row in rep.frame[[*rep.axes, *chunk]].itertuples(index=False):
+                table.add_row(*(format_value(v) for v in row))
+            console.print(table)
 
 
 @main.command()
