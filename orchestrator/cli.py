@@ -330,6 +330,45 @@ def ui(results: Path, port: int, tracking_uri: str | None) -> None:
 
 
 @main.command()
+@click.argument("source")
+@click.argument("trial_id")
+@_results_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@_user_errors
+def serve(source: str, trial_id: str, results: Path, host: str, port: int) -> None:
+    """Serve the configuration of TRIAL_ID (from experiment or grid file SOURCE) until Ctrl-C.
+
+    For serving trials: our engine with the trial's model and cache policy behind Ray Serve,
+    with an OpenAI-compatible streaming /v1/completions on http://HOST:PORT.
+    """
+    from workloads.registry import resolve_kind
+
+    if Path(source).is_file():
+        _spec, kind, trials = _load(Path(source))
+        found = {t.trial_id: t.params for t in trials}
+    else:
+        _store, manifest = _store_or_fail(results, source)
+        kind = resolve_kind(manifest.get("kind", ""))
+        found = {tid: e["params"] for tid, e in manifest["trials"].items()}
+    if trial_id not in found:
+        _fail(f"no trial {trial_id!r} in {source} (trials: {', '.join(sorted(found)[:10])}{' ...' if len(found) > 10 else ''})")
+    params = kind.params_model.model_validate(found[trial_id])
+    try:
+        url = kind.serve(params, host, port)
+    except NotImplementedError as exc:
+        _fail(str(exc))
+    click.echo(f"serving {trial_id} at {url}/v1/completions (Ctrl-C stops)", )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from orchestrator import cluster
+
+        cluster.disconnect()
+
+
+@main.command()
 @click.argument("experiment")
 @_results_option
 @click.option("--address", default=None, help="A cluster's dashboard (http://HEAD:8265): stop the experiment's job there.")

@@ -79,3 +79,7 @@ class TrialKind(ABC):
 
     def close(self, session: Any) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release what ``open`` built."""
+
+    def serve(self, params: KindParams, host: str, port: int) -> str:
+        """Put this configuration into service (``orch serve``); returns its base URL."""
+        raise NotImplementedError(f"kind {self.name!r} has nothing to serve")

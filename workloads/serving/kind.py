@@ -72,6 +72,15 @@ class ServingKind(TrialKind):
         if session is not None:
             session.system.close()
 
+    def serve(self, params: ServingParams, host: str, port: int) -> str:
+        """Deploy our engine with this trial's model and cache policy behind Ray Serve."""
+        from backends.kvcache.serve import deploy
+        from workloads.serving.engine_system import engine_config
+
+        if params.backend.name == "vllm":
+            raise NotImplementedError("orch serve deploys our engine's policies; serve vLLM with `vllm serve`")
+        return deploy(engine_config(params), host=host, port=port, name="orch")
+
     def run(self, session: ServingSession, params: ServingParams, ctx: TrialContext) -> TrialOutput:
         """Send the trial's load, measure, and return the serving tables."""
         system = session.system
