@@ -6,10 +6,20 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from backends.kvcache import EngineConfig, LLMEngine
 
 MAX_MODEL_LEN = 96
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A 2-layer, 64-wide model is all Python overhead: extra threads only add contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("policy", ["full", "h2o", "offload"])
