@@ -18,7 +18,7 @@ from tests.vllm.shapes import TINY_SHAPE
 pytestmark = pytest.mark.slow
 
 APP = "orch-test"
-LOAD = BenchLoad(num_prompts=60, input_len=64, output_len=16, request_rate=5.0, seed=0)
+LOAD = BenchLoad(num_prompts=40, input_len=64, output_len=16, request_rate=5.0, seed=0)
 
 
 @pytest.fixture(scope="module")

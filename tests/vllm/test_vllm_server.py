@@ -19,7 +19,7 @@ from workloads.serving.vllm_system import SERVED_NAME, VLLMSystem, open_vllm_sys
 
 pytestmark = pytest.mark.slow
 
-LOAD = BenchLoad(num_prompts=60, input_len=64, output_len=16, request_rate=5.0, seed=0)
+LOAD = BenchLoad(num_prompts=40, input_len=64, output_len=16, request_rate=5.0, seed=0)
 
 
 def _params(model_dir: Path, **load) -> ServingParams:
@@ -55,7 +55,8 @@ def test_a_serving_trial_runs_against_vllm(vllm_system: VLLMSystem, model_dir: P
     assert summary["backend"] == "vllm" and summary["completed"] == 12 and summary["failed"] == 0
     assert summary["total_output_tokens"] == 12 * 12 and summary["total_input_tokens"] == 12 * 48
     requests = out.tables["requests"].to_pylist()
-    assert all(r["output_tokens"] == 12 and len(r["itl_s"]) == 11 for r in requests)
+    # One ITL per streamed chunk; vLLM may put several tokens in one chunk when its API server lags.
+    assert all(r["output_tokens"] == 12 and 1 <= len(r["itl_s"]) <= 11 for r in requests)
     steps = out.tables["engine_steps"].to_pylist()
     assert len(steps) >= 3
     assert max(s["running"] for s in steps) >= 1
