@@ -78,6 +78,10 @@ def test_ctrl_c_cancels_running_trials_and_records_them(tmp_path: Path) -> None:
     assert manifest["submissions"][-1]["status"] == "interrupted"
     cancelled = [tid for tid, e in manifest["trials"].items() if e["state"] == "cancelled"]
     assert parquet_trial_ids(results, "interrupt", "trials") == sorted(cancelled)
+    status = orch("status", "interrupt", "--results", str(results))
+    assert status.returncode == 0 and "interrupted" in status.stdout
+    rows = [line for line in status.stdout.splitlines() if re.search(r"[0-9a-f]{10}-0", line)]
+    assert sorted(re.search(r"(cancelled|queued)", row).group(1) for row in rows) == states
     _wait_for(lambda: not Path(f"/proc/{worker_pid}").exists(), 30, "the cancelled worker to exit")
 
 
@@ -111,3 +115,25 @@ def test_killed_driver_then_resubmit_completes_and_all_records_agree(tmp_path: P
     assert report.returncode == 0 and "toy_summary" in report.stdout
     for x in range(1, 7):
         assert f"│ {x} " in report.stdout and f" {x * 10} " in report.stdout
+
+
+def test_orch_ui_serves_the_mlflow_ui_on_loopback(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([*ORCH, "ui", "--results", str(tmp_path / "r"), "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def answers() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(answers, 120, "the MLflow UI")
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert page.status_code == 200 and "mlflow" in page.text.lower()
+    finally:
+        _stop_group(proc)
