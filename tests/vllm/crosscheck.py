@@ -30,15 +30,15 @@ ATTEMPTS = 3
 
 
 def cross_check(base_url: str, model: str, tokenizer: str, load: BenchLoad, vocab_size: int,
-                workdir: Path) -> tuple[ServingMetrics, dict, dict]:
+                workdir: Path) -> tuple[list[tuple[ServingMetrics, dict]], dict]:
     """vLLM's client alone (to learn its schedule), then again alongside our replay of that schedule.
 
     Our copy of the schedule runs half a mean inter-arrival time behind vLLM's, so twin requests
     do not collide (the later twin of a collision would wait one engine step, a bias against
     whichever client is a few milliseconds late to start). On a busy host a joint run can still
     catch a burst of other work (TTFTs of a tiny model are tens of milliseconds), so it is
-    repeated, up to ``ATTEMPTS`` times, until the two clients agree. Returns (our metrics, vLLM's
-    results of the last joint run, vLLM's results of the solo run).
+    repeated, up to ``ATTEMPTS`` times, until the two clients agree. Returns the joint runs
+    [(our metrics, vLLM's results)] and vLLM's results of the solo run.
     """
     solo = run_vllm_bench(base_url, model, tokenizer, load)
     trace = workdir / "bench-schedule.jsonl"
@@ -47,14 +47,27 @@ def cross_check(base_url: str, model: str, tokenizer: str, load: BenchLoad, voca
     requests = [replace(r, arrival_s=r.arrival_s + shift)
                 for r in build_load(LoadParams(arrival="trace", trace=str(trace), seed=0), vocab_size)]
     transport = HttpTransport(HttpTarget(base_url, model))
+    attempts = []
     for _ in range(ATTEMPTS):
         joint, records = run_vllm_bench_alongside(
             base_url, model, tokenizer, load, lambda: transport.run(requests, None)
         )
-        ours = compute_metrics(records)
-        if not disagreements(ours, joint):
+        attempts.append((compute_metrics(records), joint))
+        if not disagreements(*attempts[-1]):
             break
-    return ours, joint, solo
+    return attempts, solo
+
+
+def verdict(attempts: list[tuple[ServingMetrics, dict]]) -> list[str]:
+    """Problems across the joint runs: any count mismatch in any run, and any compared metric
+    that was outside the tolerance in every run (one run within it is agreement)."""
+    per_run = [disagreements(ours, theirs) for ours, theirs in attempts]
+    counts = [p for problems in per_run for p in problems if not p.split(":")[0].endswith(("_ms_median", "throughput"))]
+    metrics = {p.split(":")[0] for p in per_run[0] if p.split(":")[0].endswith(("_ms_median", "throughput"))}
+    always = {m for m in metrics if all(any(p.startswith(m + ":") for p in problems) for problems in per_run)}
+    tables = "\n".join(comparison_table(ours, theirs) for ours, theirs in attempts)
+    failures = counts + [p for p in per_run[-1] if p.split(":")[0] in always]
+    return failures + [tables] if failures else []
 
 
 def disagreements(ours: ServingMetrics, theirs: dict, tolerance: float = TOLERANCE) -> list[str]:
