@@ -30,7 +30,7 @@ def _params(model_dir: Path, **load) -> ServingParams:
         "transport": "http",
         "engine": {"block_size": 32, "max_num_seqs": 16, "max_model_len": 512, "kv_cache_bytes": 16 << 20},
         # All at once, long enough that the 0.2 s /metrics samples see requests running.
-        "load": {"num_requests": 16, "request_rate": float("inf"), "input_len": 48, "output_len": 64, **load},
+        "load": {"num_requests": 16, "request_rate": float("inf"), "input_len": 48, "output_len": 256, **load},
     })
 
 
@@ -54,10 +54,10 @@ def test_a_serving_trial_runs_against_vllm(vllm_system: VLLMSystem, model_dir: P
     out = ServingKind().run(ServingSession(system=vllm_system, params=params), params, ctx)
     summary = out.tables["serving_summary"].to_pylist()[0]
     assert summary["backend"] == "vllm" and summary["completed"] == 16 and summary["failed"] == 0
-    assert summary["total_output_tokens"] == 16 * 64 and summary["total_input_tokens"] == 16 * 48
+    assert summary["total_output_tokens"] == 16 * 256 and summary["total_input_tokens"] == 16 * 48
     requests = out.tables["requests"].to_pylist()
     # One ITL per streamed chunk; vLLM may put several tokens in one chunk when its API server lags.
-    assert all(r["output_tokens"] == 64 and 1 <= len(r["itl_s"]) <= 63 for r in requests)
+    assert all(r["output_tokens"] == 256 and 1 <= len(r["itl_s"]) <= 255 for r in requests)
     steps = out.tables["engine_steps"].to_pylist()
     assert len(steps) >= 3
     assert max(s["running"] for s in steps) >= 1
