@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,7 +30,6 @@ class Trial:
     axes: dict[str, Any]  # the varied dotted keys and this trial's values
     resources: dict[str, float]
     group_key: str  # trials with equal keys can share one engine session
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def canonical_json(value: Any) -> str:
@@ -79,6 +79,19 @@ def set_dotted(target: dict[str, Any], dotted: str, value: Any, source: str) -> 
             set_dotted(node[leaf], key, item, f"{source}.{dotted}")
     else:
         node[leaf] = value
+
+
+def resolve_paths(params: dict[str, Any], path_keys: frozenset[str], base_dir: Path) -> dict[str, Any]:
+    """A copy of ``params`` with the relative paths at ``path_keys`` made absolute against ``base_dir``."""
+    out = _copy(params)
+    for dotted in path_keys:
+        node: Any = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and not Path(node[leaf]).expanduser().is_absolute():
+            node[leaf] = str((base_dir / node[leaf]).resolve())
+    return out
 
 
 def _base_params(base: dict[str, Any]) -> dict[str, Any]:

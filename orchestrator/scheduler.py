@@ -13,13 +13,14 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from orchestrator import provenance
-from orchestrator.expand import Trial, flatten
+from orchestrator.expand import Trial, flatten, resolve_paths
 from orchestrator.runner import TrialJob, TrialResult, TrialRunner
 from orchestrator.spec import GridSpec
 from orchestrator.store import TERMINAL_STATES, ExperimentStore, ParamColumns, atomic_write_bytes
@@ -131,6 +132,7 @@ class Submission:
         self._capacity_cache: dict[str, float] = {}
         self._capacity_at = 0.0
         self._manifest_saved_at = 0.0
+        self._cwd = Path.cwd()
         self._manifest_dirty = False
         self._start = time.time()
         self._runner_cls = ray.remote(TrialRunner)
@@ -297,7 +299,7 @@ class Submission:
             trial_id=trial.trial_id,
             repeat=trial.repeat,
             attempt=self.attempts[trial.trial_id],
-            params=trial.params,
+            params=resolve_paths(trial.params, self.kind.path_keys, self._cwd),
             resources=trial.resources,
             group_key=trial.group_key,
             workdir=str(self.store.workdir(trial.trial_id).resolve()),

@@ -58,6 +58,9 @@ class TrialKind(ABC):
     # Parameters that do not change the loaded engine/model: trials that differ only in
     # these share one ``open`` session (engine groups).
     load_keys: ClassVar[frozenset[str]] = frozenset()
+    # Dotted parameters holding file paths: relative ones are resolved against the directory
+    # `orch submit` ran in, since trial actors run in other directories (or on other nodes).
+    path_keys: ClassVar[frozenset[str]] = frozenset()
     # Columns `orch report` shows per summary table (table -> columns); empty = all numeric columns.
     report_columns: ClassVar[dict[str, list[str]]] = {}
 

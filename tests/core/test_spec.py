@@ -183,3 +183,13 @@ def test_fuzzed_text_never_escapes_as_other_exceptions(tmp_path: Path, text: str
         load_spec(path)
     except SpecError as exc:
         assert "\n" not in str(exc)
+
+
+def test_relative_path_parameters_resolve_against_the_submit_directory(tmp_path: Path) -> None:
+    from orchestrator.expand import resolve_paths
+
+    params = {"load": {"trace": "traces/a.jsonl", "rate": 2}, "backend": {"python": "/abs/python"}, "other": "x.txt"}
+    out = resolve_paths(params, frozenset({"load.trace", "backend.python", "missing.key"}), tmp_path)
+    assert out["load"]["trace"] == str(tmp_path / "traces" / "a.jsonl")
+    assert out["backend"]["python"] == "/abs/python" and out["other"] == "x.txt" and out["load"]["rate"] == 2
+    assert params["load"]["trace"] == "traces/a.jsonl"  # the trial's own params (and id) are untouched

@@ -53,6 +53,7 @@ class ServingKind(TrialKind):
         | _section_keys("quality", QualityParams)
         | {"load", "slo", "quality", "percentiles"}
     )
+    path_keys: ClassVar[frozenset[str]] = frozenset({"load.trace", "backend.python"})
     # What `orch report` shows side by side (all columns stay in the Parquet dataset).
     report_columns: ClassVar[dict[str, list[str]]] = {
         "serving_summary": [
