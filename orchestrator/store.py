@@ -97,7 +97,8 @@ class ParamColumns:
         keys: list[str] = []
         for flat in flat_params:
             keys.extend(k for k in flat if k not in keys)
-        leaves = [k.rsplit(".", 1)[-1] for k in keys]
+        # `backend.name` reads better as `backend`: a trailing `name` takes its parent's name.
+        leaves = [k.rsplit(".", 2)[-2] if k.endswith(".name") else k.rsplit(".", 1)[-1] for k in keys]
         names = {k: (leaf if leaves.count(leaf) == 1 else k.replace(".", "_")) for k, leaf in zip(keys, leaves, strict=True)}
         types = {k: _arrow_type(flat.get(k) for flat in flat_params) for k in keys}
         return cls(names=names, types=types)

@@ -65,8 +65,9 @@ def test_full_schema_with_version_and_typed_param_columns(tmp_path: Path) -> Non
 
 
 def test_param_columns_disambiguate_leaf_collisions() -> None:
-    columns = ParamColumns.from_params([{"policy.kv_budget": 0.2, "engine.kv_budget": 1, "model": "m"}])
-    assert columns.names == {"policy.kv_budget": "policy_kv_budget", "engine.kv_budget": "engine_kv_budget", "model": "model"}
+    columns = ParamColumns.from_params([{"policy.kv_budget": 0.2, "engine.kv_budget": 1, "model": "m", "backend.name": "h2o"}])
+    assert columns.names == {"policy.kv_budget": "policy_kv_budget", "engine.kv_budget": "engine_kv_budget", "model": "model",
+                             "backend.name": "backend"}
 
 
 def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
