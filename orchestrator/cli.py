@@ -16,7 +16,7 @@ import click
 from orchestrator.cluster import ClusterOptions, set_ray_env
 from orchestrator.jobs import JobsError
 from orchestrator.spec import GridSpec, SpecError, load_spec
-from orchestrator.store import STATES, ExperimentStore, list_experiments
+from orchestrator.store import STATES, TERMINAL_STATES, ExperimentStore, list_experiments
 
 USAGE_ERROR = 2
 REPORT_METRICS_PER_TABLE = 7
@@ -156,9 +156,9 @@ def submit(
 
     store = ExperimentStore(results, spec.experiment)
     progress = TerminalProgress()
-    started = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
-    if started and not no_dashboard:
-        progress.event(f"embedded Ray; dashboard at http://127.0.0.1:{cluster.DASHBOARD_PORT} (token: ~/.ray/auth_token)")
+    dashboard = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
+    if dashboard:
+        progress.event(f"embedded Ray; dashboard at {dashboard} (token: ~/.ray/auth_token)")
     begin = time.time()
     try:
         tracker = Tracker(store, tracking_uri)
@@ -202,7 +202,7 @@ def list_command(results: Path) -> None:
     for name in list_experiments(results):
         manifest = ExperimentStore(results, name).load_manifest() or {}
         counts = state_counts(manifest)
-        unsynced = sum(1 for e in manifest.get("trials", {}).values() if e.get("state") != "queued" and not e.get("synced"))
+        unsynced = sum(1 for e in manifest.get("trials", {}).values() if e.get("state") in TERMINAL_STATES and not e.get("synced"))
         table.add_row(name, manifest.get("kind", "?"), *(str(counts.get(s, 0)) for s in STATES), str(unsynced))
     Console(width=200).print(table)
 

@@ -27,18 +27,18 @@ def set_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def connect(options: ClusterOptions) -> bool:
-    """Initialise Ray; True when this process started an embedded cluster."""
+def connect(options: ClusterOptions) -> str | None:
+    """Initialise Ray; for an embedded cluster with a dashboard, returns the dashboard's URL."""
     set_ray_env()
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-        return False
-    ray.init(
+        return None
+    context = ray.init(
         # "local" always starts a new cluster; a bare init() would join whatever cluster
         # another process on this machine last started.
         address="local",
@@ -50,7 +50,9 @@ def connect(options: ClusterOptions) -> bool:
         logging_level="WARNING",
         log_to_driver=False,
     )
-    return True
+    # Ray takes another port when DASHBOARD_PORT is busy: report the one it took.
+    url = getattr(context, "dashboard_url", None) if options.dashboard else None
+    return f"http://{url}" if url and not url.startswith("http") else url
 
 
 def disconnect() -> None:

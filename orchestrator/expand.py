@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,9 @@ def resolve_paths(params: dict[str, Any], path_keys: frozenset[str], base_dir: P
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(leaf), str) and not Path(node[leaf]).expanduser().is_absolute():
-            node[leaf] = str((base_dir / node[leaf]).resolve())
+            # abspath, not resolve(): a venv's bin/python is a symlink, and following it would
+            # start the base interpreter outside the venv.
+            node[leaf] = os.path.abspath(base_dir / node[leaf])
     return out
 
 

@@ -86,6 +86,7 @@ class Slot:
     # Resolves once the actor process is up; a trial's timeout counts from then, not from the
     # (possibly slow) start of a new worker process.
     ready_ref: Any = None
+    node: str | None = None  # Ray node id, known once the actor is up
 
 
 @dataclass
@@ -293,6 +294,7 @@ class Submission:
         entry["start_s"] = time.time()
         entry["end_s"] = None
         entry["error"] = None
+        entry["node"] = slot.node
         job = TrialJob(
             experiment=self.spec.experiment,
             kind=self.spec.kind,
@@ -386,12 +388,18 @@ class Submission:
         ready_set = set(ready)
         for slot in waiting:
             if slot.ready_ref in ready_set:
+                try:
+                    slot.node = ray.get(slot.ready_ref)["node"]
+                except RayError:  # died while starting: its run() result reports that
+                    slot.node = None
                 slot.ready_ref, slot.started = None, time.time()
+                if slot.trial is not None:
+                    self._entry(slot.trial.trial_id)["node"] = slot.node
+                    self._save()
 
     def _check_timeouts(self) -> None:
         if self.spec.timeout_s is None:
             return
-        self._mark_ready()
         now = time.time()
         for slot in self._running_slots():
             if slot.ready_ref is None and now - slot.started > self.spec.timeout_s:
@@ -476,6 +484,7 @@ class Submission:
                     ready_set = set(ready)
                     for slot in [s for s in running if s.ref in ready_set]:
                         self._handle_ready(slot)
+                    self._mark_ready()
                     self._check_timeouts()
                 if self.logger is not None:
                     self._collect_tracking(self.logger.drain())

@@ -193,3 +193,8 @@ def test_relative_path_parameters_resolve_against_the_submit_directory(tmp_path:
     assert out["load"]["trace"] == str(tmp_path / "traces" / "a.jsonl")
     assert out["backend"]["python"] == "/abs/python" and out["other"] == "x.txt" and out["load"]["rate"] == 2
     assert params["load"]["trace"] == "traces/a.jsonl"  # the trial's own params (and id) are untouched
+    # symlinks are kept: a venv's bin/python must not become the interpreter it links to
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").symlink_to("/usr/bin/env")
+    linked = resolve_paths({"backend": {"python": "venv/bin/python"}}, frozenset({"backend.python"}), tmp_path)
+    assert linked["backend"]["python"] == str(tmp_path / "venv" / "bin" / "python")
