@@ -59,7 +59,9 @@ def test_a_serving_trial_runs_against_vllm(vllm_system: VLLMSystem, model_dir: P
     # One ITL per streamed chunk; vLLM may put several tokens in one chunk when its API server lags.
     assert all(r["output_tokens"] == 256 and 1 <= len(r["itl_s"]) <= 255 for r in requests)
     steps = out.tables["engine_steps"].to_pylist()
-    assert len(steps) >= 3
+    # A baseline sample plus at least one taken while the load ran (a scrape can take ~1 s on a
+    # busy 2-core host, so the number of samples of a short run varies).
+    assert len(steps) >= 2
     assert max(s["running"] for s in steps) >= 1
     # KV bytes come from vLLM's own block usage: whole blocks of 32 tokens x 1 KiB per token
     # (2 x 2 layers x 2 KV heads x 32 x 4 bytes).
