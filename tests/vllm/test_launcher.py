@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from backends.kvcache.vllm.model_folder import complete_hf_config, dummy_folder, kv_bytes_per_token
+from backends.kvcache.vllm.procs import group_pids, read_stat
 from backends.kvcache.vllm.server import (
     SUPERVISOR,
     VLLMServer,
     VLLMServerConfig,
     VLLMStartupError,
-    group_pids,
     serve_command,
 )
 from tests.vllm.shapes import TINY_SHAPE
@@ -35,11 +35,8 @@ def _gone(pids: list[int], within_s: float) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+    stat = read_stat(pid)
+    return stat is not None and stat.alive
 
 
 def test_command_carries_the_engine_settings() -> None:

@@ -16,24 +16,18 @@ import subprocess
 import sys
 import time
 
+if __package__:  # imported as backends.kvcache.vllm.supervise
+    from backends.kvcache.vllm.procs import group_pids
+else:  # run as a script by the vLLM environment's Python, which may not have orch: the sibling file
+    from procs import group_pids
+
 POLL_S = 0.5
 GRACE_S = 10.0
 
 
 def _group_members() -> list[int]:
-    """Pids in this process group other than this process (read from /proc)."""
-    group, me, members = os.getpgrp(), os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
-            members.append(int(entry))
-    return members
+    """Pids in this process group other than this process."""
+    return group_pids(os.getpgrp(), exclude=os.getpid())
 
 
 def _end_group(child: subprocess.Popen) -> None:
