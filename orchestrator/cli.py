@@ -147,8 +147,6 @@ def submit(
         final = jobs.follow_logs(address, job_id)
         click.echo(f"job {job_id}: {final}")
         sys.exit(0 if final == "SUCCEEDED" else 1)
-    # `kill` and Ray's job stop send SIGTERM: stop as cleanly as on Ctrl-C.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from orchestrator import cluster
     from orchestrator.progress import TerminalProgress
     from orchestrator.scheduler import Submission
@@ -157,6 +155,9 @@ def submit(
     store = ExperimentStore(results, spec.experiment)
     progress = TerminalProgress()
     dashboard = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
+    # `kill` and Ray's job stop send SIGTERM: stop as cleanly as on Ctrl-C. Set after connecting,
+    # because ray.init installs a SIGTERM handler of its own that ends the process at once.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if dashboard:
         progress.event(f"embedded Ray; dashboard at {dashboard} (token: ~/.ray/auth_token)")
     begin = time.time()

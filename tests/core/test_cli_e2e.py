@@ -53,7 +53,8 @@ def _states(results: Path, experiment: str) -> dict[str, int]:
     return counts
 
 
-def test_ctrl_c_cancels_running_trials_and_records_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_cancels_running_trials_and_records_them(tmp_path: Path, sig: int) -> None:
     pids = tmp_path / "pids"
     grid = write_grid(tmp_path, experiment="interrupt", grid={"x": [1, 2, 3, 4]},
                       base={"sleep_s": 120.0, "pid_file": str(pids / "worker")})
@@ -67,7 +68,7 @@ def test_ctrl_c_cancels_running_trials_and_records_them(tmp_path: Path) -> None:
         assert version.status_code == 200 and "ray_version" in version.json()
         _wait_for(lambda: (pids / "worker").exists(), what="a worker pid")
         worker_pid = int((pids / "worker").read_text().split()[0])
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode == 130, output
     finally:
