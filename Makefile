@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 
 vllm-env: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: scripts/make_vllm_env.sh
+$(VLLM_VENV)/.installed: scripts/make_vllm_env.sh pyproject.toml
 	bash scripts/make_vllm_env.sh $(PY) $(VLLM_VENV)
 
 demo: setup

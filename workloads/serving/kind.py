@@ -86,7 +86,8 @@ class ServingKind(TrialKind):
         """Send the trial's load, measure, and return the serving tables."""
         system = session.system
         requests = build_load(params.load, vocab_size_of(system), system.tokenizer())
-        transport = system.transport(params.transport)
+        transport_kind = system.default_transport if params.transport == "auto" else params.transport
+        transport = system.transport(transport_kind)
         if isinstance(system, ReportsMemory):
             system.reset_peaks()
         records = transport.run(requests, params.load.max_concurrency)
@@ -95,6 +96,7 @@ class ServingKind(TrialKind):
 
         summary: dict[str, Any] = {
             "backend": system.name,
+            "transport": transport_kind,
             "num_requests": len(records),
             **metrics.summary(),
             "max_send_lag_s": max((r.send_s - r.arrival_s for r in records if r.send_s is not None), default=None),

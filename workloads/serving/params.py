@@ -155,7 +155,9 @@ class ServingParams(KindParams):
     load: LoadParams = Field(default_factory=LoadParams)
     slo: SloParams = Field(default_factory=SloParams)
     quality: QualityParams = Field(default_factory=QualityParams)
-    transport: Literal["inprocess", "http"] = "inprocess"
+    # auto: our engine in process; vLLM in process when it imports in the trial's environment,
+    # else `vllm serve` over HTTP.
+    transport: Literal["auto", "inprocess", "http"] = "auto"
     percentiles: list[float] = Field(default_factory=lambda: [50.0, 90.0, 99.0])
     seed: int = 0  # engine seed (dummy weights)
 

@@ -31,6 +31,7 @@ class SystemUnderTest(Protocol):
     """A running system that a load can be sent to."""
 
     name: str
+    default_transport: str  # the transport `transport: auto` means for this system
 
     def transport(self, kind: str) -> Transport:
         """The transport of that kind ("inprocess" | "http"); ValueError if unsupported."""

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from workloads.serving.metrics import LATENCY_METRICS
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 _META = {b"schema_version": SCHEMA_VERSION.encode()}
 LATENCY_STATS = ("mean", "median", "std", "p50", "p90", "p99")
 
@@ -56,6 +56,7 @@ ENGINE_STEPS = _schema(
 SERVING_SUMMARY = _schema(
     [
         pa.field("backend", pa.string()),
+        pa.field("transport", pa.string()),  # the one used (`transport: auto` resolved)
         pa.field("num_requests", pa.int64()),
         pa.field("completed", pa.int64()),
         pa.field("failed", pa.int64()),

@@ -1,13 +1,20 @@
-"""The real vLLM as a system under test: ``vllm serve`` from its own environment, driven over HTTP.
+"""The real vLLM as a system under test, in one of two ways (``open_vllm_system`` picks):
 
-The main environment has no vLLM (it pins its own torch), so the server starts as a subprocess
-from ``backend.python`` (default ``.venv-vllm/bin/python``, built by ``make vllm-env``) and is
-measured through the same OpenAI streaming client as every HTTP backend. Engine-side samples
-(running, waiting, KV blocks in use, preemptions) come from vLLM's ``/metrics`` endpoint.
+- in process (``transport: inprocess``): vLLM's ``AsyncLLM`` inside the trial's process, when
+  ``vllm`` imports in the trial's environment (``vllm_engine_system.py``);
+- as a server (``transport: http``): ``vllm serve`` started as a subprocess from
+  ``backend.python`` (default: the trial's own Python when it has vLLM, else
+  ``.venv-vllm/bin/python``, built by ``make vllm-env``), measured through the same OpenAI
+  streaming client as every HTTP backend, with engine-side samples (running, waiting, KV blocks
+  in use, preemptions) from vLLM's ``/metrics`` endpoint (this file).
+
+``transport: auto`` (the default) is in process when vLLM imports here, else the server.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Any
 
 from backends.kvcache.vllm.metrics import PrometheusStepSampler
@@ -36,7 +43,7 @@ def server_config(params: ServingParams, folder: ModelFolder) -> VLLMServerConfi
     if kv_bytes is None and engine.gpu_memory_utilization is None and params.device == "cpu":
         # vLLM's CPU default reserves a fraction of *all* host memory; size it like our engine instead.
         kv_bytes = default_kv_cache_bytes(params, folder, engine.block_size)
-    python = params.backend.python or DEFAULT_PYTHON
+    python = params.backend.python or (sys.executable if vllm_importable() else DEFAULT_PYTHON)
     return VLLMServerConfig(
         model_path=str(folder.path),
         served_model_name=SERVED_NAME,
@@ -56,10 +63,16 @@ def server_config(params: ServingParams, folder: ModelFolder) -> VLLMServerConfi
     )
 
 
+def vllm_importable() -> bool:
+    """Whether vLLM imports in this (the trial's) environment."""
+    return importlib.util.find_spec("vllm") is not None
+
+
 class VLLMSystem:
     """A running ``vllm serve`` for one engine configuration."""
 
     name = "vllm"
+    default_transport = "http"
 
     def __init__(self, params: ServingParams):
         self.params = params
@@ -81,9 +94,9 @@ class VLLMSystem:
         return self.server.base_url
 
     def transport(self, kind: str) -> Transport:
-        """HTTP only: vLLM runs in another environment."""
+        """HTTP only: this vLLM is a ``vllm serve`` process."""
         if kind != "http":
-            raise ValueError(f"backend 'vllm' runs as a server: use transport 'http' (got {kind!r})")
+            raise ValueError(f"this vLLM runs as a server (vllm serve): use transport 'http' (got {kind!r})")
         if self._sampler is None:
             self._sampler = PrometheusStepSampler(
                 f"{self.base_url}/metrics", self.folder.kv_bytes_per_token
@@ -102,6 +115,17 @@ class VLLMSystem:
         self.server.stop()
 
 
-def open_vllm_system(params: ServingParams) -> VLLMSystem:
-    """Factory registered as ``vllm`` in ``workloads.serving.systems.SYSTEMS``."""
-    return VLLMSystem(params)
+def open_vllm_system(params: ServingParams) -> Any:
+    """Factory registered as ``vllm`` in ``workloads.serving.systems.SYSTEMS``: in process or a server."""
+    in_process = params.transport == "inprocess" or (params.transport == "auto" and vllm_importable())
+    if not in_process:
+        return VLLMSystem(params)
+    if not vllm_importable():
+        raise ValueError(
+            f"backend 'vllm' with transport 'inprocess' needs vLLM importable by the trial's Python "
+            f"({sys.executable}); run orch from an environment that has vLLM (e.g. .venv-vllm/bin/orch), "
+            "or use transport 'http' (vllm serve from backend.python)"
+        )
+    from workloads.serving.vllm_engine_system import VLLMEngineSystem
+
+    return VLLMEngineSystem(params)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from backends.kvcache.vllm.procs import group_pids
+
 DEFAULT_PYTHON = ".venv-vllm/bin/python"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SUPERVISOR = Path(__file__).with_name("supervise.py")
@@ -90,51 +92,69 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def serve_command(config: VLLMServerConfig, port: int) -> list[str]:
-    """The ``vllm serve`` command line (run by the vLLM environment's Python)."""
-    cmd = [
-        str(resolve_python(config.python)), "-m", "vllm.entrypoints.cli.main", "serve", config.model_path,
-        "--served-model-name", config.served_model_name,
-        "--host", config.host,
-        "--port", str(port),
+def engine_flags(config: VLLMServerConfig) -> list[str]:
+    """vLLM's engine arguments as command-line flags (model excluded): the one translation of our
+    settings, used by ``vllm serve`` and, parsed by vLLM's own parser, by the in-process engine."""
+    flags = [
         "--load-format", config.load_format,
         "--dtype", config.dtype,
         "--max-num-seqs", str(config.max_num_seqs),
         "--block-size", str(config.block_size),
         "--seed", str(config.seed),
         "--enable-prefix-caching" if config.enable_prefix_caching else "--no-enable-prefix-caching",
-        "--disable-uvicorn-access-log",
     ]
     if config.max_model_len is not None:
-        cmd += ["--max-model-len", str(config.max_model_len)]
+        flags += ["--max-model-len", str(config.max_model_len)]
     if config.kv_cache_bytes is not None:
-        cmd += ["--kv-cache-memory-bytes", str(config.kv_cache_bytes)]
+        flags += ["--kv-cache-memory-bytes", str(config.kv_cache_bytes)]
     if config.gpu_memory_utilization is not None:
-        cmd += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+        flags += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
     if config.enforce_eager:
-        cmd.append("--enforce-eager")
-    return cmd + list(config.extra_args)
+        flags.append("--enforce-eager")
+    return flags + list(config.extra_args)
+
+
+def serve_command(config: VLLMServerConfig, port: int) -> list[str]:
+    """The ``vllm serve`` command line (run by the vLLM environment's Python)."""
+    return [
+        str(resolve_python(config.python)), "-m", "vllm.entrypoints.cli.main", "serve", config.model_path,
+        "--served-model-name", config.served_model_name,
+        "--host", config.host,
+        "--port", str(port),
+        "--disable-uvicorn-access-log",
+        *engine_flags(config),
+    ]
+
+
+# Settings for every vLLM process: loopback-only internal queues, no usage reports, no hub.
+VLLM_SETTINGS = {
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
 
 
 def vllm_env() -> dict[str, str]:
-    """Environment for any vLLM process: ours minus this venv's, loopback-only, offline."""
+    """Environment for a vLLM subprocess: ours minus this venv's, plus ``VLLM_SETTINGS``."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    env.update(
-        VLLM_HOST_IP="127.0.0.1",  # vLLM's internal message queues stay on loopback
-        VLLM_NO_USAGE_STATS="1",
-        VLLM_DO_NOT_TRACK="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
+    env.update(VLLM_SETTINGS, PYTHONUNBUFFERED="1")
     return env
+
+
+def kv_env_overrides(config: VLLMServerConfig) -> list[str]:
+    """Environment variables to drop because the config sizes the KV cache explicitly."""
+    if config.kv_cache_bytes is not None or config.gpu_memory_utilization is not None:
+        return ["VLLM_CPU_KVCACHE_SPACE"]  # it would override the explicit size
+    return []
 
 
 def serve_env(config: VLLMServerConfig) -> dict[str, str]:
     """The server's environment: ``vllm_env()`` plus the config's settings."""
     env = vllm_env()
-    if config.kv_cache_bytes is not None or config.gpu_memory_utilization is not None:
-        env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the explicit size
+    for name in kv_env_overrides(config):
+        env.pop(name, None)
     env.update(config.env)
     return env
 
@@ -172,22 +192,6 @@ def error_lines(path: str | Path, limit: int = 5) -> list[str]:
     except OSError:
         return []
     return found[-limit:]
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in a process group, read from /proc."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            pids.append(int(entry))
-    return pids
 
 
 class VLLMServer:
