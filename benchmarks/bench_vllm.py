@@ -3,10 +3,12 @@
 One run, both systems measured by the serving workload's own code: a batch of ``--batch``
 requests all sent at t = 0, each with ``--input-len`` prompt tokens and exactly ``--output-len``
 output tokens (ignore_eos). Our engine runs in process (the ``inprocess`` transport, as engine
-studies use it); vLLM runs as ``vllm serve`` from .venv-vllm and is driven over streaming HTTP on
-loopback. Prints output tokens/s, TTFT and TPOT for both and the ratios ours / vLLM.
+studies use it); vLLM runs as ``vllm serve`` (from .venv-vllm) and is driven over streaming HTTP
+on loopback; run from .venv-vllm, where vLLM imports, vLLM is also measured in process
+(``AsyncLLM``, no HTTP). Prints output tokens/s, TTFT and TPOT for each and the ratios to
+``vllm serve``.
 
-    .venv/bin/python -m benchmarks.bench_vllm [--model smollm2-135m] [--weights real] [--batch 8]
+    .venv-vllm/bin/python -m benchmarks.bench_vllm [--model smollm2-135m] [--weights real] [--batch 8]
         [--input-len 128] [--output-len 64] [--threads 1]
 
 ``--threads`` sets our engine's torch threads; vLLM's CPU worker binds its own OpenMP threads
@@ -70,17 +72,26 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    ours = measure(args, "full", "inprocess")
-    theirs = measure(args, "vllm", "http")
+    from workloads.serving.vllm_system import vllm_importable
+
+    systems = {"ours (full)": ("full", "inprocess"), "vllm serve": ("vllm", "http")}
+    if vllm_importable():
+        systems["vllm in process"] = ("vllm", "inprocess")
+    results = {name: measure(args, backend, transport) for name, (backend, transport) in systems.items()}
+    baseline = results["vllm serve"]
 
     print(f"# bench_vllm  {datetime.date.today()}  {platform.node()}  {platform.processor() or platform.machine()}"
           f"  cores={os.cpu_count()}  load={os.getloadavg()[0]:.1f}")
     print(f"# model={args.model} weights={args.weights} batch={args.batch} input={args.input_len} "
           f"output={args.output_len} our torch threads={args.threads}")
-    print(f"{'metric':<24}{'ours (full)':>14}{'vLLM CPU':>14}{'ours/vLLM':>12}")
+    others = [name for name in results if name != "vllm serve"]
+    print(f"{'metric':<20}" + "".join(f"{name:>17}" for name in results)
+          + "".join(f"{name + ' / serve':>26}" for name in others))
     for key in ("output_throughput", "ttft_ms_median", "ttft_ms_mean", "tpot_ms_median", "e2el_ms_median"):
-        ratio = ours[key] / theirs[key] if theirs[key] else float("nan")
-        print(f"{key:<24}{ours[key]:>14.2f}{theirs[key]:>14.2f}{ratio:>12.2f}")
+        values = "".join(f"{results[name][key]:>17.2f}" for name in results)
+        ratios = "".join(f"{results[name][key] / baseline[key] if baseline[key] else float('nan'):>26.2f}"
+                         for name in others)
+        print(f"{key:<20}{values}{ratios}")
 
 
 if __name__ == "__main__":
