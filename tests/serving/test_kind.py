@@ -34,7 +34,9 @@ def test_kind_is_registered() -> None:
 
 
 def test_inprocess_transport_on_a_tiny_dummy_model(tiny_model: str) -> None:
-    params = _params(tiny_model)
+    # All at t = 0, so that requests are in the engine together whatever the host's speed (at
+    # 40 requests/s a fast step can finish each request before the next one arrives).
+    params = _params(tiny_model, load={**_params(tiny_model).load.model_dump(), "request_rate": float("inf")})
     system = EngineSystem(params)
     try:
         load = build_load(params.load, system.vocab_size)
