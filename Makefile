@@ -34,7 +34,8 @@ vllm-env: $(VLLM_VENV)/.installed
 $(VLLM_VENV)/.installed: scripts/make_vllm_env.sh pyproject.toml
 	bash scripts/make_vllm_env.sh $(PY) $(VLLM_VENV) $(ASSET_PACKAGES)
 
-demo: setup
+# The serving quickstart runs the real vLLM from .venv-vllm, so the demo builds it too.
+demo: setup vllm-env
 	$(BIN)/orch submit grids/quickstart-serving.yaml --results results
 	$(BIN)/orch submit grids/quickstart-training.yaml --results results
 	$(BIN)/orch report quickstart-serving --results results
