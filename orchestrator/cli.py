@@ -154,12 +154,11 @@ def submit(
 
     store = ExperimentStore(results, spec.experiment)
     progress = TerminalProgress()
-    dashboard = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
+    connected = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
     # `kill` and Ray's job stop send SIGTERM: stop as cleanly as on Ctrl-C. Set after connecting,
     # because ray.init installs a SIGTERM handler of its own that ends the process at once.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if dashboard:
-        progress.event(f"embedded Ray; dashboard at {dashboard} (token: ~/.ray/auth_token)")
+    progress.event(connected)
     begin = time.time()
     try:
         tracker = Tracker(store, tracking_uri)
@@ -170,6 +169,9 @@ def submit(
     click.echo(f"results: {store.path}")
     if outcome.tracking_error:
         click.echo(f"MLflow: not synced ({outcome.tracking_error}); run `orch sync {spec.experiment}` later", err=True)
+    if outcome.error:
+        click.echo(f"error: the submission failed: {outcome.error}", err=True)
+        sys.exit(1)
     if outcome.interrupted:
         sys.exit(130)
     if outcome.counts.get("failed", 0) or outcome.counts.get("timeout", 0):

@@ -71,10 +71,6 @@ class TrialRunner:
         """Node id, host and pid of this actor."""
         return {"node": self._node, "host": socket.gethostname(), "pid": os.getpid()}
 
-    def session_key(self) -> tuple[str, str] | None:
-        """(kind, group key) of the open session, if any."""
-        return self._session_key
-
     def _kind(self, name: str) -> TrialKind:
         if name not in self._kinds:
             self._kinds[name] = resolve_kind(name)

@@ -27,6 +27,7 @@ PARAM_BATCH = 100
 METRIC_BATCH = 1000
 STEP_TABLE_SUFFIXES = ("_steps", "_evals")
 ID_COLUMNS = frozenset({"step", "rank", "epoch", "request_id", "t_s"})
+KEY_COLUMNS = ("split", "model")  # string columns of step tables that prefix metric names
 RUN_STATUS = {"done": "FINISHED", "failed": "FAILED", "timeout": "FAILED", "cancelled": "KILLED"}
 TRIAL_TAG = "orch.trial_id"
 
@@ -67,11 +68,7 @@ def step_metrics(table: pa.Table) -> list[tuple[str, float, int]]:
     if "step" not in table.column_names:
         return []
     numeric = _numeric(table)
-    prefixes = [
-        f.name
-        for f in table.schema
-        if pa.types.is_string(f.type) and f.name in {"split", "model", "policy", "phase"}
-    ]
+    prefixes = [f.name for f in table.schema if pa.types.is_string(f.type) and f.name in KEY_COLUMNS]
     out: list[tuple[str, float, int]] = []
     for row in table.to_pylist():
         if row.get("rank") not in (None, 0):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from workloads.training.loop import WorkerEnv, run_worker
-from workloads.training.params import TrainingParams
+from workloads.training.params import TrainingParams, worker_resources
 
 RUN_NAME = "train"
 
@@ -82,12 +82,7 @@ def fit(params: TrainingParams, workdir: Path, resources: dict[str, float]) -> l
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    per_worker = ray_resources(resources)
-    if params.use_gpu:
-        per_worker.setdefault("GPU", 1.0)
-    else:
-        per_worker.pop("GPU", None)
-    per_worker.setdefault("CPU", 1.0)
+    per_worker = ray_resources(worker_resources(params, resources))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
