@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from orchestrator.expand import flatten
+from orchestrator.manifest import Manifest
 from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore
 
 PARAM_BATCH = 100
@@ -252,3 +253,23 @@ class BackgroundLogger:
         self._todo.put(None)
         self._thread.join(timeout_s)
         return self.drain()
+
+
+def sync_experiment(tracker: Tracker, manifest: Manifest) -> int:
+    """Log every finished, unsynced trial of an experiment (``orch sync``); returns how many were logged."""
+    todo = manifest.unsynced()
+    existing = tracker.existing_runs() if todo else {}
+    parents: dict[int, str | None] = {}
+    for trial_id, entry in todo:
+        index = entry.get("submission", len(manifest.submissions) - 1)
+        submission = manifest.submissions[index]
+        if index not in parents:
+            if not submission.get("parent_run_id"):
+                submission["parent_run_id"] = tracker.start_parent(submission)
+                tracker.end_parent(submission["parent_run_id"], "FINISHED")
+            parents[index] = submission["parent_run_id"]
+        duration = entry["end_s"] - entry["start_s"] if entry.get("end_s") and entry.get("start_s") else None
+        run_id = tracker.log_trial(trial_id, dict(entry, duration_s=duration), parents[index], existing.pop(trial_id, []))
+        manifest.update(trial_id, synced=True, mlflow_run_id=run_id, sync_error=None)
+        manifest.save(force=True)
+    return len(todo)
