@@ -269,6 +269,7 @@ def report(experiment: str, results: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from orchestrator.provenance import mixed_commits_warning
     from orchestrator.report import format_value, summarize
     from workloads.registry import resolve_kind
 
@@ -280,6 +281,9 @@ def report(experiment: str, results: Path) -> None:
     console = Console(width=250)
     counts = {k: v for k, v in manifest.counts().items() if v}
     console.print(f"[bold]{experiment}[/bold]: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    mixed = mixed_commits_warning(manifest.data)
+    if mixed:
+        console.print(mixed, markup=False, highlight=False)
     reports = summarize(store, columns)
     if not reports:
         console.print("no finished trials with summaries yet")

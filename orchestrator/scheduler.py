@@ -289,6 +289,7 @@ class Submission:
             resources=trial.resources,
             group_key=trial.group_key,
             workdir=str(self.store.workdir(trial.trial_id).resolve()),
+            git_commit=self.submission.get("git"),
         )
         slot.ref = slot.actor.run.remote(job)
 
@@ -392,7 +393,8 @@ class Submission:
             atomic_write_bytes(artifacts / name, data)
         if result.traceback:
             atomic_write_bytes(artifacts / "traceback.txt", result.traceback.encode())
-        self._finish(trial, result.state, result.error, node=result.node, start=result.start_s, end=result.end_s)
+        self._finish(trial, result.state, result.error, node=result.node, start=result.start_s, end=result.end_s,
+                     environment=result.environment)
 
     def _finish_without_result(self, trial: Trial, state: str, error: str) -> None:
         entry = self.manifest.entry(trial.trial_id)
@@ -401,9 +403,14 @@ class Submission:
             atomic_write_bytes(self.store.artifacts_dir(trial.trial_id) / "error.txt", error.encode())
         self._finish(trial, state, error, node=entry.get("node"), start=entry.get("start_s") or now, end=now)
 
-    def _finish(self, trial: Trial, state: str, error: str | None, node: str | None, start: float, end: float) -> None:
-        fields = {"state": state, "error": error, "node": node, "start_s": start, "end_s": end, "synced": False}
-        record = dict(self.manifest.entry(trial.trial_id), **fields, duration_s=end - start)
+    def _finish(self, trial: Trial, state: str, error: str | None, node: str | None, start: float, end: float,
+                environment: dict[str, Any] | None = None) -> None:
+        # Without a result (timeout, cancelled) only the driver's side of the environment is known.
+        environment = environment or dict.fromkeys(provenance.ENVIRONMENT_KEYS) | {
+            "git_commit": self.submission.get("git"), "orch_version": self.submission.get("versions", {}).get("orch")}
+        fields = {"state": state, "error": error, "node": node, "start_s": start, "end_s": end, "synced": False,
+                  "environment": environment}
+        record = dict(self.manifest.entry(trial.trial_id), **fields, **environment, duration_s=end - start)
         # The trials row first: if it cannot be written, the manifest does not claim the trial ended.
         self.store.write_trial_row(trial.trial_id, record, self._params_for(trial))
         self.manifest.update(trial.trial_id, **fields)

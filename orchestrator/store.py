@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from orchestrator.provenance import ENVIRONMENT_KEYS
+
 SCHEMA_VERSION_KEY = b"schema_version"
 PARAM_FIELD_KEY = b"orch.param"  # field metadata marking a column that holds a grid parameter
 TERMINAL_STATES = frozenset({"done", "failed", "timeout", "cancelled"})
@@ -42,8 +44,10 @@ TRIALS_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
         ("error", pa.string()),
         ("repeat", pa.int64()),
+        # the environment the trial ran in (provenance.ENVIRONMENT_KEYS)
+        *((key, pa.string()) for key in ENVIRONMENT_KEYS),
     ],
-    metadata={SCHEMA_VERSION_KEY: b"1"},
+    metadata={SCHEMA_VERSION_KEY: b"2"},
 )
 
 

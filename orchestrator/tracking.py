@@ -183,6 +183,7 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id
         if record.get("error"):
             tags["orch.error"] = str(record["error"])[:5000]
+        tags.update({f"orch.env.{k}": str(v)[:5000] for k, v in (record.get("environment") or {}).items() if v is not None})
         run = self.client.create_run(self.experiment_id, run_name=trial_id, tags=tags)
         run_id = run.info.run_id
         self._log_params(run_id, {k: str(v)[:6000] for k, v in flatten(record.get("params", {})).items()})

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -73,6 +75,13 @@ def test_grid_completes_with_results_in_parquet_manifest_and_mlflow(tmp_path: Pa
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(s, 1 / (s + 1)) for s in range(5)]
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"note.txt", "tables"} <= artifacts
+    # each trial's environment beside its parameters: trials table, manifest, MLflow tags
+    trials = store.read_table("trials").to_pandas()
+    assert set(trials["ray_version"]) == {ray.__version__} and set(trials["python_version"]) == {platform.python_version()}
+    assert set(trials["hostname"]) == {socket.gethostname()} and trials["cpu_model"].notna().all()
+    assert set(trials["git_commit"]) == {submission["git"]} and submission["git"]
+    assert all(e["environment"]["git_commit"] == submission["git"] for e in manifest["trials"].values())
+    assert all(r.data.tags["orch.env.ray_version"] == ray.__version__ for r in runs)
 
 
 def test_failing_trial_is_recorded_and_the_rest_complete(tmp_path: Path) -> None:
