@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 
 from workloads.registry import resolve_kind
-from workloads.serving.engine_system import EngineSystem
 from workloads.serving.kind import ServingKind, ServingParams
 from workloads.serving.load import build_load
-from workloads.serving.tables import SCHEMA_VERSION, TABLES
+from workloads.serving.metrics.tables import SCHEMA_VERSION, TABLES
+from workloads.serving.systems.engine import EngineSystem
 
 
 def _params(model: str, **overrides) -> ServingParams:
@@ -154,7 +154,7 @@ def test_quality_of_full_against_full_is_exactly_one(ctx) -> None:
     assert 1.0 < summary["ppl"] < 1000 and summary["ppl"] == summary["ppl_ref"]
     assert not math.isnan(summary["ppl"])
     # Corpus prompts are real KJV text.
-    from workloads.serving.corpus import verses
+    from workloads.serving.load.corpus import verses
 
     load = build_load(params.load, len(tokenizer), tokenizer)
     text = load[0].prompt_text

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from backends.kvcache.vllm.bench_client import (
+from tests.vllm.bench_client import (
     BenchLoad,
     bench_schedule,
     run_vllm_bench,
     run_vllm_bench_alongside,
 )
-from workloads.serving.http_transport import HttpTarget, HttpTransport
 from workloads.serving.load import build_load
-from workloads.serving.metrics import ServingMetrics, compute_metrics
+from workloads.serving.metrics.latency import ServingMetrics, compute_metrics
 from workloads.serving.params import LoadParams
+from workloads.serving.transports.http import HttpTarget, HttpTransport
 
 TOLERANCE = 0.15
 RUNS = 3

@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from backends.kvcache.config import EngineConfig
-from backends.kvcache.vllm.bench_client import BenchLoad
 from backends.kvcache.vllm.model_folder import dummy_folder
 from backends.kvcache.vllm.server import free_port
+from tests.vllm.bench_client import BenchLoad
 from tests.vllm.crosscheck import comparison_table, cross_check, pooled_theirs, verdict
 from tests.vllm.shapes import TINY_SHAPE
 

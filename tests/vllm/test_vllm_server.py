@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from backends.kvcache.vllm.bench_client import BenchLoad
+from tests.vllm.bench_client import BenchLoad
 from tests.vllm.crosscheck import comparison_table, cross_check, pooled_theirs, verdict
 from tests.vllm.shapes import TINY_SHAPE
 from workloads.kind import TrialContext
 from workloads.serving.kind import ServingKind, ServingSession
 from workloads.serving.params import ServingParams
-from workloads.serving.vllm_system import SERVED_NAME, VLLMSystem, open_vllm_system
+from workloads.serving.systems.vllm import open_vllm_system
+from workloads.serving.systems.vllm_base import SERVED_NAME
+from workloads.serving.systems.vllm_server import VLLMSystem
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,13 @@ import socket
 import uuid
 from typing import Any
 
-from workloads.serving.inprocess_transport import InProcessTransport
+from backends.kvcache.policies import POLICIES
 from workloads.serving.params import ServingParams
-from workloads.serving.transport import Transport
+from workloads.serving.systems.registry import SYSTEMS
+from workloads.serving.transports.base import Transport
+from workloads.serving.transports.engine_inprocess import InProcessTransport
+from workloads.serving.transports.http import HttpTarget, HttpTransport
+from workloads.serving.transports.prometheus import PrometheusStepSampler
 
 
 def policy_params_for(policy: str, params: ServingParams) -> dict[str, Any]:
@@ -25,9 +29,7 @@ def policy_params_for(policy: str, params: ServingParams) -> dict[str, Any]:
     full, h2o and streaming alike); each policy gets the knobs it has. Misspelled knobs never
     get here: ``PolicyParams`` rejects unknown keys.
     """
-    from backends.kvcache.policies import POLICIES
-
-    accepted = POLICIES[policy].defaults if policy in POLICIES else {}
+    accepted = POLICIES[policy].params_model.model_fields if policy in POLICIES else {}
     return {k: v for k, v in params.policy.engine_params().items() if k in accepted}
 
 
@@ -118,7 +120,6 @@ class ServedEngineSystem:
         from backends.kvcache.config import ModelConfig
         from backends.kvcache.loader import resolve
         from backends.kvcache.serve import deploy
-        from backends.kvcache.vllm.metrics import PrometheusStepSampler
 
         self.name = params.backend.name
         self.params = params
@@ -137,8 +138,6 @@ class ServedEngineSystem:
 
     def transport(self, kind: str) -> Transport:
         """HTTP only: the engine runs in a Serve replica."""
-        from workloads.serving.http_transport import HttpTarget, HttpTransport
-
         if kind != "http":
             raise ValueError(f"this system serves backend {self.name!r} over HTTP; got transport {kind!r}")
         return HttpTransport(HttpTarget(self.base_url, self.app_name), sampler=self._sampler)
@@ -158,9 +157,14 @@ class ServedEngineSystem:
 
 
 def open_engine_system(params: ServingParams) -> EngineSystem | ServedEngineSystem:
-    """Factory registered in ``workloads.serving.systems.SYSTEMS`` for our engine's policies."""
+    """Our engine with the cache policy the backend names: in process, or behind Ray Serve (http)."""
     if params.transport == "http":
         return ServedEngineSystem(params)
     system = EngineSystem(params)
     system.warm_up()
     return system
+
+
+# One backend per registered cache policy: a new policy is a new backend with no edit here.
+for _policy in POLICIES:
+    SYSTEMS.register(open_engine_system, name=_policy)

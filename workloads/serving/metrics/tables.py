@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from workloads.serving.metrics import LATENCY_METRICS
+from workloads.serving.metrics.latency import LATENCY_METRICS
 
 SCHEMA_VERSION = "2"
 _META = {b"schema_version": SCHEMA_VERSION.encode()}
