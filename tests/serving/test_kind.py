@@ -93,6 +93,7 @@ def test_run_produces_tables_that_conform_to_the_schemas(tiny_model: str, ctx) -
     (summary,) = out.tables["serving_summary"].to_pylist()
     assert (summary["completed"], summary["failed"], summary["num_requests"]) == (12, 0, 12)
     assert summary["total_output_tokens"] == 72
+    assert params.engine.block_size is None and summary["block_size"] == 16  # our engine's default, recorded
     assert summary["total_input_tokens"] == sum(r["prompt_tokens"] for r in requests)
     assert summary["duration_s"] == pytest.approx(max(r["finish_s"] for r in requests))
     assert summary["output_throughput"] == pytest.approx(72 / summary["duration_s"])

@@ -105,6 +105,7 @@ class ServingKind(TrialKind):
         summary: dict[str, Any] = {
             "backend": system.name,
             "transport": transport_kind,
+            "block_size": system.block_size(),
             "num_requests": len(records),
             **metrics.summary(),
             "max_send_lag_s": max((r.send_s - r.arrival_s for r in records if r.send_s is not None), default=None),

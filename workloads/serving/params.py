@@ -77,12 +77,13 @@ PolicyParams = create_model("PolicyParams", __base__=PolicySection, **_union_of_
 
 
 class EngineParams(Section):
-    """Engine sizing; ``None`` leaves the engine's default."""
+    """Engine sizing; ``None`` leaves the default of the backend on its device (an omitted knob never
+    makes a trial fail: our engine's block size is 16, vLLM picks its own)."""
 
     kv_cache_bytes: int | None = Field(default=None, gt=0)
     kv_cache_blocks: int | None = Field(default=None, gt=0)
     max_num_seqs: int = Field(default=32, ge=1)
-    block_size: int = Field(default=16, ge=1)
+    block_size: int | None = Field(default=None, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
     # vllm only.
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)

@@ -48,7 +48,7 @@ def engine_config(params: ServingParams, policy: str | None = None) -> Any:
         policy_params=policy_params_for(policy, params) if policy == params.backend.name else {},
         kv_cache_bytes=params.engine.kv_cache_bytes,
         kv_cache_blocks=params.engine.kv_cache_blocks,
-        block_size=params.engine.block_size,
+        **({"block_size": params.engine.block_size} if params.engine.block_size is not None else {}),
         max_num_seqs=params.engine.max_num_seqs,
         max_model_len=params.engine.max_model_len,
         seed=params.seed,
@@ -82,6 +82,10 @@ class EngineSystem:
     def tokenizer(self) -> Any | None:
         """The engine's tokenizer (real weights), else None."""
         return getattr(self.engine, "tokenizer", None)
+
+    def block_size(self) -> int:
+        """Tokens per KV block of the engine."""
+        return int(self.engine.config.block_size)
 
     def warm_up(self) -> None:
         """One tiny generation so the first measured step does not pay one-time set-up costs."""
@@ -132,6 +136,7 @@ class ServedEngineSystem:
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
         kv_bytes_per_token = ModelConfig.from_hf(hf, config.torch_dtype.itemsize).kv_bytes_per_token
+        self._block_size = int(config.block_size)
         self.app_name = f"orch-{self.name}-{uuid.uuid4().hex[:8]}"
         self.base_url = deploy(config, port=_free_port(), name=self.app_name)
         self._sampler = PrometheusStepSampler(f"{self.base_url}/metrics", kv_bytes_per_token)
@@ -145,6 +150,10 @@ class ServedEngineSystem:
     def tokenizer(self) -> Any | None:
         """The model's tokenizer (real weights), else None."""
         return self._tokenizer
+
+    def block_size(self) -> int:
+        """Tokens per KV block of the served engine."""
+        return self._block_size
 
     def close(self) -> None:
         """Stop sampling and delete the Serve application (idempotent)."""

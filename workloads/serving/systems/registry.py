@@ -32,6 +32,10 @@ class SystemUnderTest(Protocol):
         """The system's tokenizer (real weights), else None."""
         ...
 
+    def block_size(self) -> int | None:
+        """Tokens per KV block the running engine uses (its default when the grid set none)."""
+        ...
+
     def close(self) -> None:
         """Stop servers / free the engine; idempotent."""
         ...

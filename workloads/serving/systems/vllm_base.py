@@ -12,10 +12,16 @@ import sys
 from typing import Any
 
 from backends.kvcache.vllm.model_folder import ModelFolder, prepare_model_folder
-from backends.kvcache.vllm.server import DEFAULT_PYTHON, VLLMServerConfig
+from backends.kvcache.vllm.server import CPU_BLOCK_MULTIPLE, DEFAULT_PYTHON, VLLMServerConfig
 from workloads.serving.params import ServingParams
 
 SERVED_NAME = "orch-vllm"
+# A grid that sizes the cache in blocks but leaves the block size to vLLM gets this size, so the
+# count means what it says (vLLM's CPU kernels need a multiple of 32).
+BLOCK_SIZE_FOR_COUNTS = {"cpu": CPU_BLOCK_MULTIPLE, "cuda": 16}
+# The default KV budget rounds each sequence up to this many tokens: a multiple of any block size
+# vLLM picks by itself, so ``max_num_seqs`` full sequences always fit.
+ROUNDING_TOKENS = 256
 
 
 def vllm_importable() -> bool:
@@ -34,11 +40,13 @@ def server_config(params: ServingParams, folder: ModelFolder) -> VLLMServerConfi
     """vLLM's engine settings from the trial's ``engine.*`` and ``backend.*`` parameters."""
     engine = params.engine
     kv_bytes = engine.kv_cache_bytes
+    block_size = engine.block_size  # None: vLLM's own default for the device
     if engine.kv_cache_blocks is not None:
-        kv_bytes = engine.kv_cache_blocks * engine.block_size * folder.kv_bytes_per_token
+        block_size = block_size or BLOCK_SIZE_FOR_COUNTS[params.device]
+        kv_bytes = engine.kv_cache_blocks * block_size * folder.kv_bytes_per_token
     if kv_bytes is None and engine.gpu_memory_utilization is None and params.device == "cpu":
         # vLLM's CPU default reserves a fraction of *all* host memory; size it like our engine instead.
-        kv_bytes = default_kv_cache_bytes(params, folder, engine.block_size)
+        kv_bytes = default_kv_cache_bytes(params, folder, block_size or ROUNDING_TOKENS)
     python = params.backend.python or (sys.executable if vllm_importable() else DEFAULT_PYTHON)
     return VLLMServerConfig(
         model_path=str(folder.path),
@@ -49,7 +57,7 @@ def server_config(params: ServingParams, folder: ModelFolder) -> VLLMServerConfi
         device=params.device,
         max_num_seqs=engine.max_num_seqs,
         max_model_len=engine.max_model_len,
-        block_size=engine.block_size,
+        block_size=block_size,
         kv_cache_bytes=kv_bytes,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         enable_prefix_caching=engine.enable_prefix_caching,

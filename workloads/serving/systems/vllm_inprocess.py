@@ -31,6 +31,10 @@ class VLLMEngineSystem(VLLMModelSystem):
                              "transport 'http' starts `vllm serve` instead")
         return VLLMEngineTransport(self.host)
 
+    def block_size(self) -> int:
+        """Tokens per KV block vLLM allocated."""
+        return self.host.recorder.block_size
+
     def close(self) -> None:
         """Shut vLLM's engine and its processes down (idempotent)."""
         self.host.close()
