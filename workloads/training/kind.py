@@ -8,10 +8,12 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from workloads.kind import KindParams, TrialContext, TrialKind, TrialOutput
+from workloads.registry import KINDS
 from workloads.training.params import TrainingParams, worker_resources
 from workloads.training.tables import TABLES, build_tables
 
 
+@KINDS.register
 class TrainingKind(TrialKind):
     """Distributed training with gradient compression (DESIGN.md "Training trials")."""
 
