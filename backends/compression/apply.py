@@ -134,12 +134,15 @@ class NativeHookApplier(GradientApplier):
 
 
 def build_applier(
-    config: CompressionConfig, model: torch.nn.Module, group: torch.distributed.ProcessGroup | None = None
+    config: CompressionConfig,
+    model: torch.nn.Module,
+    group: torch.distributed.ProcessGroup | None = None,
+    seed: int = 0,
 ) -> GradientApplier:
     """The applier for ``config`` on ``model`` (DDP-wrapped for hook mode, plain for flat)."""
     communicator = Communicator(group)
-    compressor = build_compressor(config, rank=communicator.rank)
-    mode = mode_of(compressor)
+    compressor = build_compressor(config, communicator.rank, seed)
+    mode = mode_of(config)
     is_ddp = isinstance(model, DistributedDataParallel)
     if mode == "flat" and compressor.native_hook:
         raise ValueError(f"compressor {compressor.name!r} runs only as a DDP hook; use mode: hook")
@@ -148,7 +151,7 @@ def build_applier(
     if not is_ddp:
         if compressor.native_hook:
             # One worker: nothing to communicate, and PowerSGD's hook needs DDP; send plainly.
-            compressor = build_compressor(CompressionConfig(name="dense", seed=config.seed), communicator.rank)
+            compressor = build_compressor(CompressionConfig(name="dense"), communicator.rank, seed)
         return FlatApplier(compressor, communicator)
     if compressor.native_hook:
         return NativeHookApplier(compressor, communicator, model)

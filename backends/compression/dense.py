@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from backends.compression.base import CompressContext, Compressor, Payload, register
+from backends.compression.base import COMPRESSORS, CompressContext, Compressor, Payload
 
 
-@register
+@COMPRESSORS.register
 class DenseCompressor(Compressor):
     """Sends the fp32 gradient as is (ring all-reduce of 4n bytes)."""
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from backends.compression.base import CompressContext, Compressor, Payload, register
+from backends.compression.base import COMPRESSORS, CompressContext, Compressor, Payload
 
 
-@register
+@COMPRESSORS.register
 class FP16Compressor(Compressor):
     """Casts to fp16 before the all-reduce and back after (2n bytes payload)."""
 

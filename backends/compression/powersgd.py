@@ -15,12 +15,19 @@ from typing import Any
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
-from backends.compression.base import CompressContext, Compressor, Payload, error_feedback_enabled, register
+from backends.compression.base import (
+    COMPRESSORS,
+    CompressContext,
+    CompressionConfig,
+    Compressor,
+    Payload,
+    error_feedback_enabled,
+)
 from backends.compression.communicator import Communicator
 from backends.compression.sync import SyncStats
 
 
-@register
+@COMPRESSORS.register
 class PowerSGDCompressor(Compressor):
     """Low-rank (rank r) gradient approximation; only as a DDP communication hook."""
 
@@ -30,12 +37,8 @@ class PowerSGDCompressor(Compressor):
     default_mode = "hook"
     native_hook = True
 
-    def __init__(self, config, rank: int = 0) -> None:
-        super().__init__(config, rank)
-        if config.rank < 1:
-            raise ValueError("powersgd rank must be >= 1")
-        if config.start_iter < 2:
-            raise ValueError("powersgd start_iter must be >= 2 (PyTorch requires it with error feedback)")
+    def __init__(self, config: CompressionConfig, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(config, rank, seed)
         self.state: powersgd.PowerSGDState | None = None
         self._saved: dict[str, Any] | None = None
 
@@ -56,7 +59,7 @@ class PowerSGDCompressor(Compressor):
             start_powerSGD_iter=self.config.start_iter,
             use_error_feedback=error_feedback_enabled(self),
             warm_start=True,
-            random_seed=self.config.seed,
+            random_seed=self.seed,
         )
         if self._saved is not None:
             self._restore(self._saved)

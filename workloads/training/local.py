@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from workloads.training.loop import WorkerEnv, run_worker
+from workloads.training.loop import WorkerEnv, load_rank_state, run_worker
 from workloads.training.params import TrainingParams
 
 
@@ -36,7 +36,7 @@ class LocalEnv(WorkerEnv):
         steps = sorted(self.checkpoint_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
         for folder in reversed(steps):
             if len(list(folder.glob("rank*.pt"))) == self.world_size:
-                return torch.load(folder / f"rank{self.rank}.pt", map_location=self.device, weights_only=False)
+                return load_rank_state(folder / f"rank{self.rank}.pt", self.device)
         return None
 
     def save_state(self, state: dict[str, Any], metrics: dict[str, float]) -> None:

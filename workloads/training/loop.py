@@ -20,10 +20,45 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from backends.compression import build_applier, build_compressor, mode_of
+from backends.compression import build_applier, mode_of
 from backends.compression.sync import wait_device
 from workloads.training.params import TrainingParams
 from workloads.training.tasks import Task, build_task
+
+# Keys whose tensors are RNG states: torch.set_rng_state and Generator.set_state take CPU byte
+# tensors only, whatever device the rest of the checkpoint is loaded onto.
+RNG_KEYS = frozenset({"rng", "generator"})
+
+
+def to_device(state: Any, device: torch.device) -> Any:
+    """``state`` with every tensor moved to ``device``, except RNG states (under RNG_KEYS), kept on CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: v if k in RNG_KEYS else to_device(v, device) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(to_device(v, device) for v in state)
+    return state
+
+
+def load_rank_state(path: Any, device: torch.device) -> dict[str, Any]:
+    """A rank's checkpoint file, read on CPU, then moved to ``device`` except its RNG states."""
+    return to_device(torch.load(path, map_location="cpu", weights_only=False), device)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The process's RNG streams this worker draws from: CPU, and the device's own on CUDA."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 class WorkerEnv(ABC):
@@ -76,11 +111,10 @@ class TrainingRun:
         self.task = build_task(params, env.rank, env.world_size, env.device)
         torch.manual_seed(params.seed)  # identical initial weights on every rank
         model = self.task.build_model()
-        config = params.compressor.config(params.seed)
-        self.mode = mode_of(build_compressor(config))
+        self.mode = mode_of(params.compressor)
         self.model = env.prepare_model(model, ddp=self.mode == "hook")
         self.module = _unwrap(self.model)
-        self.applier = build_applier(config, self.model)
+        self.applier = build_applier(params.compressor, self.model, seed=params.seed)
         self.optimizer = _optimizer(params, self.model)
         self.steps = total_steps(params, self.task)
         self.per_epoch = self.task.steps_per_epoch()
@@ -104,12 +138,12 @@ class TrainingRun:
         memory = getattr(self.applier, "memory", None)
         if hasattr(memory, "to"):
             memory.to(self.env.device)
-        torch.set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.env.device)
         self.step, self.train_s = state["step"], state["train_s"]
         self.time_to_target_s = state["time_to_target_s"]
         self.step_rows, self.eval_rows = state["step_rows"], state["eval_rows"]
         self.restarts = [*state["restarts"], self.step]
-        self.task.reset_state()
+        self.task.load_state_dict(state["task"])
 
     def state(self) -> dict[str, Any]:
         """Everything this rank needs to resume (and the rows it has produced)."""
@@ -117,7 +151,8 @@ class TrainingRun:
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "applier": self.applier.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": rng_state(self.env.device),
+            "task": self.task.state_dict(),
             "step": self.step,
             "train_s": self.train_s,
             "time_to_target_s": self.time_to_target_s,

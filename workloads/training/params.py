@@ -6,35 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from backends.compression import COMPRESSORS, CompressionConfig
+from backends.compression import CompressionConfig
 from workloads.kind import KindParams
-
-
-class CompressorParams(KindParams):
-    """Which compressor and its knobs (unused knobs are ignored by the other compressors)."""
-
-    name: str = "dense"
-    ratio: float = Field(default=0.01, gt=0, le=1)
-    levels: int = Field(default=127, ge=1, le=32767)
-    bucket_size: int = Field(default=128, ge=1)
-    rank: int = Field(default=1, ge=1)
-    start_iter: int = Field(default=10, ge=2)
-    residual: Literal["global", "local"] = "global"
-    threshold: Literal["zero", "mean"] = "zero"
-    error_feedback: bool | None = None
-    mode: Literal["hook", "flat"] | None = None
-
-    @model_validator(mode="after")
-    def _known(self) -> CompressorParams:
-        if self.name not in COMPRESSORS:
-            raise ValueError(f"unknown compressor {self.name!r}; allowed: {sorted(COMPRESSORS)}")
-        if self.name == "powersgd" and self.mode == "flat":
-            raise ValueError("powersgd runs only as a DDP hook (mode: hook)")
-        return self
-
-    def config(self, seed: int) -> CompressionConfig:
-        """The backend's typed config."""
-        return CompressionConfig(**self.model_dump(), seed=seed)
 
 
 class OptimParams(KindParams):
@@ -63,7 +36,7 @@ class TrainingParams(KindParams):
     """One training trial: workload, compressor, workers, optimizer, budget, evaluation, target."""
 
     workload: Literal["lstm", "cnn"] = "lstm"
-    compressor: CompressorParams = CompressorParams()
+    compressor: CompressionConfig = CompressionConfig()
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     optim: OptimParams = OptimParams()

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workloads.training.loop import WorkerEnv, run_worker
+from workloads.training.loop import WorkerEnv, load_rank_state, run_worker
 from workloads.training.params import TrainingParams
 
 RUN_NAME = "train"
@@ -49,7 +49,7 @@ class RayTrainEnv(WorkerEnv):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return torch.load(Path(folder) / f"rank{self.rank}.pt", map_location=self.device, weights_only=False)
+            return load_rank_state(Path(folder) / f"rank{self.rank}.pt", self.device)
 
     def save_state(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
         """Report metrics with a checkpoint holding this rank's state file."""
