@@ -162,6 +162,7 @@ def submit(
         progress.event(f"embedded Ray; dashboard at {dashboard} (token: ~/.ray/auth_token)")
     begin = time.time()
     try:
+        cluster.check_cluster(kind, trials)
         tracker = Tracker(store, tracking_uri)
         outcome = Submission(spec, kind, trials, store, tracker, progress, grid_file=str(grid)).run()
     finally:

@@ -72,6 +72,11 @@ class TrialKind(ABC):
         """Total cluster resources a running trial occupies (for admission control)."""
         return self.actor_resources(params, resources)
 
+    def check_cluster(self, params: KindParams, nodes: list[dict[str, float]]) -> None:
+        """Refuse, at submit time, a trial this cluster cannot run: raise ValueError with one line
+        saying what is missing. ``nodes``: each alive node's resources. Default: accept."""
+        del params, nodes
+
     def open(self, params: KindParams) -> Any:
         """Build what trials of one engine group share (e.g. a loaded model). Default: nothing."""
         return None

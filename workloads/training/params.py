@@ -51,12 +51,20 @@ class TrainingParams(KindParams):
     target_ppl: float | None = Field(default=None, gt=0)
     target_accuracy: float | None = Field(default=None, gt=0, le=1)
     max_failures: int = Field(default=2, ge=0)  # Ray Train worker-group restarts
+    # Where Ray Train keeps checkpoints: an absolute path every node mounts, or a pyarrow
+    # filesystem URI (s3://..., gs://..., hdfs://...). None: the trial's folder (one node only).
+    storage_path: str | None = None
     seed: int = 0
 
     @model_validator(mode="after")
     def _budget(self) -> TrainingParams:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give at most one of steps or epochs (neither: one epoch)")
+        if self.storage_path is not None and "://" not in self.storage_path and not self.storage_path.startswith("/"):
+            raise ValueError(
+                f"storage_path must be an absolute path every node mounts or a URI such as s3://bucket/dir; "
+                f"got {self.storage_path!r}"
+            )
         return self
 
     @property
