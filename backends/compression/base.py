@@ -34,7 +34,7 @@ class CompressionConfig(BaseModel):
     @model_validator(mode="after")
     def _known(self) -> CompressionConfig:
         cls = COMPRESSORS.get_class(self.name)
-        if self.mode == "flat" and cls.native_hook:
+        if self.mode == "flat" and cls.hook_only:
             raise ValueError(f"{self.name} runs only as a DDP hook (mode: hook)")
         return self
 
@@ -65,8 +65,11 @@ class Compressor(ABC):
     # Error feedback keeps e = v - reference, where reference is this worker's own
     # decompressed payload ("local", GRACE's rule) or the averaged global result ("global").
     residual_reference: Literal["local", "global"] = "local"
-    # Compressors that bring their own DDP hook (PowerSGD) set this and implement make_ddp_hook.
+    # Compressors whose hook mode is PyTorch's own DDP hook (dense, fp16, PowerSGD) set this and
+    # implement make_ddp_hook(communicator) -> (state, hook), counting bytes in the communicator.
     native_hook: ClassVar[bool] = False
+    # Compressors that exist only as a DDP hook (PowerSGD: collectives between compression steps).
+    hook_only: ClassVar[bool] = False
 
     def __init__(self, config: CompressionConfig, rank: int = 0, seed: int = 0) -> None:
         self.config = config

@@ -8,8 +8,6 @@ matrices plus the tensors it sends uncompressed), or the whole bucket before ``s
 """
 
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +22,6 @@ from backends.compression.base import (
     error_feedback_enabled,
 )
 from backends.compression.communicator import Communicator
-from backends.compression.sync import SyncStats
 
 
 @COMPRESSORS.register
@@ -36,6 +33,7 @@ class PowerSGDCompressor(Compressor):
     default_error_feedback = True
     default_mode = "hook"
     native_hook = True
+    hook_only = True
 
     def __init__(self, config: CompressionConfig, rank: int = 0, seed: int = 0) -> None:
         super().__init__(config, rank, seed)
@@ -50,9 +48,8 @@ class PowerSGDCompressor(Compressor):
         """Not available (see compress)."""
         raise NotImplementedError("powersgd runs only as a DDP hook (mode: hook)")
 
-    def make_ddp_hook(self, communicator: Communicator, record: Callable[[SyncStats], None]):
-        """PyTorch's PowerSGD state and a hook wrapping ``powerSGD_hook`` that passes each bucket's
-        bytes and time to ``record``."""
+    def make_ddp_hook(self, communicator: Communicator):
+        """PyTorch's PowerSGD state and a hook around ``powerSGD_hook`` that counts each bucket's bytes."""
         self.state = powersgd.PowerSGDState(
             process_group=communicator.group,
             matrix_approximation_rank=self.config.rank,
@@ -68,20 +65,10 @@ class PowerSGDCompressor(Compressor):
             buffer = bucket.buffer()
             compressing = state.iter >= state.start_powerSGD_iter
             before = state.total_numel_after_compression
-            start = time.perf_counter()
             fut = powersgd.powerSGD_hook(state, bucket)
-            issued = time.perf_counter()
             numel = state.total_numel_after_compression - before if compressing else buffer.numel()
             communicator.count_external_allreduce(numel * buffer.element_size())
-            counts = communicator.take_counts()
-            record(SyncStats(issued - start, 0.0, 0.0, counts.sent, counts.recv, counts.payload))
-
-            def done(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-                # Collectives and decompression run in PowerSGD's chained callbacks: one comm time.
-                record(SyncStats(comm_s=time.perf_counter() - issued))
-                return f.value()
-
-            return fut.then(done)
+            return fut
 
         return self.state, hook
 

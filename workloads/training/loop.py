@@ -80,6 +80,10 @@ class WorkerEnv(ABC):
     def save_state(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
         """Checkpoint this rank's state (every rank calls this at the same step)."""
 
+    def wire_counters(self) -> tuple[int, int] | None:
+        """(tx, rx) bytes of this worker's network interface, where it has one of its own."""
+        return None
+
 
 def _optimizer(params: TrainingParams, model: nn.Module) -> torch.optim.Optimizer:
     o = params.optim
@@ -169,6 +173,7 @@ class TrainingRun:
         """Forward, backward (+hook sync), flat sync, clip, optimizer step; one row of timings."""
         epoch, index = divmod(self.step, self.per_epoch)
         device = self.env.device
+        wire_before = self.env.wire_counters()
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=False)
         loss, samples = self.task.loss(self.model, epoch, index)
@@ -186,7 +191,11 @@ class TrainingRun:
         self.optimizer.step()
         wait_device(device)
         t3 = time.perf_counter()
-        hook_s = in_backward.compress_s + in_backward.comm_s + in_backward.decompress_s
+        wire_after = self.env.wire_counters()
+        # Overlapped hooks (PyTorch's own) communicate while backward computes: not subtracted.
+        hook_s = in_backward.compress_s + in_backward.decompress_s
+        if not self.applier.overlapped:
+            hook_s += in_backward.comm_s
         self.train_s += t3 - t0
         self.step += 1
         self.step_rows.append(
@@ -204,6 +213,8 @@ class TrainingRun:
                 "bytes_sent": stats.bytes_sent,
                 "bytes_recv": stats.bytes_recv,
                 "payload_bytes": stats.payload_bytes,
+                "wire_bytes_sent": None if wire_after is None else wire_after[0] - wire_before[0],
+                "wire_bytes_recv": None if wire_after is None else wire_after[1] - wire_before[1],
                 "samples_per_s": samples / max(t3 - t0, 1e-9),
                 "attempt": len(self.restarts),
             }

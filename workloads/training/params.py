@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from backends.compression import CompressionConfig
 from workloads.kind import KindParams
@@ -32,6 +32,15 @@ class ModelParams(KindParams):
     channels: int = Field(default=32, ge=1)
 
 
+class NetworkParams(KindParams):
+    """An emulated network between the workers (backends/network): each worker in its own network
+    namespace, its link shaped to this rate, one-way latency and loss."""
+
+    bandwidth_gbit: float | None = Field(default=None, gt=0)
+    latency_ms: float = Field(default=0.0, ge=0)
+    loss_pct: float = Field(default=0.0, ge=0, lt=100)
+
+
 class TrainingParams(KindParams):
     """One training trial: workload, compressor, workers, optimizer, budget, evaluation, target."""
 
@@ -54,7 +63,14 @@ class TrainingParams(KindParams):
     # Where Ray Train keeps checkpoints: an absolute path every node mounts, or a pyarrow
     # filesystem URI (s3://..., gs://..., hdfs://...). None: the trial's folder (one node only).
     storage_path: str | None = None
+    # None ("none"): Ray Train workers on the cluster; else worker processes in namespaces on one host.
+    network: NetworkParams | None = None
     seed: int = 0
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _none(cls, value: object) -> object:
+        return None if value == "none" else value
 
     @model_validator(mode="after")
     def _budget(self) -> TrainingParams:
