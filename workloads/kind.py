@@ -83,6 +83,11 @@ class TrialKind(ABC):
                 total[key] = total.get(key, 0.0) + value
         return total
 
+    def check_cluster(self, params: KindParams, nodes: list[dict[str, float]]) -> None:
+        """Refuse, at submit time, a trial this cluster cannot run: raise ValueError with one line
+        saying what is missing. ``nodes``: each alive node's resources. Default: accept."""
+        del params, nodes
+
     def open(self, params: KindParams) -> Any:
         """Build what trials of one engine group share (e.g. a loaded model). Default: nothing."""
         return None
