@@ -8,10 +8,12 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from workloads.kind import KindParams, TrialContext, TrialKind, TrialOutput
-from workloads.training.params import TrainingParams
+from workloads.registry import KINDS
+from workloads.training.params import TrainingParams, worker_resources
 from workloads.training.tables import TABLES, build_tables
 
 
+@KINDS.register
 class TrainingKind(TrialKind):
     """Distributed training with gradient compression (DESIGN.md "Training trials")."""
 
@@ -31,10 +33,10 @@ class TrainingKind(TrialKind):
         """The trial actor only drives the trainer; the Train workers hold the resources."""
         return {"num_cpus": 0}
 
-    def footprint(self, params: KindParams, resources: dict[str, float]) -> dict[str, float]:
-        """num_workers x the grid's per-worker resources."""
+    def worker_bundles(self, params: KindParams, resources: dict[str, float]) -> list[dict[str, float]]:
+        """One bundle per Ray Train worker: the grid's per-worker resources, with the GPU `use_gpu` adds."""
         assert isinstance(params, TrainingParams)
-        return {k: v * params.num_workers for k, v in resources.items()}
+        return [worker_resources(params, resources)] * params.num_workers
 
     def check_cluster(self, params: KindParams, nodes: list[dict[str, float]]) -> None:
         """Several nodes: Ray Train's checkpoints need a storage_path that every node reaches."""

@@ -87,3 +87,14 @@ class TrainingParams(KindParams):
     def checkpoint_interval(self) -> int:
         """Steps between checkpoints."""
         return self.checkpoint_every or self.eval_every
+
+
+def worker_resources(params: TrainingParams, resources: dict[str, float]) -> dict[str, float]:
+    """One Ray Train worker's resources (grid names): at least one CPU, and one GPU under `use_gpu` unless set."""
+    per_worker = {k: float(v) for k, v in resources.items() if v}
+    if params.use_gpu:
+        per_worker.setdefault("num_gpus", 1.0)
+    else:
+        per_worker.pop("num_gpus", None)
+    per_worker.setdefault("num_cpus", 1.0)
+    return per_worker

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from workloads.training.loop import WorkerEnv, load_rank_state, run_worker
-from workloads.training.params import TrainingParams
+from workloads.training.params import TrainingParams, worker_resources
 
 RUN_NAME = "train"
 
@@ -94,12 +94,7 @@ def fit(
 
     from workloads.training.process_group import LoopbackTorchConfig
 
-    per_worker = ray_resources(resources)
-    if params.use_gpu:
-        per_worker.setdefault("GPU", 1.0)
-    else:
-        per_worker.pop("GPU", None)
-    per_worker.setdefault("CPU", 1.0)
+    per_worker = ray_resources(worker_resources(params, resources))
     storage_path, run_name = storage(params, workdir, trial_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
