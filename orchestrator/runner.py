@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ class TrialJob:
     resources: dict[str, float]
     group_key: str
     workdir: str
+    # Live metrics callback (orchestrator.live.LiveReporter); None: no live metrics.
+    report: Callable[..., None] | None = None
 
 
 @dataclass
@@ -106,8 +109,10 @@ class TrialRunner:
                 attempt=job.attempt,
                 workdir=workdir,
                 resources=job.resources,
+                **({"report": job.report} if job.report is not None else {}),
             )
             output = kind.run(self._session, params, ctx)
+            getattr(job.report, "flush", lambda: None)()
             return TrialResult(
                 trial_id=job.trial_id,
                 state="done",

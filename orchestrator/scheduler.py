@@ -21,6 +21,7 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from orchestrator import provenance
 from orchestrator.expand import Trial, flatten, resolve_paths
+from orchestrator.live import LiveChannel
 from orchestrator.runner import TrialJob, TrialResult, TrialRunner
 from orchestrator.spec import GridSpec
 from orchestrator.store import TERMINAL_STATES, ExperimentStore, ParamColumns, atomic_write_bytes
@@ -128,6 +129,7 @@ class Submission:
         self.manifest: dict[str, Any] = {}
         self.submission: dict[str, Any] = {}
         self.logger: BackgroundLogger | None = None
+        self.live: LiveChannel | None = None
         self._durations: list[float] = []
         self._footprints: dict[str, dict[str, float]] = {}
         self._capacity_cache: dict[str, float] = {}
@@ -305,6 +307,7 @@ class Submission:
             resources=trial.resources,
             group_key=trial.group_key,
             workdir=str(self.store.workdir(trial.trial_id).resolve()),
+            report=self.live.reporter(trial.trial_id) if self.live else None,
         )
         slot.trial, slot.started, slot.footprint = trial, time.time(), footprint
         slot.session_key = trial.group_key
@@ -470,6 +473,7 @@ class Submission:
         """Run every pending trial; Ctrl-C cancels the running ones and records them."""
         self._open_manifest()
         self._start_tracking()
+        self.live = LiveChannel(self.spec.experiment)
         interrupted = False
         try:
             while self.pending or self._running_slots():
@@ -487,6 +491,7 @@ class Submission:
                     self._mark_ready()
                     self._check_timeouts()
                 if self.logger is not None:
+                    self.logger.submit_live(self.live.poll())
                     self._collect_tracking(self.logger.drain())
                 if self._manifest_dirty:
                     self._save()
@@ -501,6 +506,9 @@ class Submission:
             self.submission["status"] = "interrupted" if interrupted else "finished"
             self.submission["ended_at"] = time.time()
             self._save(force=True)
+            live = self.live.close()
+            if self.logger is not None:
+                self.logger.submit_live(live)
             tracking_error = self._close_tracking(interrupted)
         counts = self.counts()
         self.progress.update(counts, time.time() - self._start, 0.0)

@@ -42,7 +42,7 @@ class TrainingKind(TrialKind):
 
         assert isinstance(params, TrainingParams)
         start = time.perf_counter()
-        states = fit(params, ctx.workdir, ctx.resources)
+        states = fit(params, ctx.workdir, ctx.resources, ctx.report)
         tables = build_tables(params, states, time.perf_counter() - start)
         summary = tables["train_summary"].to_pylist()[0]
         ctx.report({k: float(v) for k, v in summary.items() if isinstance(v, int | float) and v is not None})
