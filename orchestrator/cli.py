@@ -109,6 +109,7 @@ def validate(grid: Path) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the expanded trials and run nothing.")
 @click.option("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--no-dashboard", is_flag=True, help="Embedded Ray without its dashboard (faster start).")
+@click.option("--dashboard-port", type=int, default=8265, show_default=True, help="Embedded Ray's dashboard port.")
 @click.option("--num-cpus", type=float, default=None, help="CPUs the embedded Ray offers (default: all).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
 @click.option("--remote-results", default="~/orch-results", show_default=True,
@@ -121,6 +122,7 @@ def submit(
     dry_run: bool,
     address: str | None,
     no_dashboard: bool,
+    dashboard_port: int,
     num_cpus: float | None,
     tracking_uri: str | None,
     remote_results: str,
@@ -154,7 +156,9 @@ def submit(
 
     store = ExperimentStore(results, spec.experiment)
     progress = TerminalProgress()
-    dashboard = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
+    dashboard = cluster.connect(
+        ClusterOptions(address=address, dashboard=not no_dashboard, dashboard_port=dashboard_port, num_cpus=num_cpus)
+    )
     # `kill` and Ray's job stop send SIGTERM: stop as cleanly as on Ctrl-C. Set after connecting,
     # because ray.init installs a SIGTERM handler of its own that ends the process at once.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

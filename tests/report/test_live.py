@@ -70,8 +70,9 @@ def test_interval_monitor_reports_per_interval_changes() -> None:
     first.first_token_s, first.token_times_s = 0.2, [0.2, 0.3, 0.4]
     first.finish_s = 0.4
     second.first_token_s, second.token_times_s = 0.5, [0.5]
-    transport.steps.append({"kv_bytes_device": 4096, "kv_bytes_host": 0})
+    transport.steps += [{"kv_bytes_device": 4096, "kv_bytes_host": 0}, {"kv_bytes_device": 0, "kv_bytes_host": 0}]
     monitor.tick(0.5)
+    transport.steps.append({"kv_bytes_device": 1024, "kv_bytes_host": 0})
     second.token_times_s += [0.6, 0.7]
     second.finish_s = 0.7
     monitor.tick(0.5)
@@ -82,6 +83,7 @@ def test_interval_monitor_reports_per_interval_changes() -> None:
     # Only what changed: the second request finished with two more tokens; no new first token.
     assert two["requests_per_s"] == pytest.approx(2.0) and two["output_tokens_per_s"] == pytest.approx(4.0)
     assert two["ttft_s"] == [] and "ttft_ms_mean" not in two and two["completed"] == 2
+    assert two["kv_bytes_device"] == 1024  # the peak of this interval's steps only
 
 
 def test_reporter_pickles_without_its_connections() -> None:

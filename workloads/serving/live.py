@@ -3,7 +3,7 @@
 Works with any transport that exposes ``live_records()`` (the records of the load in flight,
 filled in as tokens arrive) and ``engine_steps()``; the in-process transport does. Each
 interval reports completed requests/s, output tokens/s, the TTFTs of requests whose first
-token arrived, their mean, and the KV bytes in use at the last engine step.
+token arrived, their mean, and the peak KV bytes in use over the interval's engine steps.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class IntervalMonitor:
         self._completed = 0
         self._tokens = 0
         self._interval = 0
+        self._steps_seen = 0
 
     def __enter__(self) -> IntervalMonitor:
         if hasattr(self.transport, "live_records"):
@@ -57,7 +58,8 @@ class IntervalMonitor:
             if r.first_token_s is not None and r.send_s is not None and r.request_id not in self._seen_first:
                 self._seen_first.add(r.request_id)
                 ttfts.append(r.first_token_s - r.send_s)
-        steps = self.transport.engine_steps()
+        steps = self.transport.engine_steps()[self._steps_seen :]
+        self._steps_seen += len(steps)
         record: dict[str, Any] = {
             "requests_per_s": (completed - self._completed) / elapsed_s,
             "output_tokens_per_s": (tokens - self._tokens) / elapsed_s,
@@ -66,9 +68,9 @@ class IntervalMonitor:
         }
         if ttfts:
             record["ttft_ms_mean"] = 1000 * sum(ttfts) / len(ttfts)
-        if steps:
-            record["kv_bytes_device"] = steps[-1].get("kv_bytes_device")
-            record["kv_bytes_host"] = steps[-1].get("kv_bytes_host")
+        if steps:  # the interval's peak: a sample at the tick alone often finds the cache between requests
+            record["kv_bytes_device"] = max(s.get("kv_bytes_device") or 0 for s in steps)
+            record["kv_bytes_host"] = max(s.get("kv_bytes_host") or 0 for s in steps)
         self._completed, self._tokens = completed, tokens
         self._interval += 1
         self.report(record, self._interval)
