@@ -40,6 +40,8 @@ demo: setup vllm-env
 	$(BIN)/orch submit grids/quickstart-training.yaml --results results
 	$(BIN)/orch report quickstart-serving --results results
 	$(BIN)/orch report quickstart-training --results results
+	$(BIN)/orch report quickstart-serving --results results --format html
+	$(BIN)/orch report quickstart-training --results results --format html
 
 test: setup vllm-env
 	$(BIN)/ruff check .
