@@ -54,8 +54,19 @@ def _series_label(keys: Any, columns: Sequence[str]) -> str:
     return ", ".join(f"{c}={k}" for c, k in zip(columns, keys, strict=True))
 
 
+def _distinguishing(frame: pd.DataFrame, series: list[str]) -> list[str]:
+    """The series axes minus those another determines (zip partners): shorter labels, same groups."""
+    keep = list(series)
+    for column in reversed(series):  # the grid's later axes go first: earlier ones name things
+        rest = [c for c in keep if c != column]
+        if rest and frame.groupby(rest, dropna=False).ngroups == frame.groupby(keep, dropna=False).ngroups:
+            keep = rest
+    return keep
+
+
 def _groups(frame: pd.DataFrame, series: list[str]) -> list[tuple[str, pd.DataFrame]]:
     """(label, rows) per series, in order of first appearance; one unnamed group without series."""
+    series = _distinguishing(frame, series)
     if not series:
         return [("", frame)]
     grouped = frame.groupby(series, sort=False, dropna=False)

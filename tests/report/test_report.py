@@ -118,3 +118,16 @@ def test_cli_report_terminal_unchanged(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["report", "serve", "--results", str(tmp_path)])
     assert result.exit_code == 0 and "serving_summary" in result.output and "ttft_ms_p99" in result.output
     assert not (tmp_path / "serve" / "report").exists()
+
+
+def test_zip_partners_do_not_lengthen_series_labels(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from orchestrator.report.figures import _groups
+
+    frame = pd.DataFrame({"backend": ["full", "h2o", "full", "h2o"], "transport": ["http", "inprocess"] * 2,
+                          "kv_budget": [1.0, 1.0, 0.5, 0.5]})
+    assert [label for label, _ in _groups(frame, ["backend", "transport"])] == ["full", "h2o"]
+    labels = [label for label, _ in _groups(frame, ["backend", "transport", "kv_budget"])]
+    assert labels == ["backend=full, kv_budget=1.0", "backend=h2o, kv_budget=1.0", "backend=full, kv_budget=0.5",
+                      "backend=h2o, kv_budget=0.5"]
