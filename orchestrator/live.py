@@ -113,14 +113,14 @@ class LiveChannel:
         """Records that arrived since the last poll (never waits longer than ``timeout_s``)."""
         if self._sink is None:
             return []
-        if self._pending is None:
-            self._pending = self._sink.drain.remote()
-        ready, _ = ray.wait([self._pending], timeout=timeout_s)
-        if not ready:
-            return []
         try:
+            if self._pending is None:
+                self._pending = self._sink.drain.remote()
+            ready, _ = ray.wait([self._pending], timeout=timeout_s)
+            if not ready:
+                return []
             records = ray.get(self._pending)
-        except Exception:  # the sink died: stop listening, keep running trials
+        except Exception:  # the sink (or Ray) is gone: stop listening, keep running trials
             self._sink = None
             records = []
         self._pending = None
@@ -130,6 +130,9 @@ class LiveChannel:
         """The last records, then stop the sink."""
         records = self.poll(timeout_s=5.0)
         if self._sink is not None:
-            ray.kill(self._sink)
+            try:
+                ray.kill(self._sink)
+            except Exception:  # already gone with its cluster
+                pass
             self._sink = None
         return records

@@ -21,12 +21,14 @@ from typing import Any
 import pyarrow as pa
 
 from orchestrator.expand import flatten
+from orchestrator.manifest import Manifest
 from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore
 
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
 STEP_TABLE_SUFFIXES = ("_steps", "_evals")
 ID_COLUMNS = frozenset({"step", "rank", "epoch", "request_id", "t_s"})
+KEY_COLUMNS = ("split", "model")  # string columns of step tables that prefix metric names
 RUN_STATUS = {"done": "FINISHED", "failed": "FAILED", "timeout": "FAILED", "cancelled": "KILLED"}
 TRIAL_TAG = "orch.trial_id"
 
@@ -67,11 +69,7 @@ def step_metrics(table: pa.Table) -> list[tuple[str, float, int]]:
     if "step" not in table.column_names:
         return []
     numeric = _numeric(table)
-    prefixes = [
-        f.name
-        for f in table.schema
-        if pa.types.is_string(f.type) and f.name in {"split", "model", "policy", "phase"}
-    ]
+    prefixes = [f.name for f in table.schema if pa.types.is_string(f.type) and f.name in KEY_COLUMNS]
     out: list[tuple[str, float, int]] = []
     for row in table.to_pylist():
         if row.get("rank") not in (None, 0):
@@ -195,6 +193,7 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id
         if record.get("error"):
             tags["orch.error"] = str(record["error"])[:5000]
+        tags.update({f"orch.env.{k}": str(v)[:5000] for k, v in (record.get("environment") or {}).items() if v is not None})
         if live_run_id:
             run_id = live_run_id
             for key, value in tags.items():
@@ -294,3 +293,23 @@ class BackgroundLogger:
         self._todo.put(None)
         self._thread.join(timeout_s)
         return self.drain()
+
+
+def sync_experiment(tracker: Tracker, manifest: Manifest) -> int:
+    """Log every finished, unsynced trial of an experiment (``orch sync``); returns how many were logged."""
+    todo = manifest.unsynced()
+    existing = tracker.existing_runs() if todo else {}
+    parents: dict[int, str | None] = {}
+    for trial_id, entry in todo:
+        index = entry.get("submission", len(manifest.submissions) - 1)
+        submission = manifest.submissions[index]
+        if index not in parents:
+            if not submission.get("parent_run_id"):
+                submission["parent_run_id"] = tracker.start_parent(submission)
+                tracker.end_parent(submission["parent_run_id"], "FINISHED")
+            parents[index] = submission["parent_run_id"]
+        duration = entry["end_s"] - entry["start_s"] if entry.get("end_s") and entry.get("start_s") else None
+        run_id = tracker.log_trial(trial_id, dict(entry, duration_s=duration), parents[index], existing.pop(trial_id, []))
+        manifest.update(trial_id, synced=True, mlflow_run_id=run_id, sync_error=None)
+        manifest.save(force=True)
+    return len(todo)

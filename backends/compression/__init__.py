@@ -1,14 +1,16 @@
 """Gradient compression (GRACE's split): Compressor, Memory (error feedback), Communicator.
 
 Public API:
-- ``CompressionConfig``: typed knobs; ``COMPRESSORS``: registry name -> class.
+- ``CompressionConfig``: typed knobs (the grid's ``compressor`` section); ``COMPRESSORS``: name -> class.
 - ``build_compressor(config, rank)``; ``build_applier(config, model, group)`` -> ``GradientApplier``
   (``after_backward(model)``, ``take_stats()``, ``state_dict()`` / ``load_state_dict()``).
 - ``GradientSync``: compensate -> compress -> collective -> decompress -> residual, for one tensor.
 - ``Communicator`` and the byte model ``ring_allreduce_bytes`` / ``allgather_bytes``.
 """
 
-from backends.compression import a2sgd, dense, fp16, powersgd, qsgd, topk  # noqa: F401  (register)
+import importlib
+import pkgutil
+
 from backends.compression.apply import (
     FlatApplier,
     GradientApplier,
@@ -34,6 +36,11 @@ from backends.compression.communicator import (
 )
 from backends.compression.memory import Memory, ResidualMemory
 from backends.compression.sync import GradientSync, SyncStats
+
+# Every module of this package is imported once, so each compressor's ``@COMPRESSORS.register``
+# runs: adding a compressor is adding its module, with no list to keep.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "COMPRESSORS",

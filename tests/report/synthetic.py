@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from orchestrator.expand import flatten, trial_id_for
 from orchestrator.store import ExperimentStore, ParamColumns
-from workloads.serving.tables import TABLES as SERVING_TABLES
+from workloads.serving.metrics.tables import TABLES as SERVING_TABLES
 from workloads.training.tables import TABLES as TRAINING_TABLES
 
 BACKENDS = ("full", "h2o")

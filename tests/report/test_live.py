@@ -11,7 +11,7 @@ import pytest
 from orchestrator import telemetry
 from orchestrator.live import LiveReporter
 from workloads.serving.live import IntervalMonitor
-from workloads.serving.transport import RequestRecord
+from workloads.serving.transports.base import RequestRecord
 
 
 @dataclass

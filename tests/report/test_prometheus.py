@@ -81,7 +81,7 @@ def test_prometheus_finds_orch_metrics_during_a_grid(workdir: Path) -> None:
         # Ray reports custom metrics every 10 s by default; a short grid needs them sooner.
         env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_metrics_report_interval_ms="1000")
         submit = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(workdir / "grid.yaml"),
-                                 "--results", str(workdir / "results"), "--dashboard-port", str(_free_port())], cwd=REPO, env=env, capture_output=True, text=True,
+                                 "--results", str(workdir / "results")], cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=600)
         assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
         time.sleep(2)  # the last scrape

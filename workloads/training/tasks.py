@@ -53,9 +53,13 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, split: str, max_batches: int | None) -> EvalResult:
         """Loss and quality of ``model`` on ``split``."""
 
-    def reset_state(self) -> None:
-        """Forget recurrent state (start of an epoch, after a restore); stateless tasks keep none."""
-        return None
+    def state_dict(self) -> dict[str, Any]:
+        """State carried between steps that a resumed run needs (recurrent state); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict returned."""
+        del state
 
     def baseline(self) -> dict[str, float]:
         """Reference quality a trained model must beat (e.g. the unigram perplexity)."""
@@ -92,9 +96,13 @@ class LanguageModelTask(Task):
             self._epoch_rows = (epoch, grid[self.rank :: self.world_size].to(self.device))
         return self._epoch_rows[1]
 
-    def reset_state(self) -> None:
-        """Drop the carried LSTM state."""
-        self.hidden = None
+    def state_dict(self) -> dict[str, Any]:
+        """The LSTM state carried into the next window (a resumed run continues bit-identically)."""
+        return {"hidden": None if self.hidden is None else tuple(h.detach() for h in self.hidden)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Carry the saved LSTM state on."""
+        self.hidden = state.get("hidden")
 
     def loss(self, model: nn.Module, epoch: int, index: int) -> tuple[torch.Tensor, int]:
         """Mean token cross-entropy of the next bptt window (state detached between windows)."""

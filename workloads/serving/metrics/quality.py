@@ -1,6 +1,6 @@
 """Output quality of a lossy cache policy against the full cache, on real text.
 
-Both engines see the same passages of the shipped corpus (workloads/serving/corpus.py):
+Both engines see the same passages of the shipped corpus (workloads/serving/load/corpus.py):
 - perplexity: teacher-forced log-probs of each passage's continuation after its prompt,
   computed with ``engine.score`` (the policy applied exactly as in decoding);
   ``ppl = exp(total NLL / scored tokens)``, ``ppl_ratio = ppl(policy) / ppl(full)``;
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from workloads.serving.corpus import text_passages
+from workloads.serving.load.corpus import text_passages
 from workloads.serving.params import QualityParams
 
 # Quality passages come from their own seed, independent of the load's prompts.

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from workloads.serving.transport import RequestRecord, RequestSpec
+from workloads.serving.transports.base import RequestRecord, RequestSpec
 
 # How long an idle engine loop waits on the inbox before re-checking (seconds).
 _IDLE_POLL_S = 0.05

@@ -25,7 +25,11 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from workloads.serving.transport import RequestRecord, RequestSpec
+from workloads.serving.transports.base import RequestRecord, RequestSpec
+from workloads.serving.transports.open_loop import run_open_loop
+
+# What fails one request (not the trial): the server's errors, broken streams, bad JSON, timeouts.
+SEND_ERRORS = (TimeoutError, aiohttp.ClientError, ValueError, OSError)
 
 
 class StepSampler(Protocol):
@@ -70,32 +74,6 @@ def _sse_payloads(line: str) -> str | None:
     return line[len("data:"):].strip()
 
 
-async def _one_request(
-    client: aiohttp.ClientSession,
-    target: HttpTarget,
-    spec: RequestSpec,
-    t0: float,
-    gate: asyncio.Semaphore | None,
-) -> RequestRecord:
-    """Wait for the request's arrival time, send it, and time every streamed chunk."""
-    record = RequestRecord(request_id=spec.request_id, arrival_s=spec.arrival_s)
-    delay = t0 + spec.arrival_s - time.perf_counter()
-    if delay > 0:
-        await asyncio.sleep(delay)
-    if gate is not None:
-        await gate.acquire()
-    try:
-        await _stream_into(client, target, spec, t0, record)
-    except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as exc:
-        record.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        if gate is not None:
-            gate.release()
-    if record.error is None and record.output_tokens == 0:
-        record.error = "no tokens received"
-    return record
-
-
 async def _stream_into(
     client: aiohttp.ClientSession, target: HttpTarget, spec: RequestSpec, t0: float, record: RequestRecord
 ) -> None:
@@ -122,13 +100,8 @@ async def _stream_into(
                 return
             choices = data.get("choices") or []
             if choices:
-                choice = choices[0]
                 chunks_with_choice += 1
-                if record.first_token_s is None:
-                    record.first_token_s = now
-                record.finish_s = now
-                record.token_times_s.append(now)
-                record.output_token_ids.extend(int(t) for t in choice.get("token_ids") or ())
+                record.add_arrival(now, choices[0].get("token_ids") or ())
             usage = data.get("usage")
             if usage:
                 usage_tokens = usage.get("completion_tokens")
@@ -147,14 +120,15 @@ async def run_schedule(
     target: HttpTarget, requests: list[RequestSpec], max_concurrency: int | None
 ) -> list[RequestRecord]:
     """Send every request at its arrival time (open loop); one record per request, in order."""
-    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     connections = max_concurrency or max(1, len(requests))
     timeout = aiohttp.ClientTimeout(total=target.request_timeout_s, connect=30.0)
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as client:
-        t0 = time.perf_counter()
-        tasks = [_one_request(client, target, spec, t0, gate) for spec in requests]
-        return list(await asyncio.gather(*tasks))
+
+        async def send(spec: RequestSpec, t0: float, record: RequestRecord) -> None:
+            await _stream_into(client, target, spec, t0, record)
+
+        return await run_open_loop(requests, max_concurrency, send, errors=SEND_ERRORS)
 
 
 def _run_coroutine_blocking(make: Callable[[], Any]) -> Any:

@@ -9,6 +9,7 @@ Ray Serve deployment alike), so every backend is measured by the same code.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +40,14 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
+
+    def add_arrival(self, now_s: float, token_ids: Iterable[int] = ()) -> None:
+        """One streamed output (a chunk of one or more tokens) arrived at ``now_s``."""
+        if self.first_token_s is None:
+            self.first_token_s = now_s
+        self.finish_s = now_s
+        self.token_times_s.append(now_s)
+        self.output_token_ids.extend(int(t) for t in token_ids)
 
 
 class Transport(Protocol):

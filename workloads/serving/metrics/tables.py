@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from workloads.serving.metrics import LATENCY_METRICS
+from workloads.serving.metrics.latency import LATENCY_METRICS
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 _META = {b"schema_version": SCHEMA_VERSION.encode()}
 LATENCY_STATS = ("mean", "median", "std", "p50", "p90", "p99")
 
@@ -57,6 +57,7 @@ SERVING_SUMMARY = _schema(
     [
         pa.field("backend", pa.string()),
         pa.field("transport", pa.string()),  # the one used (`transport: auto` resolved)
+        pa.field("block_size", pa.int64()),  # KV block size the engine used (its default if not set)
         pa.field("num_requests", pa.int64()),
         pa.field("completed", pa.int64()),
         pa.field("failed", pa.int64()),

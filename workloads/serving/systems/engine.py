@@ -13,9 +13,13 @@ import socket
 import uuid
 from typing import Any
 
-from workloads.serving.inprocess_transport import InProcessTransport
+from backends.kvcache.policies import POLICIES
 from workloads.serving.params import ServingParams
-from workloads.serving.transport import Transport
+from workloads.serving.systems.registry import SYSTEMS
+from workloads.serving.transports.base import Transport
+from workloads.serving.transports.engine_inprocess import InProcessTransport
+from workloads.serving.transports.http import HttpTarget, HttpTransport
+from workloads.serving.transports.prometheus import PrometheusStepSampler
 
 
 def policy_params_for(policy: str, params: ServingParams) -> dict[str, Any]:
@@ -25,9 +29,7 @@ def policy_params_for(policy: str, params: ServingParams) -> dict[str, Any]:
     full, h2o and streaming alike); each policy gets the knobs it has. Misspelled knobs never
     get here: ``PolicyParams`` rejects unknown keys.
     """
-    from backends.kvcache.policies import POLICIES
-
-    accepted = POLICIES[policy].defaults if policy in POLICIES else {}
+    accepted = POLICIES[policy].params_model.model_fields if policy in POLICIES else {}
     return {k: v for k, v in params.policy.engine_params().items() if k in accepted}
 
 
@@ -46,7 +48,7 @@ def engine_config(params: ServingParams, policy: str | None = None) -> Any:
         policy_params=policy_params_for(policy, params) if policy == params.backend.name else {},
         kv_cache_bytes=params.engine.kv_cache_bytes,
         kv_cache_blocks=params.engine.kv_cache_blocks,
-        block_size=params.engine.block_size,
+        **({"block_size": params.engine.block_size} if params.engine.block_size is not None else {}),
         max_num_seqs=params.engine.max_num_seqs,
         max_model_len=params.engine.max_model_len,
         seed=params.seed,
@@ -80,6 +82,10 @@ class EngineSystem:
     def tokenizer(self) -> Any | None:
         """The engine's tokenizer (real weights), else None."""
         return getattr(self.engine, "tokenizer", None)
+
+    def block_size(self) -> int:
+        """Tokens per KV block of the engine."""
+        return int(self.engine.config.block_size)
 
     def warm_up(self) -> None:
         """One tiny generation so the first measured step does not pay one-time set-up costs."""
@@ -118,7 +124,6 @@ class ServedEngineSystem:
         from backends.kvcache.config import ModelConfig
         from backends.kvcache.loader import resolve
         from backends.kvcache.serve import deploy
-        from backends.kvcache.vllm.metrics import PrometheusStepSampler
 
         self.name = params.backend.name
         self.params = params
@@ -131,14 +136,13 @@ class ServedEngineSystem:
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
         kv_bytes_per_token = ModelConfig.from_hf(hf, config.torch_dtype.itemsize).kv_bytes_per_token
+        self._block_size = int(config.block_size)
         self.app_name = f"orch-{self.name}-{uuid.uuid4().hex[:8]}"
         self.base_url = deploy(config, port=_free_port(), name=self.app_name)
         self._sampler = PrometheusStepSampler(f"{self.base_url}/metrics", kv_bytes_per_token)
 
     def transport(self, kind: str) -> Transport:
         """HTTP only: the engine runs in a Serve replica."""
-        from workloads.serving.http_transport import HttpTarget, HttpTransport
-
         if kind != "http":
             raise ValueError(f"this system serves backend {self.name!r} over HTTP; got transport {kind!r}")
         return HttpTransport(HttpTarget(self.base_url, self.app_name), sampler=self._sampler)
@@ -146,6 +150,10 @@ class ServedEngineSystem:
     def tokenizer(self) -> Any | None:
         """The model's tokenizer (real weights), else None."""
         return self._tokenizer
+
+    def block_size(self) -> int:
+        """Tokens per KV block of the served engine."""
+        return self._block_size
 
     def close(self) -> None:
         """Stop sampling and delete the Serve application (idempotent)."""
@@ -158,9 +166,14 @@ class ServedEngineSystem:
 
 
 def open_engine_system(params: ServingParams) -> EngineSystem | ServedEngineSystem:
-    """Factory registered in ``workloads.serving.systems.SYSTEMS`` for our engine's policies."""
+    """Our engine with the cache policy the backend names: in process, or behind Ray Serve (http)."""
     if params.transport == "http":
         return ServedEngineSystem(params)
     system = EngineSystem(params)
     system.warm_up()
     return system
+
+
+# One backend per registered cache policy: a new policy is a new backend with no edit here.
+for _policy in POLICIES:
+    SYSTEMS.register(open_engine_system, name=_policy)

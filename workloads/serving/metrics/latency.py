@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from workloads.serving.transport import RequestRecord
+from workloads.serving.transports.base import RequestRecord
 
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 # Percentile columns every summary carries (the schema is fixed); others go to serving_percentiles.

@@ -46,7 +46,7 @@ def constant_arrivals(n: int, rate: float, burstiness: float, rng: np.random.Gen
     return np.arange(n, dtype=float) / rate
 
 
-# The ``trace`` arrival is not a process: its times come from the trace file (workloads/serving/trace.py).
+# The ``trace`` arrival is not a process: its times come from the trace file (workloads/serving/load/trace.py).
 ARRIVAL_PROCESSES: dict[str, ArrivalProcess] = {
     "poisson": poisson_arrivals,
     "gamma": gamma_arrivals,

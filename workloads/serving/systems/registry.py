@@ -1,30 +1,21 @@
 """Systems under test by backend name: the registry the serving kind builds its system from.
 
-A backend is added by writing one module with a factory ``open_system(params) -> SystemUnderTest``
-and one line here; the kind and the orchestrator do not change.
+A backend is added by writing one module in this package whose factory
+``open_...(params) -> SystemUnderTest`` is decorated with ``@SYSTEMS.register(name=...)``;
+the kind and the orchestrator do not change. Our engine registers one backend per registered
+cache policy (``engine.py``); the real vLLM registers ``vllm`` (``vllm.py``).
 """
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from workloads.serving.transport import Transport
+from backends.registry import Registry, import_submodules
+from workloads.serving.transports.base import Transport
 
 if TYPE_CHECKING:
     from workloads.serving.params import ServingParams
-
-_ENGINE = "workloads.serving.engine_system:open_engine_system"
-
-# Backend name -> "module:factory". Our engine's cache policies run in process; vLLM is the real vLLM.
-SYSTEMS: dict[str, str] = {
-    "full": _ENGINE,
-    "h2o": _ENGINE,
-    "infinigen": _ENGINE,
-    "offload": _ENGINE,
-    "streaming": _ENGINE,
-    "vllm": "workloads.serving.vllm_system:open_vllm_system",
-}
 
 
 class SystemUnderTest(Protocol):
@@ -39,6 +30,10 @@ class SystemUnderTest(Protocol):
 
     def tokenizer(self) -> Any | None:
         """The system's tokenizer (real weights), else None."""
+        ...
+
+    def block_size(self) -> int | None:
+        """Tokens per KV block the running engine uses (its default when the grid set none)."""
         ...
 
     def close(self) -> None:
@@ -59,15 +54,17 @@ class ReportsMemory(Protocol):
         ...
 
 
+SystemFactory = Callable[["ServingParams"], SystemUnderTest]
+
+# Backend name -> factory; the modules of this package register themselves on the first read.
+SYSTEMS: Registry[SystemFactory] = Registry(
+    "backend", loader=lambda: import_submodules("workloads.serving.systems")
+)
+
+
 def open_system(params: ServingParams) -> SystemUnderTest:
     """Build the system named by ``params.backend.name``."""
-    name = params.backend.name
-    try:
-        target = SYSTEMS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(sorted(SYSTEMS))}") from None
-    module_name, _, factory = target.partition(":")
-    return getattr(importlib.import_module(module_name), factory)(params)
+    return SYSTEMS.get_or_raise(params.backend.name)(params)
 
 
 def vocab_size_of(system: SystemUnderTest) -> int:

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from workloads.serving.arrivals import arrival_times
-from workloads.serving.corpus import text_passages
-from workloads.serving.lengths import sample_lengths
+from workloads.serving.load.arrivals import arrival_times
+from workloads.serving.load.corpus import text_passages
+from workloads.serving.load.lengths import sample_lengths
+from workloads.serving.load.trace import TraceEntry, read_trace
 from workloads.serving.params import LoadParams
-from workloads.serving.trace import TraceEntry, read_trace
-from workloads.serving.transport import RequestSpec
+from workloads.serving.transports.base import RequestSpec
 
 DEFAULT_NUM_REQUESTS = 100
 
