@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.provenance import mixed_commits_warning
 from orchestrator.report.data import ExperimentData
 from orchestrator.report.figures import Rendered, render
 from orchestrator.report.summary import format_value, speedup_table, state_counts, summarize
@@ -94,6 +95,9 @@ def build(data: ExperimentData, columns: dict[str, list[str]] | None = None) -> 
     ]
     if submission.get("git"):
         meta.insert(4, f"git: {submission['git']}")
+    mixed = mixed_commits_warning(data.manifest)
+    if mixed:
+        meta.append(mixed)
     return Report(title=f"{data.experiment}", meta=meta, figures=render(data), sections=_sections(data, columns or {}))
 
 
