@@ -117,3 +117,24 @@ def test_training_loop_reports_every_step_and_evaluation(tmp_path: Path) -> None
     assert all(r["step_s"] > 0 and r["loss"] > 0 and "rank" not in r for _, r in steps)
     evals = [(s, r) for s, r in reported if "valid.rank0.loss" in r]
     assert [s for s, _ in evals] == [3, 6] and all(r["valid.rank0.ppl"] > 1 for _, r in evals)
+
+
+def test_open_loop_transports_expose_records_while_the_load_runs() -> None:
+    import asyncio
+
+    from workloads.serving.transports.base import RequestSpec
+    from workloads.serving.transports.open_loop import run_open_loop
+
+    live: list[RequestRecord] = []
+    seen_during: list[bool] = []
+
+    async def send(spec: RequestSpec, t0: float, record: RequestRecord) -> None:
+        record.send_s = record.first_token_s = 0.0
+        record.token_times_s.append(0.0)
+        record.output_tokens = 1
+        seen_during.append(any(r is record for r in live))  # what the transports' monitor reads
+        await asyncio.sleep(0)
+
+    specs = [RequestSpec(request_id=f"r{i}", arrival_s=0.01 * i, prompt_token_ids=[1, 2], max_tokens=1) for i in range(3)]
+    records = asyncio.run(run_open_loop(specs, None, send, live=live))
+    assert live == records and seen_during == [True, True, True]

@@ -1,7 +1,7 @@
 """Per-interval serving metrics while a load runs, through the trial's live ``report`` callback.
 
 Works with any transport that exposes ``live_records()`` (the records of the load in flight,
-filled in as tokens arrive) and ``engine_steps()``; the in-process transport does. Each
+filled in as tokens arrive) and ``engine_steps()``; every shipped transport does. Each
 interval reports completed requests/s, output tokens/s, the TTFTs of requests whose first
 token arrived, their mean, and the peak KV bytes in use over the interval's engine steps.
 """
