@@ -36,8 +36,10 @@ class TrialContext:
     workdir: Path
     # Per-trial resources from the grid (num_cpus, num_gpus, custom resources).
     resources: dict[str, float]
-    # Live progress/metrics callback (best effort; may be a no-op).
-    report: Callable[[dict[str, float]], None] = field(default=lambda _m: None)
+    # Live metrics while the trial runs (best effort; may be a no-op): report(record, step=None).
+    # Known keys feed Ray metrics (orchestrator/telemetry.py); records with a step also become
+    # MLflow step metrics during the trial. Picklable, so it can be handed to worker processes.
+    report: Callable[..., None] = field(default=lambda _record, step=None: None)
 
 
 @dataclass

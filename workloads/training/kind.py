@@ -66,7 +66,7 @@ class TrainingKind(TrialKind):
         else:
             from workloads.training.ray_train import fit
 
-            states = fit(params, ctx.workdir, ctx.resources, f"{ctx.experiment}.{ctx.trial_id}")
+            states = fit(params, ctx.workdir, ctx.resources, f"{ctx.experiment}.{ctx.trial_id}", ctx.report)
         tables = build_tables(params, states, time.perf_counter() - start)
         summary = tables["train_summary"].to_pylist()[0]
         ctx.report({k: float(v) for k, v in summary.items() if isinstance(v, int | float) and v is not None})

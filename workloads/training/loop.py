@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -24,6 +25,9 @@ from backends.compression import build_applier, mode_of
 from backends.compression.sync import wait_device
 from workloads.training.params import TrainingParams
 from workloads.training.tasks import Task, build_task
+
+# Step-row columns that identify a row rather than measure it: not sent as live metrics.
+LIVE_SKIP = frozenset({"rank", "step", "epoch", "attempt"})
 
 # Keys whose tensors are RNG states: torch.set_rng_state and Generator.set_state take CPU byte
 # tensors only, whatever device the rest of the checkpoint is loaded onto.
@@ -67,6 +71,8 @@ class WorkerEnv(ABC):
     rank: int
     world_size: int
     device: torch.device
+    # Live metrics (the trial's ``ctx.report``): rank 0 reports each step and evaluation.
+    report: Callable[..., None] = staticmethod(lambda _record, step=None: None)
 
     @abstractmethod
     def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
@@ -219,6 +225,8 @@ class TrainingRun:
                 "attempt": len(self.restarts),
             }
         )
+        if self.env.rank == 0:
+            self.env.report({k: v for k, v in self.step_rows[-1].items() if k not in LIVE_SKIP}, self.step)
 
     # ---- evaluation -------------------------------------------------------------------
     def _average(self) -> tuple[torch.Tensor, float]:
@@ -247,6 +255,7 @@ class TrainingRun:
                     {"step": self.step, "split": split, "model": label, "divergence": divergence,
                      "train_s": self.train_s, **asdict(result)}
                 )
+                self.env.report({f"{split}.{label}.{k}": v for k, v in asdict(result).items()}, self.step)
                 if label == "rank0" and split == "valid" and self.time_to_target_s is None and self._reached(result):
                     self.time_to_target_s = self.train_s
         del averaged

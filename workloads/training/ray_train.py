@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +64,15 @@ class RayTrainEnv(WorkerEnv):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: record our PID (for fault tests), then train."""
     env = RayTrainEnv()
+    if config.get("report") is not None:
+        env.report = config["report"]
     pid_dir = Path(config["workdir"]) / "pids"
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank{env.rank}.pid").write_text(str(os.getpid()))
     if env.device.type != "cuda":
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
     run_worker(TrainingParams.model_validate(config["params"]), env)
+    getattr(env.report, "flush", lambda: None)()  # the last live records
 
 
 def ray_resources(resources: dict[str, float]) -> dict[str, float]:
@@ -86,7 +90,11 @@ def storage(params: TrainingParams, workdir: Path, trial_name: str) -> tuple[str
 
 
 def fit(
-    params: TrainingParams, workdir: Path, resources: dict[str, float], trial_name: str = RUN_NAME
+    params: TrainingParams,
+    workdir: Path,
+    resources: dict[str, float],
+    trial_name: str = RUN_NAME,
+    report: Callable[..., None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the trainer to completion; returns each rank's final state (from the last checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -102,6 +110,7 @@ def fit(
             "params": params.model_dump(mode="json"),
             "workdir": str(workdir),
             "threads": max(1, int(per_worker["CPU"])),
+            "report": report,
         },
         scaling_config=ScalingConfig(
             num_workers=params.num_workers, use_gpu=params.use_gpu, resources_per_worker=per_worker
