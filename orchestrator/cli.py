@@ -187,6 +187,7 @@ def _run_here(spec: GridSpec, kind: Any, trials: list[Any], store: ExperimentSto
     progress.event(connected)
     begin = time.time()
     try:
+        cluster.check_cluster(kind, trials)
         tracker = Tracker(store, tracking_uri)
         outcome = Submission(spec, kind, trials, store, tracker, progress, grid_file=str(grid)).run()
     finally:
@@ -261,23 +262,45 @@ def status(experiment: str | None, results: Path, address: str | None) -> None:
         console.print(table)
 
 
+def _report_columns(kind_name: str) -> dict[str, list[str]]:
+    from workloads.registry import resolve_kind
+
+    try:
+        return resolve_kind(kind_name).report_columns
+    except ValueError:
+        return {}
+
+
 @main.command()
 @click.argument("experiment")
 @_results_option
-def report(experiment: str, results: Path) -> None:
-    """Summary metrics grouped by the grid's axes (mean over repeats)."""
+@click.option("--format", "fmt", type=click.Choice(["terminal", "html", "md"]), default="terminal", show_default=True,
+              help="terminal tables, or a page with figures (self-contained HTML, or Markdown beside SVG files).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the html/md page and its figures (default RESULTS/EXPERIMENT/report).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
+@click.option("--no-mlflow", is_flag=True, help="Do not log the html/md page and figures to the submission's MLflow run.")
+def report(experiment: str, results: Path, fmt: str, out: Path | None, tracking_uri: str | None, no_mlflow: bool) -> None:
+    """Summary metrics grouped by the grid's axes (mean over repeats); with --format html|md, figures too."""
     from rich.console import Console
     from rich.table import Table
 
     from orchestrator.provenance import mixed_commits_warning
     from orchestrator.report import format_value, summarize
-    from workloads.registry import resolve_kind
 
     store, manifest = _store_or_fail(results, experiment)
-    try:
-        columns = resolve_kind(manifest.kind).report_columns
-    except ValueError:
-        columns = {}
+    columns = _report_columns(manifest.kind)
+    if fmt != "terminal":
+        from orchestrator.report import page
+        from orchestrator.report.artifacts import log_report
+        from orchestrator.report.data import load_experiment
+
+        out = out or store.path / "report"
+        files = page.write(page.build(load_experiment(store), columns), out, fmt)
+        click.echo(f"report: {files[0]} ({len(files) - 1} figures)")
+        if not no_mlflow:
+            click.echo(log_report(store, files, out, tracking_uri))
+        return
     console = Console(width=250)
     counts = {k: v for k, v in manifest.counts().items() if v}
     console.print(f"[bold]{experiment}[/bold]: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
@@ -298,6 +321,35 @@ def report(experiment: str, results: Path) -> None:
             for row in rep.frame[[*rep.axes, *chunk]].itertuples(index=False):
                 table.add_row(*(format_value(v) for v in row))
             console.print(table)
+
+
+@main.command()
+@click.argument("experiment_a")
+@click.argument("experiment_b")
+@_results_option
+@click.option("--metric", "metrics", multiple=True, help="Metric to compare (repeatable); exit 1 if one regressed. "
+              "Default: the report's columns, and exit 0.")
+@click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="Relative change in the bad direction that counts as a regression (0.05 = 5%).")
+def compare(experiment_a: str, experiment_b: str, results: Path, metrics: tuple[str, ...], threshold: float) -> None:
+    """Summaries of EXPERIMENT_B against EXPERIMENT_A on their shared configurations."""
+    from orchestrator.report.compare import CompareError
+    from orchestrator.report.compare import compare as compare_experiments
+    from orchestrator.report.data import load_experiment
+    from orchestrator.report.terminal import print_comparison
+
+    store_a, manifest_a = _store_or_fail(results, experiment_a)
+    store_b, _manifest_b = _store_or_fail(results, experiment_b)
+    try:
+        result = compare_experiments(load_experiment(store_a), load_experiment(store_b), list(metrics) or None, threshold,
+                                     _report_columns(manifest_a.kind))
+    except CompareError as exc:
+        _fail(str(exc))
+    print_comparison(result, experiment_a, experiment_b, threshold)
+    regressions = result.regressions(list(metrics)) if metrics else []
+    if regressions:
+        click.echo(f"regressed beyond {threshold:.0%}: " + ", ".join(sorted({d.metric for d in regressions})), err=True)
+        sys.exit(1)
 
 
 @main.command()

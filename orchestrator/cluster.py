@@ -6,6 +6,10 @@ import os
 import socket
 from dataclasses import dataclass
 
+from orchestrator.expand import Trial
+from orchestrator.spec import SpecError
+from workloads.kind import TrialKind
+
 # Ray reads these at import/start: keep usage stats off and Ray's own traffic on 127.0.0.1.
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 DASHBOARD_PORT = 8265
@@ -87,6 +91,23 @@ def connect(options: ClusterOptions) -> str:
         return (f"embedded Ray started beside another Ray on this machine (port {options.dashboard_port} is taken); "
                 f"{where}")
     return f"embedded Ray started; {where}"
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """Each alive node's resources in the connected cluster."""
+    import ray
+
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def check_cluster(kind: TrialKind, trials: list[Trial]) -> None:
+    """Ask the kind whether this cluster can run each trial; SpecError (one line) if not."""
+    nodes = alive_nodes()
+    for trial in trials:
+        try:
+            kind.check_cluster(kind.params_model.model_validate(trial.params), nodes)
+        except ValueError as exc:
+            raise SpecError(f"trial {trial.trial_id}: {exc}") from None
 
 
 def disconnect() -> None:

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ class TrialJob:
     group_key: str
     workdir: str
     git_commit: str | None = None  # the driver's code revision, recorded with the trial's environment
+    # Live metrics callback (orchestrator.live.LiveReporter); None: no live metrics.
+    report: Callable[..., None] | None = None
 
 
 @dataclass
@@ -107,8 +110,10 @@ class TrialRunner:
                 attempt=job.attempt,
                 workdir=workdir,
                 resources=job.resources,
+                **({"report": job.report} if job.report is not None else {}),
             )
             output = kind.run(self._session, params, ctx)
+            getattr(job.report, "flush", lambda: None)()
             return TrialResult(
                 trial_id=job.trial_id,
                 state="done",

@@ -23,6 +23,7 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from orchestrator import provenance
 from orchestrator.expand import Trial, flatten, resolve_paths
+from orchestrator.live import LiveChannel
 from orchestrator.manifest import Manifest
 from orchestrator.placement import (
     ActorPool,
@@ -92,6 +93,7 @@ class Submission:
         self.manifest = Manifest.load_or_new(store)
         self.submission: dict[str, Any] = {}
         self.logger: BackgroundLogger | None = None
+        self.live: LiveChannel | None = None
         self._durations: list[float] = []
         self._needs: dict[str, TrialNeeds] = {}
         self._capacity_cache: dict[str, float] = {}
@@ -290,6 +292,7 @@ class Submission:
             group_key=trial.group_key,
             workdir=str(self.store.workdir(trial.trial_id).resolve()),
             git_commit=self.submission.get("git"),
+            report=self.live.reporter(trial.trial_id) if self.live else None,
         )
         slot.ref = slot.actor.run.remote(job)
 
@@ -442,6 +445,7 @@ class Submission:
         self.check_placeable()
         self._open_manifest()
         self._start_tracking()
+        self.live = LiveChannel(self.spec.experiment)
         status, error = "finished", None
         try:
             while self.pending or self.pool.running():
@@ -451,6 +455,7 @@ class Submission:
                 self._start_reserved()
                 self._check_timeouts()
                 if self.logger is not None:
+                    self.logger.submit_live(self.live.poll())
                     self._collect_tracking(self.logger.drain())
                 if self.manifest.dirty:
                     self.manifest.save()
@@ -471,6 +476,9 @@ class Submission:
                 self.manifest.save(force=True)
             except OSError as exc:
                 error = error or f"could not save the manifest: {exc}"
+            live = self.live.close()
+            if self.logger is not None:
+                self.logger.submit_live(live)
             tracking_error = self._close_tracking(status == "interrupted" or error is not None)
         counts = self.counts()
         self.progress.update(counts, time.time() - self._start, 0.0)

@@ -36,8 +36,10 @@ class TrialContext:
     workdir: Path
     # Per-trial resources from the grid (num_cpus, num_gpus, custom resources).
     resources: dict[str, float]
-    # Live progress/metrics callback (best effort; may be a no-op).
-    report: Callable[[dict[str, float]], None] = field(default=lambda _m: None)
+    # Live metrics while the trial runs (best effort; may be a no-op): report(record, step=None).
+    # Known keys feed Ray metrics (orchestrator/telemetry.py); records with a step also become
+    # MLflow step metrics during the trial. Picklable, so it can be handed to worker processes.
+    report: Callable[..., None] = field(default=lambda _record, step=None: None)
 
 
 @dataclass
@@ -82,6 +84,11 @@ class TrialKind(ABC):
             for key, value in bundle.items():
                 total[key] = total.get(key, 0.0) + value
         return total
+
+    def check_cluster(self, params: KindParams, nodes: list[dict[str, float]]) -> None:
+        """Refuse, at submit time, a trial this cluster cannot run: raise ValueError with one line
+        saying what is missing. ``nodes``: each alive node's resources. Default: accept."""
+        del params, nodes
 
     def open(self, params: KindParams) -> Any:
         """Build what trials of one engine group share (e.g. a loaded model). Default: nothing."""
