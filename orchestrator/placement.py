@@ -194,8 +194,9 @@ class Slot:
 class ActorPool:
     """Runner actors by shape; idle ones are reused, preferring an open session of the trial's engine group."""
 
-    def __init__(self, runner_cls: Any):
+    def __init__(self, runner_cls: Any, kind: str):
         self.runner_cls = runner_cls
+        self.kind = kind
         self.slots: list[Slot] = []
 
     def running(self) -> list[Slot]:
@@ -222,7 +223,7 @@ class ActorPool:
         """Start an actor of ``shape`` in a placement group of its own."""
         resources = dict(shape)
         group = reserve([resources])
-        actor = self.runner_cls.options(**actor_options(resources, group)).remote()
+        actor = self.runner_cls.options(**actor_options(resources, group)).remote(self.kind)
         slot = Slot(actor=actor, shape=shape, group=group, ready_ref=actor.where.remote(), created=now)
         self.slots.append(slot)
         return slot

@@ -67,8 +67,13 @@ def _one_line(exc: BaseException) -> str:
 class TrialRunner:
     """Ray actor body (wrapped with ``ray.remote`` by the scheduler with each trial's resources)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str | None = None) -> None:
         self._kinds: dict[str, TrialKind] = {}
+        if kind is not None:  # import it now, before the actor reports ready and a trial's timeout starts
+            try:
+                self._kind(kind)
+            except Exception:  # run() reports it as the trial's error
+                pass
         self._session: Any = None
         self._session_key: tuple[str, str] | None = None
         self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()

@@ -86,7 +86,7 @@ class Submission:
         self.refresh_s = refresh_s
         self.placement_wait_s = placement_wait_s
         self.param_columns = ParamColumns.from_params([flatten(t.params) for t in trials])
-        self.pool = ActorPool(ray.remote(TrialRunner))
+        self.pool = ActorPool(ray.remote(TrialRunner), spec.kind)
         self.pending: deque[Trial] = deque()
         self.attempts: dict[str, int] = {}
         self.telemetry = Telemetry(spec.experiment)
