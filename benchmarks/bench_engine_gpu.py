@@ -12,6 +12,7 @@ Imports only ``backends.kvcache`` (and transformers), so it runs on a bare GPU h
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -102,6 +103,7 @@ def bench_engine_config(model: str, policy: str, params: dict, batches: list[int
     if args.profile and policy == "full":
         profile(engine, model, vocab, args)
     del engine
+    gc.collect()  # the runner's graphs and closures form cycles: free the engine's memory now
     torch.cuda.empty_cache()
     return rows
 
@@ -190,6 +192,7 @@ def run_gpu(args) -> None:
             rows += bench_engine_config(model, policy, params, batches, args, bw, vocab)
         if not args.no_transformers:
             rows += hf_static(model, batches, args, bw)
+            gc.collect()
             torch.cuda.empty_cache()
     print("\n| model | system | batch | decode tok/s | step ms | MBU | spread | vs transformers static |")
     print("|---|---|---|---|---|---|---|---|")

@@ -42,6 +42,8 @@ class DecodeBuffers:
         self.slot_h, self.slot = pair(max_batch)
         self.len_h, self.lens = pair(max_batch)
         self.table_h, self.table = pair(max_batch, max_blocks_per_seq)
+        self.drop_h, self.drop = pair(max_batch)  # 1: drop one entry in place after this step
+        self.recent_h, self.first_recent = pair(max_batch)  # first position such a drop keeps
 
     def fill(self, seqs: list[Sequence], rows: int) -> tuple[int, ...]:
         """Stage ``seqs``' metadata in the first ``rows`` rows (extra rows are padding) and send
@@ -69,9 +71,18 @@ class DecodeBuffers:
             dev[:rows].copy_(host[:rows], non_blocking=True)
         return before
 
+    def fill_drops(self, drop: list[int], first_recent: list[int], rows: int) -> None:
+        """Stage and send which rows drop one entry in place, and the window each keeps."""
+        pad = rows - len(drop)
+        self.drop_h[:rows] = torch.tensor(drop + [0] * pad)
+        self.recent_h[:rows] = torch.tensor(first_recent + [0] * pad)
+        self.drop[:rows].copy_(self.drop_h[:rows], non_blocking=True)
+        self.first_recent[:rows].copy_(self.recent_h[:rows], non_blocking=True)
+
     def fill_padding(self, rows: int) -> None:
         """Rows that touch only the scratch slot (for warm-up and capture)."""
-        for t, v in ((self.ids, 0), (self.pos, 0), (self.slot, SCRATCH_SLOT), (self.lens, 1), (self.table, 0)):
+        for t, v in ((self.ids, 0), (self.pos, 0), (self.slot, SCRATCH_SLOT), (self.lens, 1), (self.table, 0),
+                     (self.drop, 0), (self.first_recent, 0)):
             t[:rows].fill_(v)
 
     def meta(self, rows: int, seqs: list[Sequence], before: tuple[int, ...]) -> BatchMeta:

@@ -161,6 +161,9 @@ class LLMEngine:
         for seq in prefill:
             seq.num_seen = seq.num_stored = seq.num_tokens
         self._update_peaks(self.stored_tokens())  # before eviction: the step really held these
+        for seq in self.runner.dropped:  # dropped one entry in place during the step
+            seq.num_stored -= 1
+            self.block_manager.shrink(seq, seq.num_stored)
         self._evict_all(seqs)
         for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
             seq.output_token_ids.append(tok)

@@ -43,6 +43,9 @@ class ModelRunner:
             DecodeGraphs(max_batch, lambda: self.store.k.data_ptr())
             if self.paged and cuda_graphs and device.type == "cuda" else None
         )
+        # eviction policies drop their one-entry excess inside the graph (no per-step Python work)
+        self.drop_rule = policy.drop_rule() if self.paged else None
+        self.dropped: list[Sequence] = []  # sequences whose step already dropped one entry
 
     def attend(self, layer, q, k, v, x, k_raw):
         """AttentionContext for the model: delegate to the cache policy."""
@@ -87,13 +90,32 @@ class ModelRunner:
         hidden = self.model(buf.ids[:rows].view(1, rows), buf.pos[:rows].view(1, rows), self)
         logits = self.model.logits(hidden[0])
         self.step = None
+        if self.drop_rule is not None:
+            self._drop_in_place(rows)
         return logits.argmax(dim=-1), logits
+
+    def _stage_drops(self, decode: list[Sequence], rows: int) -> None:
+        """Which rows end the step one entry over their policy's budget (they drop it in place)."""
+        kept = [self.policy.kept_tokens(s.num_seen + 1) for s in decode]  # after this step
+        drop = [int(s.num_stored + 1 - k == 1) for s, k in zip(decode, kept, strict=True)]
+        self.buffers.fill_drops(drop, [self.policy.first_protected(s.num_seen + 1) for s in decode], rows)
+        self.dropped = [s for s, d in zip(decode, drop, strict=True) if d]
+
+    def _drop_in_place(self, rows: int) -> None:
+        from backends.kvcache.kernels import ops
+
+        buf, (by_score, sink), fields = self.buffers, self.drop_rule, self.store.fields
+        ops().drop_one_in_place(self.store.k, self.store.v, fields["pos"], fields["score"] if by_score else None,
+                                buf.table[:rows], buf.lens[:rows], buf.drop[:rows], buf.first_recent[:rows],
+                                sink, self.store.block_size)
 
     def _run_graph(self, decode: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows = self.graphs.bucket(len(decode))
         captured = self.graphs.get(rows, lambda: self._graph_forward(rows),
                                    lambda: self.buffers.fill_padding(rows))
         before = self.buffers.fill(decode, rows)
+        if self.drop_rule is not None:
+            self._stage_drops(decode, rows)
         self.policy.begin_step(StepBatch(decode=self.buffers.meta(rows, decode, before), prefill=[],
                                          num_decode=len(decode)))
         captured.graph.replay()
@@ -105,6 +127,7 @@ class ModelRunner:
         """Forward one step; return the next token of each sequence (decode ones first, then
         prefill ones), greedy or teacher-forced, and the forced tokens' log-probabilities."""
         seqs = decode + prefill
+        self.dropped = []
         for s in seqs:
             self.store.ensure_blocks(s.block_table)
         cfg = self.model.cfg
@@ -129,6 +152,9 @@ class ModelRunner:
             hidden = self.model(torch.as_tensor([ids], device=dev), torch.as_tensor([positions], device=dev), self)
             logits = self.model.logits(hidden[0, torch.as_tensor(last_rows, device=dev)])
             self.step = None
+            if self.drop_rule is not None and decode and not prefill:
+                self._stage_drops(decode, len(decode))
+                self._drop_in_place(len(decode))
             if logits.device.type == "meta":  # dry run: shapes only
                 return [0] * len(seqs), [None] * len(seqs)
             greedy_t = logits.argmax(dim=-1)

@@ -84,3 +84,21 @@ def test_h2o_scores_and_evictions_equal_the_reference_path(random_hf_folder):
         runs[backend] = [eng.kept_positions(str(i)) for i in range(len(ps))]
     for a, b in zip(runs["torch"], runs["triton"], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("policy,params", [("h2o", {"kv_budget": 0.4}), ("streaming", {"kv_budget": 0.4, "sink_tokens": 2})])
+def test_drop_in_place_kernel_keeps_what_the_reference_keeps(random_hf_folder, policy, params):
+    folder, _ = random_hf_folder
+    ps = prompts(256)
+    kept, dropped = {}, 0
+    for backend in ("torch", "triton"):
+        eng = engine(folder, backend, policy, **params)
+        for i, p in enumerate(ps):
+            eng.add_request(str(i), p, 12)
+        for _ in range(7):
+            eng.step()
+            dropped += len(eng.runner.dropped)
+        kept[backend] = [[[sorted(eng.kept_positions(str(i))[layer, :, h].tolist()) for h in range(2)]
+                          for layer in range(2)] for i in range(len(ps))]
+    assert dropped > 0  # the kernel did the steady-state drops
+    assert kept["torch"] == kept["triton"]

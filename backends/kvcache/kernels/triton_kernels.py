@@ -230,3 +230,65 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     _rope[(n, heads)](x, cos, sin, y, x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0),
                       HALF=d // 2, num_warps=1)
     return y
+
+
+@triton.jit
+def _drop_one(
+    BT, LENS, DROP, FIRST_RECENT, K, V, SCORE, POS, sink,
+    stride_bt, stride_kl, stride_ks, stride_kh, stride_fl, stride_fs,
+    KVH: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BY_SCORE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    layer = (tl.program_id(1) // KVH).to(tl.int64)  # layer offsets pass 2^31 elements on large models
+    h = tl.program_id(1) % KVH
+    if tl.load(DROP + b) != 0:
+        length = tl.load(LENS + b)
+        first_recent = tl.load(FIRST_RECENT + b)
+        best = float("inf")
+        best_idx = length - 1  # nothing evictable: the last entry "moves" onto itself
+        for n0 in range(0, length, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            ok = offs < length
+            blk = tl.load(BT + b * stride_bt + offs // PAGE, mask=ok, other=0)
+            slot = blk.to(tl.int64) * PAGE + offs % PAGE
+            field = layer * stride_fl + slot * stride_fs + h
+            pos = tl.load(POS + field, mask=ok, other=0)
+            if BY_SCORE:
+                val = tl.load(SCORE + field, mask=ok, other=0.0)
+            else:
+                val = pos.to(tl.float32)
+            key = tl.where(ok & (pos < first_recent) & (pos >= sink), val, float("inf"))
+            low = tl.min(key, 0)
+            idx = n0 + tl.argmin(key, 0)
+            better = low < best
+            best_idx = tl.where(better, idx, best_idx)
+            best = tl.where(better, low, best)
+        last = length - 1
+        src = tl.load(BT + b * stride_bt + last // PAGE).to(tl.int64) * PAGE + last % PAGE
+        dst = tl.load(BT + b * stride_bt + best_idx // PAGE).to(tl.int64) * PAGE + best_idx % PAGE
+        d = tl.arange(0, D)
+        base = layer * stride_kl + h * stride_kh + d
+        tl.store(K + base + dst * stride_ks, tl.load(K + base + src * stride_ks))
+        tl.store(V + base + dst * stride_ks, tl.load(V + base + src * stride_ks))
+        fsrc = layer * stride_fl + src * stride_fs + h
+        fdst = layer * stride_fl + dst * stride_fs + h
+        tl.store(POS + fdst, tl.load(POS + fsrc))
+        if BY_SCORE:
+            tl.store(SCORE + fdst, tl.load(SCORE + fsrc))
+
+
+def drop_one_in_place(
+    k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor | None, block_table: torch.Tensor,
+    lens: torch.Tensor, drop: torch.Tensor, first_recent: torch.Tensor, sink: int, page: int,
+) -> None:
+    """For each sequence b with drop[b] != 0 and each layer and KV head: the entry with the
+    lowest key (score, or position when ``score`` is None) among those at positions in
+    [sink, first_recent[b]) is overwritten by the sequence's last entry (index lens[b] - 1).
+    k, v [L, slots, KVH, D]; pos, score [L, slots, KVH]."""
+    layers, _, kvh, d = k.shape
+    by_score = score is not None
+    _drop_one[(lens.shape[0], layers * kvh)](
+        block_table, lens, drop, first_recent, k, v, score if by_score else pos, pos, sink,
+        block_table.stride(0), k.stride(0), k.stride(1), k.stride(2), pos.stride(0), pos.stride(1),
+        KVH=kvh, D=d, PAGE=page, BLOCK_N=PAGE_TOKENS_PER_TILE, BY_SCORE=by_score, num_warps=1,
+    )

@@ -116,6 +116,16 @@ class CachePolicy:
         """Whether a one-entry drop may go through ``eviction_key`` (entries then lose their order)."""
         return type(self).eviction_key is not CachePolicy.eviction_key
 
+    def drop_rule(self) -> tuple[bool, int] | None:
+        """How a one-entry drop ranks entries, for the paged path's in-graph drop: (rank by the
+        ``score`` field rather than by position, positions below this are never dropped), or
+        None if the policy has no such rule. Positions from ``first_protected`` on are kept."""
+        return None
+
+    def first_protected(self, n_seen: int) -> int:
+        """The first position of the window a drop never touches (the recent tokens)."""
+        return n_seen
+
     def eviction_key(self, seqs: list[Sequence], slots: torch.Tensor) -> torch.Tensor:
         """Rank of every stored entry [layers, B, W, kv_heads] (lowest is evicted first) for
         sequences whose entries sit at ``slots`` [B, W]."""

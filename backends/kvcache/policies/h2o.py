@@ -69,9 +69,15 @@ class H2OPolicy(CachePolicy):
         ops().add_column_scores(q, self.store.k[layer], batch.block_table, batch.seq_lens, lse,
                                 self.store.fields["score"][layer], self.scale, batch.block_size)
 
+    def drop_rule(self):
+        return True, 0
+
+    def first_protected(self, n_seen):
+        return n_seen - self.budgets(n_seen)[1]
+
     def eviction_key(self, seqs, slots):
         # the recent window is never evicted; the others go by accumulated attention
-        first_recent = torch.tensor([s.num_seen - self.budgets(s.num_seen)[1] for s in seqs], device=slots.device)
+        first_recent = torch.tensor([self.first_protected(s.num_seen) for s in seqs], device=slots.device)
         score = self.store.fields["score"][:, slots]  # [L, B, W, KVH]
         pos = self.store.fields["pos"][:, slots]
         return torch.where(pos >= first_recent.view(1, -1, 1, 1), torch.inf, score)

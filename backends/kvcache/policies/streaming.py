@@ -36,6 +36,9 @@ class StreamingPolicy(CachePolicy):
     def on_write(self, layer, batch, k_raw):
         self.store.fields["pos"][layer][batch.write_slots] = batch.positions.flatten().unsqueeze(-1)
 
+    def drop_rule(self):
+        return False, int(self.params["sink_tokens"])
+
     def eviction_key(self, seqs, slots):
         # sinks are never evicted; the others oldest first
         pos = self.store.fields["pos"][:, slots]  # [L, B, W, KVH]
