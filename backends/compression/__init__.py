@@ -1,15 +1,14 @@
 """Gradient compression (GRACE's split): Compressor, Memory (error feedback), Communicator.
 
 Public API:
-- ``CompressionConfig``: typed knobs (the grid's ``compressor`` section); ``COMPRESSORS``: name -> class.
+- ``CompressionConfig``: typed knobs (the grid's ``compressor`` section); ``COMPRESSORS``: name -> class
+  (a ``backends.registry.Registry``: every module of this package is imported on its first read, so
+  a compressor is one module with ``@COMPRESSORS.register``).
 - ``build_compressor(config, rank)``; ``build_applier(config, model, group)`` -> ``GradientApplier``
   (``after_backward(model)``, ``take_stats()``, ``state_dict()`` / ``load_state_dict()``).
 - ``GradientSync``: compensate -> compress -> collective -> decompress -> residual, for one tensor.
 - ``Communicator`` and the byte model ``ring_allreduce_bytes`` / ``allgather_bytes``.
 """
-
-import importlib
-import pkgutil
 
 from backends.compression.apply import (
     FlatApplier,
@@ -36,11 +35,6 @@ from backends.compression.communicator import (
 )
 from backends.compression.memory import Memory, ResidualMemory
 from backends.compression.sync import GradientSync, SyncStats
-
-# Every module of this package is imported once, so each compressor's ``@COMPRESSORS.register``
-# runs: adding a compressor is adding its module, with no list to keep.
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "COMPRESSORS",

@@ -9,6 +9,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from backends.registry import Registry, import_submodules
+
 Collective = Literal["allreduce", "allgather"]
 Mode = Literal["hook", "flat"]
 Payload = list[torch.Tensor]
@@ -33,7 +35,7 @@ class CompressionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known(self) -> CompressionConfig:
-        cls = COMPRESSORS.get_class(self.name)
+        cls = COMPRESSORS.get_or_raise(self.name)
         if self.mode == "flat" and cls.hook_only:
             raise ValueError(f"{self.name} runs only as a DDP hook (mode: hook)")
         return self
@@ -93,29 +95,14 @@ class Compressor(ABC):
         del state
 
 
-class CompressorRegistry(dict[str, type[Compressor]]):
-    """Compressors by name; a compressor module registers its class with ``@COMPRESSORS.register``."""
-
-    def register(self, cls: type[Compressor]) -> type[Compressor]:
-        """Class decorator: make a compressor available by its ``name``."""
-        if cls.name in self and self[cls.name] is not cls:
-            raise ValueError(f"two compressors are named {cls.name!r}")
-        self[cls.name] = cls
-        return cls
-
-    def get_class(self, name: str) -> type[Compressor]:
-        """The class registered as ``name``; ValueError names the allowed ones."""
-        if name not in self:
-            raise ValueError(f"unknown compressor {name!r}; allowed: {sorted(self)}")
-        return self[name]
-
-
-COMPRESSORS = CompressorRegistry()
+COMPRESSORS: Registry[type[Compressor]] = Registry(
+    "compressor", loader=lambda: import_submodules("backends.compression")
+)
 
 
 def build_compressor(config: CompressionConfig, rank: int = 0, seed: int = 0) -> Compressor:
     """Instantiate the compressor ``config.name`` for worker ``rank`` (random streams from ``seed``)."""
-    return COMPRESSORS.get_class(config.name)(config, rank, seed)
+    return COMPRESSORS.get_or_raise(config.name)(config, rank, seed)
 
 
 def error_feedback_enabled(compressor: Compressor) -> bool:
@@ -126,4 +113,4 @@ def error_feedback_enabled(compressor: Compressor) -> bool:
 
 def mode_of(config: CompressionConfig) -> Mode:
     """The config's application mode, or its compressor's default when unset."""
-    return config.mode or COMPRESSORS.get_class(config.name).default_mode
+    return config.mode or COMPRESSORS.get_or_raise(config.name).default_mode

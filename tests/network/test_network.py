@@ -149,3 +149,16 @@ def test_the_sweep_removes_networks_of_dead_owners_and_keeps_live_ones() -> None
         subprocess.run(["ip", "link", "set", "dev", dead.bridge, "alias", "orchnet owner=999999999:1"], check=True)
         assert ns_module.sweep_stale() == [dead.token]
         assert leftovers(dead.token) == [] and leftovers(live.token)
+
+
+def test_with_a_gateway_the_machine_reaches_a_host() -> None:
+    with EmulatedNetwork(["head"], subnet="10.214.0.0/24", gateway=True) as net:
+        assert net.gateway_address == "10.214.0.254"
+        server = _in(net.hosts[0], str(HERE / "helpers.py"), "echo", "5003")
+        _ready(server)
+        import socket
+
+        with socket.create_connection((net.hosts[0].address, 5003), timeout=5) as conn:
+            conn.sendall(b"x")
+            assert conn.recv(1) == b"x"
+        server.kill()

@@ -24,13 +24,6 @@ LOAD = BenchLoad(num_prompts=32, input_len=64, output_len=16, request_rate=2.0, 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama32-serve")
-    (folder / "config.json").write_text(json.dumps(TINY_SHAPE))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def endpoint(model_dir: Path):
     import ray
     from ray import serve

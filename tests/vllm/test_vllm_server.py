@@ -3,7 +3,6 @@ with vLLM's own ``vllm bench serve``, and a clean stop."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 
 from tests.vllm.bench_client import BenchLoad
 from tests.vllm.crosscheck import assert_client_agrees_with_vllm_bench
-from tests.vllm.shapes import TINY_SHAPE
 from workloads.kind import TrialContext
 from workloads.serving.kind import ServingKind, ServingSession
 from workloads.serving.params import ServingParams
@@ -36,13 +34,6 @@ def _params(model_dir: Path, **load) -> ServingParams:
         # All at once, long enough that the 0.2 s /metrics samples see requests running.
         "load": {"num_requests": 16, "request_rate": float("inf"), "input_len": 48, "output_len": 256, **load},
     })
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama32")
-    (folder / "config.json").write_text(json.dumps(TINY_SHAPE))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,8 @@ class BackendParams(Section):
     @field_validator("name")
     @classmethod
     def _known_backend(cls, name: str) -> str:
-        if name not in SYSTEMS.load():
-            raise ValueError(SYSTEMS.load().unknown(name))
+        if name not in SYSTEMS:  # reading the registry imports every system module once
+            raise ValueError(SYSTEMS.unknown(name))
         return name
 
 
@@ -73,7 +73,10 @@ def _union_of_policy_knobs() -> dict[str, Any]:
 
 # Cache-policy knobs: the union of the registered policies' own (a grid sets one section for a
 # whole backend axis; each policy gets the knobs it has). ``None`` leaves the engine's default.
-PolicyParams = create_model("PolicyParams", __base__=PolicySection, **_union_of_policy_knobs())
+PolicyParams = create_model(
+    "PolicyParams", __base__=PolicySection, __doc__="Cache-policy knobs (the union of the registered policies' own).",
+    **_union_of_policy_knobs(),
+)
 
 
 class EngineParams(Section):

@@ -44,7 +44,7 @@ class NetworkParams(KindParams):
 class TrainingParams(KindParams):
     """One training trial: workload, compressor, workers, optimizer, budget, evaluation, target."""
 
-    workload: Literal["lstm", "cnn"] = "lstm"
+    workload: str = "lstm"  # a registered task (workloads/training/tasks.py)
     compressor: CompressionConfig = CompressionConfig()
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
@@ -66,6 +66,15 @@ class TrainingParams(KindParams):
     # None ("none"): Ray Train workers on the cluster; else worker processes in namespaces on one host.
     network: NetworkParams | None = None
     seed: int = 0
+
+    @field_validator("workload")
+    @classmethod
+    def _task(cls, value: str) -> str:
+        from workloads.training.tasks import TASKS  # tasks.py builds on these params
+
+        if value not in TASKS:
+            raise ValueError(TASKS.unknown(value))
+        return value
 
     @field_validator("network", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from backends.registry import Registry
 from workloads.training.corpus import load_corpus
 from workloads.training.fashion_mnist import load_fashion_mnist
 from workloads.training.models import FashionCNN, LSTMLanguageModel
@@ -32,7 +33,9 @@ class EvalResult:
 
 
 class Task(ABC):
-    """One workload on one worker."""
+    """One workload on one worker; ``name`` is the grid's ``workload`` value."""
+
+    name: str
 
     def __init__(self, params: TrainingParams, rank: int, world_size: int, device: torch.device) -> None:
         self.params, self.rank, self.world_size, self.device = params, rank, world_size, device
@@ -66,8 +69,14 @@ class Task(ABC):
         return {}
 
 
+TASKS: Registry[type[Task]] = Registry("training workload")
+
+
+@TASKS.register
 class LanguageModelTask(Task):
     """Word-level LSTM LM on KJV; truncated BPTT with hidden state carried across batches."""
+
+    name = "lstm"
 
     def __init__(self, params: TrainingParams, rank: int, world_size: int, device: torch.device) -> None:
         super().__init__(params, rank, world_size, device)
@@ -145,8 +154,11 @@ class LanguageModelTask(Task):
         return {"unigram_ppl": self.corpus.unigram_ppl("valid")}
 
 
+@TASKS.register
 class ImageTask(Task):
     """CNN on Fashion-MNIST; each epoch a shared permutation is dealt out in equal shares."""
+
+    name = "cnn"
 
     def __init__(self, params: TrainingParams, rank: int, world_size: int, device: torch.device) -> None:
         super().__init__(params, rank, world_size, device)
@@ -194,7 +206,6 @@ class ImageTask(Task):
         return EvalResult(loss=total_loss / seen, ppl=None, accuracy=correct / seen)
 
 
-TASKS: dict[str, type[Task]] = {"lstm": LanguageModelTask, "cnn": ImageTask}
 
 
 def build_task(params: TrainingParams, rank: int, world_size: int, device: torch.device) -> Task:
