@@ -48,10 +48,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L || log "no nvidia-smi"
 log "install $WHEELHOUSE into $SITE (no index, no dependencies: the host's torch stays)"
 rm -rf "$SITE"
 PYTHON="$PYTHON" bash scripts/install_offline.sh "$WHEELHOUSE" "$SITE"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# The checkout's code first: the run measures this tree even if the wheelhouse's orch wheel is
+# older (its dist-info still supplies orch's entry points). Ray's workers inherit the path.
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$SITE/bin:$PATH"
 "$PYTHON" - <<'EOF'
 import mlflow, ray, torch, orchestrator  # noqa: F401
+print("orch code:", orchestrator.__file__)
 from importlib.metadata import version
 print("versions:", {n: version(n) for n in ("orch", "ray", "mlflow-skinny", "torch", "transformers", "pyarrow")})
 print("cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
