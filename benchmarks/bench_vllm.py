@@ -24,7 +24,7 @@ import platform
 from typing import Any
 
 from workloads.serving.load import build_load
-from workloads.serving.metrics import compute_metrics
+from workloads.serving.metrics.latency import compute_metrics
 from workloads.serving.params import ServingParams
 from workloads.serving.systems import open_system, vocab_size_of
 
@@ -72,7 +72,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from workloads.serving.vllm_system import vllm_importable
+    from workloads.serving.systems.vllm_base import vllm_importable
 
     systems = {"ours (full)": ("full", "inprocess"), "vllm serve": ("vllm", "http")}
     if vllm_importable():

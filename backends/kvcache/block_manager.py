@@ -22,11 +22,6 @@ class BlockManager:
         self.peak_used = 0
 
     @property
-    def num_free(self) -> int:
-        """Blocks not held by any sequence."""
-        return len(self._free)
-
-    @property
     def num_used(self) -> int:
         """Blocks held by sequences."""
         return self.num_blocks - len(self._free)
@@ -58,7 +53,3 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Return all of ``seq``'s blocks."""
         self.shrink(seq, 0)
-
-    def max_block_id(self) -> int:
-        """Highest block id ever in use is below this (for lazy physical allocation)."""
-        return FIRST_BLOCK + self.num_blocks

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from backends.kvcache.policies.base import attention
-from workloads.serving.corpus import text_passages
+from workloads.serving.load.corpus import text_passages
 
 BUDGET = 0.25
 TEXT_LEN, PROMPT_LEN = 96, 48

@@ -8,22 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from backends.kvcache.presets import PRESETS
 from workloads.kind import TrialContext
 
-TINY_LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "eos_token_id": 2,
-}
+# The engine's tiny preset, untied, with a shorter context (a config-only folder for tests).
+TINY_LLAMA = {**PRESETS["tiny-llama"], "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": False}
 
 
 @pytest.fixture(autouse=True)

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from workloads.serving.arrivals import arrival_times
 from workloads.serving.load import build_load
+from workloads.serving.load.arrivals import arrival_times
+from workloads.serving.load.trace import read_trace
 from workloads.serving.params import LoadParams
-from workloads.serving.trace import read_trace
 
 N = 20_000
 

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 
 from workloads.registry import resolve_kind
-from workloads.serving.engine_system import EngineSystem
 from workloads.serving.kind import ServingKind, ServingParams
 from workloads.serving.load import build_load
-from workloads.serving.tables import SCHEMA_VERSION, TABLES
+from workloads.serving.metrics.tables import SCHEMA_VERSION, TABLES
+from workloads.serving.systems.engine import EngineSystem
 
 
 def _params(model: str, **overrides) -> ServingParams:
@@ -93,6 +93,7 @@ def test_run_produces_tables_that_conform_to_the_schemas(tiny_model: str, ctx) -
     (summary,) = out.tables["serving_summary"].to_pylist()
     assert (summary["completed"], summary["failed"], summary["num_requests"]) == (12, 0, 12)
     assert summary["total_output_tokens"] == 72
+    assert params.engine.block_size is None and summary["block_size"] == 16  # our engine's default, recorded
     assert summary["total_input_tokens"] == sum(r["prompt_tokens"] for r in requests)
     assert summary["duration_s"] == pytest.approx(max(r["finish_s"] for r in requests))
     assert summary["output_throughput"] == pytest.approx(72 / summary["duration_s"])
@@ -154,7 +155,7 @@ def test_quality_of_full_against_full_is_exactly_one(ctx) -> None:
     assert 1.0 < summary["ppl"] < 1000 and summary["ppl"] == summary["ppl_ref"]
     assert not math.isnan(summary["ppl"])
     # Corpus prompts are real KJV text.
-    from workloads.serving.corpus import verses
+    from workloads.serving.load.corpus import verses
 
     load = build_load(params.load, len(tokenizer), tokenizer)
     text = load[0].prompt_text

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workloads.serving.lengths import sample_lengths
 from workloads.serving.load import build_load
+from workloads.serving.load.lengths import sample_lengths
 from workloads.serving.params import LoadParams
 
 N = 20_000

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workloads.serving.metrics import benchmark_duration, compute_metrics, request_metrics
-from workloads.serving.transport import RequestRecord
+from workloads.serving.metrics.latency import benchmark_duration, compute_metrics, request_metrics
+from workloads.serving.transports.base import RequestRecord
 
 
 def _record(rid, send, tokens, prompt, error=None, finish=None) -> RequestRecord:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tests.serving.fakes import SlowEngine
-from workloads.serving.inprocess_transport import InProcessTransport
-from workloads.serving.metrics import compute_metrics
-from workloads.serving.transport import RequestSpec
+from workloads.serving.metrics.latency import compute_metrics
+from workloads.serving.transports.base import RequestSpec
+from workloads.serving.transports.engine_inprocess import InProcessTransport
 
 
 def _load(n: int, gap_s: float, max_tokens: int = 3) -> list[RequestSpec]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from workloads.serving.engine_system import engine_config
 from workloads.serving.kind import ServingKind, ServingParams
+from workloads.serving.systems.engine import engine_config
 
 
 def test_backend_as_name_or_mapping() -> None:
@@ -56,3 +56,24 @@ def test_load_keys_cover_load_slo_quality_and_percentiles_only() -> None:
     keys = ServingKind.load_keys
     assert {"load.request_rate", "load.seed", "slo.ttft_ms", "percentiles", "quality.num_texts"} <= keys
     assert not any(k.startswith(("backend", "policy", "engine", "model")) for k in keys)
+
+
+def test_grid_policy_knobs_are_exactly_the_union_of_the_policies_own() -> None:
+    from backends.kvcache.policies import POLICIES
+    from workloads.serving.params import PolicyParams
+
+    own = set().union(*(policy.params_model.model_fields for policy in POLICIES.values()))
+    assert set(PolicyParams.model_fields) == own
+    # Each knob keeps its policy's constraints.
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        ServingParams.model_validate({"policy": {"sink_tokens": -1}})
+
+
+def test_every_policy_is_a_backend_and_its_lossy_flag_sets_the_quality_default() -> None:
+    from backends.kvcache.policies import POLICIES
+    from workloads.serving.systems import SYSTEMS
+
+    assert set(POLICIES) | {"vllm"} == set(SYSTEMS)
+    for name, policy in POLICIES.items():
+        assert ServingParams.model_validate({"backend": name, "weights": "real"}).quality_enabled() == policy.lossy
+    assert {name for name, policy in POLICIES.items() if policy.lossy} == {"h2o", "infinigen", "streaming"}

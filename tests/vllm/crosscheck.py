@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from backends.kvcache.vllm.bench_client import (
+from tests.vllm.bench_client import (
     BenchLoad,
     bench_schedule,
     run_vllm_bench,
     run_vllm_bench_alongside,
 )
-from workloads.serving.http_transport import HttpTarget, HttpTransport
 from workloads.serving.load import build_load
-from workloads.serving.metrics import ServingMetrics, compute_metrics
+from workloads.serving.metrics.latency import ServingMetrics, compute_metrics
 from workloads.serving.params import LoadParams
+from workloads.serving.transports.http import HttpTarget, HttpTransport
 
 TOLERANCE = 0.15
 RUNS = 3
@@ -126,3 +126,19 @@ def comparison_table(runs: list[tuple[ServingMetrics, dict]]) -> str:
     for key in ("ttft_ms_median", "tpot_ms_median", "output_throughput"):
         rows.append(f"{key:<20}{'all':>6}{getattr(mine, key):>10.2f}{getattr(theirs, key):>12.2f}")
     return "\n".join(rows)
+
+
+def assert_client_agrees_with_vllm_bench(base_url: str, model: str, tokenizer: str, load: BenchLoad,
+                                         vocab_size: int, tmp_path: Path) -> None:
+    """Cross-check our client against ``vllm bench serve`` on one server; fail with the differences."""
+    runs, solo = cross_check(base_url, model, tokenizer, load, vocab_size, tmp_path)
+    assert solo["completed"] == load.num_prompts
+    assert all(theirs["completed"] == ours.completed == load.num_prompts for ours, theirs in runs)
+    # We read vLLM's per-request results as vLLM does: one run pooled is its own median.
+    for run in runs:
+        theirs = pooled_theirs([run])
+        assert abs(theirs.ttft_ms_median - run[1]["median_ttft_ms"]) < 1e-6
+        assert abs(theirs.tpot_ms_median - run[1]["median_tpot_ms"]) < 1e-6
+    print(comparison_table(runs))  # shown with -s, and in docs/metrics.md
+    problems = verdict(runs)
+    assert not problems, "\n".join(problems)

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from backends.kvcache.vllm.metrics import PrometheusStepSampler, cache_shape, parse_prometheus
 from tests.vllm.fake_openai import METRICS_TEXT, FakeOpenAI
-from workloads.serving.http_transport import HttpTarget, HttpTransport, completion_body
-from workloads.serving.metrics import compute_metrics
-from workloads.serving.transport import RequestSpec
+from workloads.serving.metrics.latency import compute_metrics
+from workloads.serving.transports.base import RequestSpec
+from workloads.serving.transports.http import HttpTarget, HttpTransport, completion_body
+from workloads.serving.transports.prometheus import PrometheusStepSampler, cache_shape, parse_prometheus
 
 
 def _spec(i: int, arrival_s: float, max_tokens: int = 5, prompt: list[int] | None = None) -> RequestSpec:

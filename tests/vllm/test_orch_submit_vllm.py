@@ -32,7 +32,8 @@ def test_orch_submit_compares_our_engine_and_vllm(tmp_path: Path) -> None:
         "base": {
             "model": str(model),
             "backend": {"python": ".venv-vllm/bin/python", "startup_timeout_s": 300},  # relative to the repo
-            "engine": {"block_size": 32, "max_num_seqs": 8, "max_model_len": 256, "kv_cache_bytes": 16 << 20},
+            # No block size: each backend takes its own default on the CPU (vLLM's needs multiples of 32).
+            "engine": {"max_num_seqs": 8, "max_model_len": 256, "kv_cache_bytes": 16 << 20},
             "load": {"num_requests": 8, "request_rate": 8.0, "input_len": 32, "output_len": 8, "seed": 1},
         },
         "zip": {"backend.name": ["full", "vllm"], "transport": ["inprocess", "http"]},
@@ -55,6 +56,9 @@ def test_orch_submit_compares_our_engine_and_vllm(tmp_path: Path) -> None:
         assert summary.loc[backend, "total_output_tokens"] == 64
         assert summary.loc[backend, "ttft_ms_median"] > 0
     assert summary.loc["vllm", "transport"] == "http"
+    # The block size each engine used is recorded: ours 16, vLLM's own CPU default.
+    assert summary.loc["full", "block_size"] == 16
+    assert summary.loc["vllm", "block_size"] > 0 and summary.loc["vllm", "block_size"] % 32 == 0
     report = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", "engine-vs-vllm", "--results", str(results)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0 and "vllm" in report.stdout and "full" in report.stdout

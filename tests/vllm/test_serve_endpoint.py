@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from backends.kvcache.config import EngineConfig
-from backends.kvcache.vllm.bench_client import BenchLoad
 from backends.kvcache.vllm.model_folder import dummy_folder
 from backends.kvcache.vllm.server import free_port
-from tests.vllm.crosscheck import comparison_table, cross_check, pooled_theirs, verdict
+from tests.vllm.bench_client import BenchLoad
+from tests.vllm.crosscheck import assert_client_agrees_with_vllm_bench
 from tests.vllm.shapes import TINY_SHAPE
 
 pytestmark = pytest.mark.slow
@@ -21,13 +21,6 @@ APP = "orch-test"
 # A rate at which the server is idle when most requests arrive: TTFT is then service time, not the
 # luck of landing behind another request (docs/metrics.md, cross-check).
 LOAD = BenchLoad(num_prompts=32, input_len=64, output_len=16, request_rate=2.0, seed=0)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama32-serve")
-    (folder / "config.json").write_text(json.dumps(TINY_SHAPE))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +81,4 @@ def test_stream_matches_the_openai_format(endpoint: str) -> None:
 
 def test_vllm_bench_serve_agrees_with_our_client_on_our_endpoint(endpoint: str, tmp_path: Path) -> None:
     tokenizer = dummy_folder(TINY_SHAPE, "float32").path
-    runs, solo = cross_check(endpoint, APP, str(tokenizer), LOAD, TINY_SHAPE["vocab_size"], tmp_path)
-    assert solo["completed"] == LOAD.num_prompts
-    assert all(theirs["completed"] == ours.completed == LOAD.num_prompts for ours, theirs in runs)
-    # We read vLLM's per-request results as vLLM does: one run pooled is its own median.
-    for run in runs:
-        theirs = pooled_theirs([run])
-        assert abs(theirs.ttft_ms_median - run[1]["median_ttft_ms"]) < 1e-6
-        assert abs(theirs.tpot_ms_median - run[1]["median_tpot_ms"]) < 1e-6
-    print(comparison_table(runs))  # shown with -s, and in docs/metrics.md
-    problems = verdict(runs)
-    assert not problems, "\n".join(problems)
+    assert_client_agrees_with_vllm_bench(endpoint, APP, str(tokenizer), LOAD, TINY_SHAPE["vocab_size"], tmp_path)

@@ -17,7 +17,7 @@ from backends.kvcache.vllm.server import VLLMServer, VLLMServerConfig, VLLMStart
 from tests.conftest import REPO
 from tests.vllm.shapes import TINY_SHAPE
 from workloads.serving.params import ServingParams
-from workloads.serving.vllm_system import open_vllm_system
+from workloads.serving.systems.vllm import open_vllm_system
 
 pytestmark = pytest.mark.slow
 

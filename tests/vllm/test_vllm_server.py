@@ -3,19 +3,19 @@ with vLLM's own ``vllm bench serve``, and a clean stop."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pytest
 
-from backends.kvcache.vllm.bench_client import BenchLoad
-from tests.vllm.crosscheck import comparison_table, cross_check, pooled_theirs, verdict
-from tests.vllm.shapes import TINY_SHAPE
+from tests.vllm.bench_client import BenchLoad
+from tests.vllm.crosscheck import assert_client_agrees_with_vllm_bench
 from workloads.kind import TrialContext
 from workloads.serving.kind import ServingKind, ServingSession
 from workloads.serving.params import ServingParams
-from workloads.serving.vllm_system import SERVED_NAME, VLLMSystem, open_vllm_system
+from workloads.serving.systems.vllm import open_vllm_system
+from workloads.serving.systems.vllm_base import SERVED_NAME
+from workloads.serving.systems.vllm_server import VLLMSystem
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +34,6 @@ def _params(model_dir: Path, **load) -> ServingParams:
         # All at once, long enough that the 0.2 s /metrics samples see requests running.
         "load": {"num_requests": 16, "request_rate": float("inf"), "input_len": 48, "output_len": 256, **load},
     })
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama32")
-    (folder / "config.json").write_text(json.dumps(TINY_SHAPE))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +72,8 @@ def test_vllm_serves_http_only(vllm_system: VLLMSystem) -> None:
 
 
 def test_our_client_agrees_with_vllm_bench_serve(vllm_system: VLLMSystem, tmp_path: Path) -> None:
-    runs, solo = cross_check(vllm_system.base_url, SERVED_NAME, str(vllm_system.folder.path), LOAD,
-                                 vllm_system.vocab_size, tmp_path)
-    assert solo["completed"] == LOAD.num_prompts
-    assert all(theirs["completed"] == ours.completed == LOAD.num_prompts for ours, theirs in runs)
-    # We read vLLM's per-request results as vLLM does: one run pooled is its own median.
-    for run in runs:
-        theirs = pooled_theirs([run])
-        assert abs(theirs.ttft_ms_median - run[1]["median_ttft_ms"]) < 1e-6
-        assert abs(theirs.tpot_ms_median - run[1]["median_tpot_ms"]) < 1e-6
-    print(comparison_table(runs))  # shown with -s, and in docs/metrics.md
-    problems = verdict(runs)
-    assert not problems, "\n".join(problems)
+    assert_client_agrees_with_vllm_bench(vllm_system.base_url, SERVED_NAME, str(vllm_system.folder.path), LOAD,
+                                         vllm_system.vocab_size, tmp_path)
 
 
 def test_close_stops_every_vllm_process(vllm_system: VLLMSystem) -> None:

@@ -14,13 +14,21 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from workloads.kind import TrialContext, TrialKind, TrialOutput
+from workloads.registry import KINDS
+from workloads.serving.live import IntervalMonitor
 from workloads.serving.load import build_load
-from workloads.serving.metrics import compute_metrics, request_metrics
+from workloads.serving.metrics.latency import compute_metrics, request_metrics
+from workloads.serving.metrics.quality import (
+    QualityResult,
+    QualityRun,
+    compare,
+    quality_passages,
+    run_quality,
+)
+from workloads.serving.metrics.tables import TABLES, to_table
 from workloads.serving.params import LoadParams, QualityParams, ServingParams, SloParams
-from workloads.serving.quality import QualityResult, QualityRun, compare, quality_passages, run_quality
 from workloads.serving.systems import ReportsMemory, SystemUnderTest, open_system, vocab_size_of
-from workloads.serving.tables import TABLES, to_table
-from workloads.serving.transport import RequestRecord
+from workloads.serving.transports.base import RequestRecord
 
 __all__ = ["ServingKind", "ServingParams", "ServingSession"]
 
@@ -41,6 +49,7 @@ class ServingSession:
     quality_engine: Any = None
 
 
+@KINDS.register
 class ServingKind(TrialKind):
     """Serving trials: latency, throughput, memory and quality of a KV-cache backend under load."""
 
@@ -76,7 +85,7 @@ class ServingKind(TrialKind):
     def serve(self, params: ServingParams, host: str, port: int) -> str:
         """Deploy our engine with this trial's model and cache policy behind Ray Serve."""
         from backends.kvcache.serve import deploy
-        from workloads.serving.engine_system import engine_config
+        from workloads.serving.systems.engine import engine_config
 
         if params.backend.name == "vllm":
             raise NotImplementedError("orch serve deploys our engine's policies; serve vLLM with `vllm serve`")
@@ -90,13 +99,15 @@ class ServingKind(TrialKind):
         transport = system.transport(transport_kind)
         if isinstance(system, ReportsMemory):
             system.reset_peaks()
-        records = transport.run(requests, params.load.max_concurrency)
+        with IntervalMonitor(transport, ctx.report):
+            records = transport.run(requests, params.load.max_concurrency)
         steps = transport.engine_steps()
         metrics = compute_metrics(records, slo_s=params.slo.as_seconds())
 
         summary: dict[str, Any] = {
             "backend": system.name,
             "transport": transport_kind,
+            "block_size": system.block_size(),
             "num_requests": len(records),
             **metrics.summary(),
             "max_send_lag_s": max((r.send_s - r.arrival_s for r in records if r.send_s is not None), default=None),
@@ -166,7 +177,7 @@ class ServingKind(TrialKind):
     @staticmethod
     def _quality(session: ServingSession, params: ServingParams) -> QualityResult:
         """Quality of the session's engine against a full-cache engine on the same weights."""
-        from workloads.serving.engine_system import build_engine
+        from workloads.serving.systems.engine import build_engine
 
         system = session.system
         engine = getattr(system, "engine", None)

@@ -10,14 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
+from backends.kvcache.policies import POLICIES
 from workloads.kind import KindParams
-
-# Policies of our own engine whose cache drops information (quality is measured for them).
-LOSSY_POLICIES = frozenset({"h2o", "infinigen", "streaming"})
-# Backends that are our engine (backends/kvcache); every other backend is an external system.
-ENGINE_POLICIES = frozenset({"full", "h2o", "infinigen", "offload", "streaming"})
+from workloads.serving.systems.registry import SYSTEMS
 
 ArrivalName = Literal["poisson", "gamma", "constant", "trace"]
 LengthDistName = Literal["fixed", "uniform", "normal", "lognormal"]
@@ -42,36 +40,53 @@ class BackendParams(Section):
     @field_validator("name")
     @classmethod
     def _known_backend(cls, name: str) -> str:
-        from workloads.serving.systems import SYSTEMS  # late: systems imports this module
-
-        if name not in SYSTEMS:
-            raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(sorted(SYSTEMS))}")
+        if name not in SYSTEMS:  # reading the registry imports every system module once
+            raise ValueError(SYSTEMS.unknown(name))
         return name
 
 
-class PolicyParams(Section):
-    """Cache-policy knobs; ``None`` leaves the engine's default."""
-
-    kv_budget: float | None = Field(default=None, gt=0, le=1)
-    heavy_ratio: float | None = Field(default=None, ge=0, le=1)
-    recent_ratio: float | None = Field(default=None, ge=0, le=1)
-    alpha: float | None = Field(default=None, ge=0)
-    partial_weight_ratio: float | None = Field(default=None, gt=0, le=1)
-    sink_tokens: int | None = Field(default=None, ge=0)
-    window: int | None = Field(default=None, ge=1)
+class PolicySection(Section):
+    """Base of the grid's ``policy`` section (its fields are derived, see ``PolicyParams``)."""
 
     def engine_params(self) -> dict[str, Any]:
         """The knobs that were set, as the engine's ``policy_params``."""
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+def _union_of_policy_knobs() -> dict[str, Any]:
+    """Every registered policy's knobs, each optional (``None`` leaves the policy's default).
+
+    A knob two policies share must carry the same constraints (say ``kv_budget`` in (0, 1]).
+    """
+    fields: dict[str, Any] = {}
+    owners: dict[str, str] = {}
+    for policy_name, policy in sorted(POLICIES.items()):
+        for knob, info in policy.params_model.model_fields.items():
+            if knob in fields and fields[knob][1].metadata != info.metadata:
+                raise TypeError(f"policy knob {knob!r} has different constraints in {owners[knob]!r} "
+                                f"and {policy_name!r}")
+            if knob not in fields:
+                owners[knob] = policy_name
+                fields[knob] = (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
+    return fields
+
+
+# Cache-policy knobs: the union of the registered policies' own (a grid sets one section for a
+# whole backend axis; each policy gets the knobs it has). ``None`` leaves the engine's default.
+PolicyParams = create_model(
+    "PolicyParams", __base__=PolicySection, __doc__="Cache-policy knobs (the union of the registered policies' own).",
+    **_union_of_policy_knobs(),
+)
+
+
 class EngineParams(Section):
-    """Engine sizing; ``None`` leaves the engine's default."""
+    """Engine sizing; ``None`` leaves the default of the backend on its device (an omitted knob never
+    makes a trial fail: our engine's block size is 16, vLLM picks its own)."""
 
     kv_cache_bytes: int | None = Field(default=None, gt=0)
     kv_cache_blocks: int | None = Field(default=None, gt=0)
     max_num_seqs: int = Field(default=32, ge=1)
-    block_size: int = Field(default=16, ge=1)
+    block_size: int | None = Field(default=None, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
     # vllm only.
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
@@ -93,7 +108,7 @@ class LoadParams(Section):
     input_spread: float = Field(default=0.0, ge=0)
     output_spread: float = Field(default=0.0, ge=0)
     prompt_source: Literal["synthetic", "corpus"] = "synthetic"
-    trace: str | None = None  # JSONL path; one object per line (see workloads/serving/trace.py)
+    trace: str | None = None  # JSONL path; one object per line (see workloads/serving/load/trace.py)
     max_concurrency: int | None = Field(default=None, ge=1)
     ignore_eos: bool = True
     seed: int = 0
@@ -180,8 +195,9 @@ class ServingParams(KindParams):
 
         Quality needs our engine's ``score``/``generate``: other backends (vllm) never measure it.
         """
-        if self.backend.name not in ENGINE_POLICIES:
+        policy = POLICIES.get(self.backend.name)
+        if policy is None:
             return False
         if self.quality.enabled is not None:
             return self.quality.enabled
-        return self.weights == "real" and self.backend.name in LOSSY_POLICIES
+        return self.weights == "real" and policy.lossy

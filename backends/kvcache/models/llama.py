@@ -9,6 +9,7 @@ from torch import nn
 
 from backends.kvcache.config import ModelConfig
 from backends.kvcache.models.common import AttentionContext, split_qkv
+from backends.kvcache.models.registry import MODELS
 
 
 class RMSNorm(nn.Module):
@@ -93,6 +94,7 @@ class LlamaLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+@MODELS.register(name="llama")
 class LlamaForCausalLM(nn.Module):
     """Decoder stack; ``forward`` returns hidden states, ``logits`` projects chosen rows."""
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from backends.kvcache.config import ModelConfig
 from backends.kvcache.models.common import AttentionContext, split_qkv
+from backends.kvcache.models.registry import MODELS
 
 ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu}
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
@@ -45,6 +46,7 @@ class OPTLayer(nn.Module):
         return self.final_layer_norm(h + self.fc2(self.act(self.fc1(h))))
 
 
+@MODELS.register(name="opt")
 class OPTForCausalLM(nn.Module):
     """Decoder stack; ``forward`` returns hidden states, ``logits`` projects chosen rows."""
 

@@ -1,24 +1,21 @@
-"""Cache policies by name (the grid's ``backend`` values for our engine)."""
+"""Cache policies by name (the grid's ``backend`` values for our engine).
+
+Each module of this package defines one policy and registers it with ``@POLICIES.register``;
+importing the package imports them all (no hand-kept list).
+"""
 
 from __future__ import annotations
 
 from backends.kvcache.policies.base import BatchMeta, CachePolicy, StepBatch
-from backends.kvcache.policies.full import FullPolicy
-from backends.kvcache.policies.h2o import H2OPolicy
-from backends.kvcache.policies.infinigen import InfiniGenPolicy
-from backends.kvcache.policies.offload import OffloadPolicy
-from backends.kvcache.policies.streaming import StreamingPolicy
+from backends.kvcache.policies.registry import POLICIES, PolicyKnobs
+from backends.registry import import_submodules
 
-POLICIES: dict[str, type[CachePolicy]] = {
-    p.name: p for p in (FullPolicy, H2OPolicy, InfiniGenPolicy, OffloadPolicy, StreamingPolicy)
-}
+import_submodules(__name__)
 
 
 def make_policy(name: str, params, model, cfg, device) -> CachePolicy:
     """Instantiate the policy called ``name``."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown cache policy {name!r}; allowed: {', '.join(sorted(POLICIES))}")
-    return POLICIES[name](dict(params or {}), model, cfg, device)
+    return POLICIES.get_or_raise(name)(dict(params or {}), model, cfg, device)
 
 
-__all__ = ["POLICIES", "BatchMeta", "CachePolicy", "StepBatch", "make_policy"]
+__all__ = ["POLICIES", "BatchMeta", "CachePolicy", "PolicyKnobs", "StepBatch", "make_policy"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from backends.kvcache.config import ModelConfig
 from backends.kvcache.kv_store import PagedKVStore
+from backends.kvcache.policies.registry import PolicyKnobs
 from backends.kvcache.sequence import Sequence
 
 
@@ -69,18 +70,19 @@ def attention(
 
 
 class CachePolicy:
-    """Full cache on the device. Subclasses set ``name`` and override hooks."""
+    """Full cache on the device. Subclasses set ``name`` and override hooks; each registers with
+    ``@POLICIES.register`` (backends/kvcache/policies/registry.py)."""
 
     name: ClassVar[str] = "full"
     kv_on_host: ClassVar[bool] = False  # where the K/V store lives
     wants_probs: ClassVar[bool] = False  # observe() needs attention probabilities
-    defaults: ClassVar[dict[str, Any]] = {"kv_budget": 1.0}
+    # Drops cache entries: output quality differs from the full cache's and is measured by default.
+    lossy: ClassVar[bool] = False
+    # The policy's knobs, typed, with their defaults (the grid's ``policy.*`` keys derive from these).
+    params_model: ClassVar[type[PolicyKnobs]] = PolicyKnobs
 
     def __init__(self, params: dict[str, Any], model: torch.nn.Module, cfg: ModelConfig, device: torch.device):
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            raise ValueError(f"policy {self.name!r}: unknown parameters {unknown}; allowed: {sorted(self.defaults)}")
-        self.params = {**self.defaults, **params}
+        self.params = self.params_model.resolve(self.name, dict(params))
         self.model, self.cfg, self.device = model, cfg, device
         self.scale = cfg.head_dim**-0.5
         self.h2d_bytes = 0  # cumulative bytes moved host -> device for attention

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from backends.kvcache.policies.base import CachePolicy
+from backends.kvcache.policies.registry import POLICIES
 
 
+@POLICIES.register
 class FullPolicy(CachePolicy):
     name = "full"

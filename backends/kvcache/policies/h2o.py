@@ -16,14 +16,24 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 
 from backends.kvcache.policies.base import BatchMeta, CachePolicy
+from backends.kvcache.policies.registry import POLICIES, PolicyKnobs
 
 
+class H2OKnobs(PolicyKnobs):
+    kv_budget: float | None = Field(default=None, gt=0, le=1)  # None: 0.2 unless the ratios are given
+    heavy_ratio: float | None = Field(default=None, ge=0, le=1)
+    recent_ratio: float | None = Field(default=None, ge=0, le=1)
+
+
+@POLICIES.register
 class H2OPolicy(CachePolicy):
     name = "h2o"
     wants_probs = True
-    defaults = {"kv_budget": None, "heavy_ratio": None, "recent_ratio": None}
+    lossy = True
+    params_model = H2OKnobs
 
     def __init__(self, params, model, cfg, device):
         super().__init__(params, model, cfg, device)

@@ -33,16 +33,25 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 
 from backends.kvcache.policies.base import CachePolicy, StepBatch, attention
+from backends.kvcache.policies.registry import POLICIES, PolicyKnobs
 
 CALIBRATION_TOKENS = 64
 
 
+class InfiniGenKnobs(PolicyKnobs):
+    alpha: float = Field(default=4.0, ge=0)
+    partial_weight_ratio: float = Field(default=0.3, gt=0, le=1)
+
+
+@POLICIES.register
 class InfiniGenPolicy(CachePolicy):
     name = "infinigen"
     kv_on_host = True
-    defaults = {"kv_budget": 1.0, "alpha": 4.0, "partial_weight_ratio": 0.3}
+    lossy = True
+    params_model = InfiniGenKnobs
 
     def __init__(self, params, model, cfg, device):
         super().__init__(params, model, cfg, device)

@@ -4,8 +4,10 @@ step (FlexGen-style baseline)."""
 from __future__ import annotations
 
 from backends.kvcache.policies.base import CachePolicy
+from backends.kvcache.policies.registry import POLICIES
 
 
+@POLICIES.register
 class OffloadPolicy(CachePolicy):
     name = "offload"
     kv_on_host = True

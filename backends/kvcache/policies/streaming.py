@@ -9,13 +9,22 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 
 from backends.kvcache.policies.base import CachePolicy
+from backends.kvcache.policies.registry import POLICIES, PolicyKnobs
 
 
+class StreamingKnobs(PolicyKnobs):
+    sink_tokens: int = Field(default=4, ge=0)
+    window: int | None = Field(default=None, ge=1)  # None: kv_budget x tokens seen - sinks
+
+
+@POLICIES.register
 class StreamingPolicy(CachePolicy):
     name = "streaming"
-    defaults = {"kv_budget": 1.0, "sink_tokens": 4, "window": None}
+    lossy = True
+    params_model = StreamingKnobs
 
     def _sizes(self, n_seen: int) -> tuple[int, int]:
         sink = int(self.params["sink_tokens"])

@@ -2,8 +2,8 @@
 
 Used when ``vllm`` imports in the trial's environment (a GPU node with vLLM installed next to
 orch, or ``.venv-vllm``, which has both). The engine lives on an event loop of its own thread;
-the load generator submits requests to it at their arrival times and stamps each streamed
-output as it arrives, without HTTP in between. vLLM's engine arguments are the same flags
+the load generator (workloads/serving) submits requests to it through ``stream`` and stamps each
+streamed output as it arrives, without HTTP in between. vLLM's engine arguments are the same flags
 ``vllm serve`` gets (``server.engine_flags``, parsed by vLLM's parser), so both paths run one
 engine configuration. Engine-side rows come from a vLLM stat logger: one row per engine
 iteration, not a sampled ``/metrics``.
@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import contextmanager
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -46,7 +46,6 @@ from backends.kvcache.vllm.server import (
     kv_env_overrides,
     log_tail,
 )
-from workloads.serving.transport import RequestRecord, RequestSpec
 
 
 def engine_args(config: VLLMServerConfig) -> AsyncEngineArgs:
@@ -204,6 +203,20 @@ class AsyncEngineHost:
         """Run a coroutine on the engine's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
+    async def stream(self, prompt_token_ids: list[int], prompt_text: str | None, max_tokens: int,
+                     ignore_eos: bool, request_id: str) -> AsyncIterator[tuple[list[int], int | None]]:
+        """Generate greedily (on the engine's loop); yields (new token ids, prompt tokens or None)
+        for each engine output: DELTA outputs, so one output is one arrival (like one streamed
+        chunk over HTTP)."""
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos,
+                                  output_kind=RequestOutputKind.DELTA)
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids) if prompt_token_ids else prompt_text
+        unique_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        async for output in self.engine.generate(prompt, sampling, request_id=unique_id):
+            new_tokens = list(output.outputs[0].token_ids) if output.outputs else []
+            prompt_tokens = len(output.prompt_token_ids) if output.prompt_token_ids is not None else None
+            yield new_tokens, prompt_tokens
+
     def pids(self) -> list[int]:
         """Live processes this host started (vLLM's engine core and workers)."""
         return [d.pid for d in descendants(os.getpid()) if (d.pid, d.start_ticks) not in self._before]
@@ -222,69 +235,3 @@ class AsyncEngineHost:
         self._reaper.close()
         if self._own_log and not self._failed:
             Path(self.log_path).unlink(missing_ok=True)
-
-
-class AsyncEngineTransport:
-    """The in-process ``Transport`` for vLLM: requests go straight to ``AsyncLLM.generate``."""
-
-    def __init__(self, host: AsyncEngineHost):
-        self.host = host
-        self._steps: list[dict] = []
-
-    def run(self, requests: list[RequestSpec], max_concurrency: int | None) -> list[RequestRecord]:
-        """Send every request at its arrival time; return one record per request, in order."""
-        return self.host.call(self._run_schedule(requests, max_concurrency))
-
-    def engine_steps(self) -> list[dict]:
-        """One row per engine iteration during the last ``run``."""
-        return list(self._steps)
-
-    async def _run_schedule(self, requests: list[RequestSpec], max_concurrency: int | None) -> list[RequestRecord]:
-        gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        t0 = time.perf_counter()
-        self.host.recorder.start(t0)
-        try:
-            return list(await asyncio.gather(*(self._one(spec, t0, gate) for spec in requests)))
-        finally:
-            self._steps = self.host.recorder.stop()
-
-    async def _one(self, spec: RequestSpec, t0: float, gate: asyncio.Semaphore | None) -> RequestRecord:
-        record = RequestRecord(request_id=spec.request_id, arrival_s=spec.arrival_s)
-        delay = t0 + spec.arrival_s - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if gate is not None:
-            await gate.acquire()
-        try:
-            await self._generate(spec, t0, record)
-        except Exception as exc:  # one failed request is a failed record, not a failed trial
-            record.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            if gate is not None:
-                gate.release()
-        if record.error is None and record.output_tokens == 0:
-            record.error = "no tokens received"
-        return record
-
-    async def _generate(self, spec: RequestSpec, t0: float, record: RequestRecord) -> None:
-        # Greedy and forced to its length, as the HTTP client asks; DELTA: each output holds only
-        # the new tokens, so one output is one arrival (like one streamed chunk over HTTP).
-        sampling = SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=spec.ignore_eos,
-                                  output_kind=RequestOutputKind.DELTA)
-        prompt = TokensPrompt(prompt_token_ids=spec.prompt_token_ids) if spec.prompt_token_ids else spec.prompt_text
-        record.send_s = time.perf_counter() - t0
-        async for output in self.host.engine.generate(prompt, sampling, request_id=f"{spec.request_id}-{uuid.uuid4().hex[:8]}"):
-            now = time.perf_counter() - t0
-            new_tokens = output.outputs[0].token_ids if output.outputs else []
-            if new_tokens:
-                if record.first_token_s is None:
-                    record.first_token_s = now
-                record.finish_s = now
-                record.token_times_s.append(now)
-                record.output_token_ids.extend(int(t) for t in new_tokens)
-            if output.prompt_token_ids is not None:
-                record.prompt_tokens = len(output.prompt_token_ids)
-        record.output_tokens = len(record.output_token_ids)
-        if not record.prompt_tokens:
-            record.prompt_tokens = len(spec.prompt_token_ids)
-

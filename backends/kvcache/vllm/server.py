@@ -56,7 +56,7 @@ class VLLMServerConfig:
     port: int | None = None  # None: a free port
     max_num_seqs: int = 32
     max_model_len: int | None = None
-    block_size: int = 32
+    block_size: int | None = None  # None: vLLM's own default for the device
     kv_cache_bytes: int | None = None  # exact KV budget (--kv-cache-memory-bytes)
     gpu_memory_utilization: float | None = None
     enable_prefix_caching: bool = False
@@ -68,7 +68,7 @@ class VLLMServerConfig:
     log_path: str | None = None  # default: a temp file
 
     def __post_init__(self) -> None:
-        if self.device == "cpu" and self.block_size % CPU_BLOCK_MULTIPLE:
+        if self.device == "cpu" and self.block_size is not None and self.block_size % CPU_BLOCK_MULTIPLE:
             raise ValueError(
                 f"vLLM on CPU needs engine.block_size to be a multiple of {CPU_BLOCK_MULTIPLE} "
                 f"(its CPU attention kernels); got {self.block_size}"
@@ -99,10 +99,11 @@ def engine_flags(config: VLLMServerConfig) -> list[str]:
         "--load-format", config.load_format,
         "--dtype", config.dtype,
         "--max-num-seqs", str(config.max_num_seqs),
-        "--block-size", str(config.block_size),
         "--seed", str(config.seed),
         "--enable-prefix-caching" if config.enable_prefix_caching else "--no-enable-prefix-caching",
     ]
+    if config.block_size is not None:
+        flags += ["--block-size", str(config.block_size)]
     if config.max_model_len is not None:
         flags += ["--max-model-len", str(config.max_model_len)]
     if config.kv_cache_bytes is not None:

@@ -1,0 +1,130 @@
+"""Comparison tables from an experiment's Parquet dataset, grouped by the grid's axes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from orchestrator.report.data import ExperimentData
+from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore, ParamColumns
+
+GROUP_EXCLUDE = {"seed", "repeat"}
+
+
+@dataclass(frozen=True)
+class SummaryReport:
+    """One summary table aggregated over repeats: a row per combination of the axes."""
+
+    table: str
+    axes: list[str]
+    frame: pd.DataFrame
+    # Standard deviation over repeats, same shape as ``frame`` (NaN where a group has one trial).
+    spread: pd.DataFrame | None = None
+
+
+def _axis_columns(manifest: dict[str, Any], frame: pd.DataFrame) -> list[str]:
+    """Column names of the grid's axes in a summary table (see ParamColumns naming)."""
+    params = [entry.get("params", {}) for entry in manifest.get("trials", {}).values()]
+    from orchestrator.expand import flatten
+
+    names = ParamColumns.from_params([flatten(p) for p in params]).names
+    out = []
+    for axis in manifest.get("axes", []):
+        column = names.get(axis, axis.replace(".", "_"))
+        for candidate in (column, f"param_{column}"):
+            if candidate in frame.columns and candidate not in out:
+                out.append(candidate)
+                break
+        else:
+            # An axis whose values are a mapping was flattened into several columns.
+            out.extend(c for k, c in names.items() if k.startswith(axis + ".") and c in frame.columns and c not in out)
+    return [c for c in out if c.rsplit("_", 1)[-1] not in GROUP_EXCLUDE and c not in GROUP_EXCLUDE]
+
+
+def summarize(store: ExperimentStore, columns: dict[str, list[str]] | None = None) -> list[SummaryReport]:
+    """Mean of each summary metric over repeats, per combination of the axes; only `done` trials."""
+    manifest = store.load_manifest() or {}
+    done = {tid for tid, entry in manifest.get("trials", {}).items() if entry.get("state") == "done"}
+    reports = []
+    for name in store.table_names():
+        if not name.endswith("_summary"):
+            continue
+        table: pa.Table | None = store.read_table(name, trial_ids=done)
+        if table is None or table.num_rows == 0:
+            continue
+        params = {f.name for f in table.schema if PARAM_FIELD_KEY in (f.metadata or {})}
+        frame = table.to_pandas()
+        axes = _axis_columns(manifest, frame)
+        wanted = (columns or {}).get(name) or [
+            c
+            for c in frame.columns
+            if c not in axes and c not in {"trial_id", "experiment"} and c not in params and pd.api.types.is_numeric_dtype(frame[c])
+            and not pd.api.types.is_bool_dtype(frame[c])
+        ]
+        wanted = [c for c in wanted if c in frame.columns and c not in axes]
+        if axes:
+            grouped = frame.groupby(axes, dropna=False, sort=True)
+            agg = grouped[wanted].mean(numeric_only=True)
+            agg.insert(0, "trials", grouped.size())
+            agg = agg.reset_index()
+            spread = grouped[wanted].std(numeric_only=True).reset_index()
+        else:
+            agg = frame[wanted].mean(numeric_only=True).to_frame().T
+            agg.insert(0, "trials", len(frame))
+            spread = frame[wanted].std(numeric_only=True).to_frame().T
+        reports.append(SummaryReport(table=name, axes=axes, frame=agg, spread=spread))
+    return reports
+
+
+def state_counts(manifest: dict[str, Any]) -> dict[str, int]:
+    """Trials by state."""
+    counts: dict[str, int] = {}
+    for entry in manifest.get("trials", {}).values():
+        counts[entry.get("state", "?")] = counts.get(entry.get("state", "?"), 0) + 1
+    return counts
+
+
+def format_value(value: Any) -> str:
+    """Compact number formatting for terminal tables."""
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        if value == 0 or 1e-3 <= abs(value) < 1e6:
+            return f"{value:.4g}"
+        return f"{value:.3e}"
+    return str(value)
+
+
+BASELINE_COMPRESSORS = ("dense", "topk", "qsgd")
+SPEEDUP_METRICS = {"step_time_s": "step time", "time_to_target_s": "time to target"}
+
+
+def speedup_table(data: ExperimentData) -> pd.DataFrame | None:
+    """Per compressor: step time (and time to target) and the speedup against each baseline present.
+
+    Speedup = the baseline's time / this compressor's time, on the same values of the other axes.
+    """
+    frame = data.table("train_summary")
+    if frame is None or "compressor" not in data.varying:
+        return None
+    others = [a for a in data.varying if a != "compressor"]
+    metrics = [m for m in SPEEDUP_METRICS if m in frame.columns and frame[m].notna().any()]
+    if not metrics:
+        return None
+    means = frame.groupby(["compressor", *others], sort=False, dropna=False)[metrics].mean().reset_index()
+    baselines = [b for b in BASELINE_COMPRESSORS if b in set(means["compressor"])]
+    rows = []
+    for record in means.to_dict("records"):
+        row = {"compressor": record["compressor"], **{a: record[a] for a in others}}
+        for metric in metrics:
+            row[f"{metric}"] = record[metric]
+            for baseline in baselines:
+                match = means[(means["compressor"] == baseline) & (means[others] == pd.Series({a: record[a] for a in others})).all(axis=1)]
+                base = float(match[metric].iloc[0]) if len(match) else float("nan")
+                own = record[metric]
+                row[f"{SPEEDUP_METRICS[metric]} speedup vs {baseline}"] = base / own if own and own == own else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
