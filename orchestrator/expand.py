@@ -1,7 +1,8 @@
 """GridSpec -> trials: grid is a cartesian product, zip lists vary together, then repeats.
 
-A trial id is a short hash of the kind and the canonical (sorted, typed) parameters, plus the
-repeat index, so the same grid always yields the same ids and a resubmission resumes.
+A trial id is a short hash of the kind and the canonical parameters (validated, defaults filled
+in, whole floats as ints, keys sorted), plus the repeat index, so the same grid always yields the
+same ids, a resubmission resumes, and writing a default out explicitly changes nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from orchestrator.spec import GridSpec, SpecError
-from workloads.kind import TrialKind
+from workloads.kind import KindParams, TrialKind
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,29 @@ def short_hash(value: Any, length: int = 10) -> str:
 
 
 def trial_id_for(kind: str, params: dict[str, Any], repeat: int) -> str:
-    """Stable trial id: hash of kind + canonical params, then the repeat index."""
+    """Stable trial id: hash of kind + canonical params (see ``canonical_params``), then the repeat index."""
     return f"{short_hash({'kind': kind, 'params': params})}-{repeat}"
+
+
+def normalise_numbers(value: Any) -> Any:
+    """Whole floats become ints, recursively, so 20 and 20.0 hash alike."""
+    if isinstance(value, dict):
+        return {k: normalise_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalise_numbers(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def validate_params(kind: TrialKind, params: dict[str, Any]) -> KindParams:
+    """The kind's typed parameters, validated strictly as JSON types: no string -> number, no bool -> int."""
+    return kind.params_model.model_validate_json(canonical_json(params), strict=True)
+
+
+def canonical_params(validated: KindParams) -> dict[str, Any]:
+    """What a trial id hashes: every parameter with its defaults filled in, numbers normalised."""
+    return normalise_numbers(validated.model_dump(mode="json"))
 
 
 def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -130,6 +152,17 @@ def _source_of(loc: tuple[Any, ...], sources: dict[str, str]) -> str:
     return f"base.{dotted}" if dotted else "base"
 
 
+def _message(exc: ValidationError) -> str:
+    """The first error's message; a wrong type also says what was given."""
+    err = exc.errors()[0]
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"].endswith("_type") or err["type"].endswith("_parsing"):
+        message += f" (got {type(err['input']).__name__} {err['input']!r})"
+    return message
+
+
 def _without(params: dict[str, Any], dotted_keys: frozenset[str]) -> dict[str, Any]:
     flat = flatten(params)
     return {k: v for k, v in flat.items() if not any(k == d or k.startswith(d + ".") for d in dotted_keys)}
@@ -145,20 +178,18 @@ def expand(spec: GridSpec, kind: TrialKind, source: str = "grid") -> list[Trial]
         for key, value in values.items():
             set_dotted(params, key, _copy(value), sources[key])
         try:
-            kind.params_model.model_validate(params)
+            canonical = canonical_params(validate_params(kind, params))
         except ValidationError as exc:
-            err = exc.errors()[0]
-            message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            raise SpecError(f"{source}: {_source_of(err['loc'], sources)}: {message}") from None
+            raise SpecError(f"{source}: {_source_of(exc.errors()[0]['loc'], sources)}: {_message(exc)}") from None
         except SpecError:
             raise
         except ValueError as exc:
             raise SpecError(f"{source}: {exc}") from None
-        group = short_hash({"params": _without(params, kind.load_keys), "resources": resources})
+        group = short_hash({"params": _without(canonical, kind.load_keys), "resources": resources})
         for repeat in range(spec.repeats):
             trials.append(
                 Trial(
-                    trial_id=trial_id_for(spec.kind, params, repeat),
+                    trial_id=trial_id_for(spec.kind, canonical, repeat),
                     index=len(trials),
                     repeat=repeat,
                     params=params,

@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
+
+
+class Progress(Protocol):
+    """Receives a submission's progress (terminal display, logs, tests)."""
+
+    def update(self, counts: dict[str, int], elapsed_s: float, eta_s: float | None) -> None: ...
+
+    def event(self, message: str) -> None: ...
+
+
+class SilentProgress:
+    """Progress sink that shows nothing."""
+
+    def update(self, counts: dict[str, int], elapsed_s: float, eta_s: float | None) -> None:
+        """Ignore."""
+
+    def event(self, message: str) -> None:
+        """Ignore."""
 
 
 def _clock(seconds: float | None) -> str:

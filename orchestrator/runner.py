@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from orchestrator.provenance import trial_environment
 from workloads.kind import TrialContext, TrialKind
 from workloads.registry import resolve_kind
 
@@ -35,6 +37,9 @@ class TrialJob:
     resources: dict[str, float]
     group_key: str
     workdir: str
+    git_commit: str | None = None  # the driver's code revision, recorded with the trial's environment
+    # Live metrics callback (orchestrator.live.LiveReporter); None: no live metrics.
+    report: Callable[..., None] | None = None
 
 
 @dataclass
@@ -51,6 +56,7 @@ class TrialResult:
     artifacts: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
     traceback: str | None = None
+    environment: dict[str, Any] = field(default_factory=dict)  # provenance.ENVIRONMENT_KEYS
 
 
 def _one_line(exc: BaseException) -> str:
@@ -66,14 +72,11 @@ class TrialRunner:
         self._session: Any = None
         self._session_key: tuple[str, str] | None = None
         self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+        self._environment = trial_environment()
 
     def where(self) -> dict[str, Any]:
         """Node id, host and pid of this actor."""
         return {"node": self._node, "host": socket.gethostname(), "pid": os.getpid()}
-
-    def session_key(self) -> tuple[str, str] | None:
-        """(kind, group key) of the open session, if any."""
-        return self._session_key
 
     def _kind(self, name: str) -> TrialKind:
         if name not in self._kinds:
@@ -89,6 +92,7 @@ class TrialRunner:
     def run(self, job: TrialJob) -> TrialResult:
         """Run one attempt of one trial; exceptions become a failed result."""
         start = time.time()
+        environment = dict(self._environment, git_commit=job.git_commit)
         try:
             kind = self._kind(job.kind)
             params = kind.params_model.model_validate(job.params)
@@ -106,8 +110,10 @@ class TrialRunner:
                 attempt=job.attempt,
                 workdir=workdir,
                 resources=job.resources,
+                **({"report": job.report} if job.report is not None else {}),
             )
             output = kind.run(self._session, params, ctx)
+            getattr(job.report, "flush", lambda: None)()
             return TrialResult(
                 trial_id=job.trial_id,
                 state="done",
@@ -117,6 +123,7 @@ class TrialRunner:
                 end_s=time.time(),
                 tables=dict(output.tables),
                 artifacts=dict(output.artifacts),
+                environment=environment,
             )
         except Exception as exc:  # the trial's failure is data, not the actor's
             try:
@@ -132,6 +139,7 @@ class TrialRunner:
                 end_s=time.time(),
                 error=_one_line(exc),
                 traceback=traceback.format_exc(),
+                environment=environment,
             )
 
     def shutdown(self) -> None:

@@ -1,9 +1,11 @@
-"""Placing trials on Ray: admission by resources, actor reuse, retries, timeouts, resume.
+"""The driver's main loop: admit trials, start them once their resources are reserved, record outcomes.
 
-The driver keeps a pool of runner actors. A trial is admitted when its footprint fits in the
-cluster's free resources; it goes to an idle actor of the same resource shape (preferring one
-whose open session belongs to the trial's engine group), else to a new actor. Results come
-back through the object store; only this process writes Parquet, the manifest and MLflow.
+A trial is admitted when its footprint fits the cluster's free resources (by the driver's own
+books); it gets an idle runner actor of its shape or a new one in a placement group of its own
+(see ``placement.py``), and starts once the actor is up and its workers' bundles are reserved;
+its ``timeout_s`` counts from then. A trial that no node can hold is refused before anything
+runs; one that stops fitting (a node left) fails after ``placement_wait_s``. Results come back
+through the object store; only this process writes Parquet, the manifest and MLflow.
 """
 
 from __future__ import annotations
@@ -12,81 +14,41 @@ import os
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from orchestrator import provenance
 from orchestrator.expand import Trial, flatten, resolve_paths
+from orchestrator.live import LiveChannel
+from orchestrator.manifest import Manifest
+from orchestrator.placement import (
+    ActorPool,
+    Slot,
+    TrialNeeds,
+    add,
+    can_place,
+    check_placeable,
+    describe_nodes,
+    fits,
+    node_totals,
+    ray_resources,
+    release,
+    reserve,
+)
+from orchestrator.progress import Progress, SilentProgress
 from orchestrator.runner import TrialJob, TrialResult, TrialRunner
 from orchestrator.spec import GridSpec
-from orchestrator.store import TERMINAL_STATES, ExperimentStore, ParamColumns, atomic_write_bytes
+from orchestrator.store import ExperimentStore, ParamColumns, atomic_write_bytes
 from orchestrator.telemetry import Telemetry
 from orchestrator.tracking import BackgroundLogger, Tracker
 from workloads.kind import TrialKind
 
-RAY_RESOURCE_NAMES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
-EPS = 1e-9
-MANIFEST_EVERY_S = 0.5
-
-
-class Progress(Protocol):
-    """Receives the submission's progress (terminal display, logs, tests)."""
-
-    def update(self, counts: dict[str, int], elapsed_s: float, eta_s: float | None) -> None: ...
-
-    def event(self, message: str) -> None: ...
-
-
-class SilentProgress:
-    """Progress sink that shows nothing."""
-
-    def update(self, counts: dict[str, int], elapsed_s: float, eta_s: float | None) -> None:
-        """Ignore."""
-
-    def event(self, message: str) -> None:
-        """Ignore."""
-
-
-def ray_resources(resources: dict[str, float]) -> dict[str, float]:
-    """Grid resource names -> Ray's names (num_cpus -> CPU, ...), zeros dropped."""
-    return {RAY_RESOURCE_NAMES.get(k, k): float(v) for k, v in resources.items() if v}
-
-
-def actor_options(resources: dict[str, float]) -> dict[str, Any]:
-    """``.options()`` arguments that give an actor exactly these resources."""
-    custom = {k: v for k, v in resources.items() if k not in RAY_RESOURCE_NAMES and v}
-    options: dict[str, Any] = {
-        "num_cpus": resources.get("num_cpus", 0.0),
-        "num_gpus": resources.get("num_gpus", 0.0),
-        "max_restarts": 0,
-        "max_concurrency": 2,  # run() plus where()/shutdown() while a trial is running
-    }
-    if resources.get("memory"):
-        options["memory"] = resources["memory"]
-    if custom:
-        options["resources"] = custom
-    return options
-
-
-@dataclass
-class Slot:
-    """One runner actor and what it is doing."""
-
-    actor: Any
-    shape: tuple[tuple[str, float], ...]
-    session_key: str | None = None
-    trial: Trial | None = None
-    ref: Any = None
-    started: float = 0.0
-    footprint: dict[str, float] = field(default_factory=dict)
-    # Resolves once the actor process is up; a trial's timeout counts from then, not from the
-    # (possibly slow) start of a new worker process.
-    ready_ref: Any = None
-    node: str | None = None  # Ray node id, known once the actor is up
+# How long a trial may wait for resources that no node has any more (a node left) before it fails.
+PLACEMENT_WAIT_S = 120.0
 
 
 @dataclass
@@ -96,6 +58,7 @@ class Outcome:
     counts: dict[str, int]
     interrupted: bool
     tracking_error: str | None
+    error: str | None = None  # an error outside any trial ended the submission (status `failed`)
 
 
 class Submission:
@@ -111,6 +74,7 @@ class Submission:
         progress: Progress | None = None,
         grid_file: str | None = None,
         refresh_s: float = 1.0,
+        placement_wait_s: float = PLACEMENT_WAIT_S,
     ):
         self.spec = spec
         self.kind = kind
@@ -120,31 +84,32 @@ class Submission:
         self.progress = progress or SilentProgress()
         self.grid_file = grid_file
         self.refresh_s = refresh_s
+        self.placement_wait_s = placement_wait_s
         self.param_columns = ParamColumns.from_params([flatten(t.params) for t in trials])
-        self.slots: list[Slot] = []
+        self.pool = ActorPool(ray.remote(TrialRunner))
         self.pending: deque[Trial] = deque()
         self.attempts: dict[str, int] = {}
         self.telemetry = Telemetry(spec.experiment)
-        self.manifest: dict[str, Any] = {}
+        self.manifest = Manifest.load_or_new(store)
         self.submission: dict[str, Any] = {}
         self.logger: BackgroundLogger | None = None
+        self.live: LiveChannel | None = None
         self._durations: list[float] = []
-        self._footprints: dict[str, dict[str, float]] = {}
+        self._needs: dict[str, TrialNeeds] = {}
         self._capacity_cache: dict[str, float] = {}
+        self._nodes_cache: list[tuple[str, dict[str, float]]] = []
         self._capacity_at = 0.0
-        self._manifest_saved_at = 0.0
+        self._unfit_since: dict[str, float] = {}
         self._cwd = Path.cwd()
-        self._manifest_dirty = False
         self._start = time.time()
-        self._runner_cls = ray.remote(TrialRunner)
 
     # -- manifest --------------------------------------------------------------------------
     def _open_manifest(self) -> None:
-        manifest = self.store.load_manifest() or {"format": 1, "experiment": self.spec.experiment, "trials": {}}
-        manifest["kind"] = self.spec.kind
-        manifest["spec"] = self.spec.model_dump(mode="json")
-        manifest["axes"] = self.spec.axes
-        manifest["grid_file"] = self.grid_file
+        data = self.manifest.data
+        data["kind"] = self.spec.kind
+        data["spec"] = self.spec.model_dump(mode="json")
+        data["axes"] = self.spec.axes
+        data["grid_file"] = self.grid_file
         self.submission = {
             "id": time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
             "started_at": time.time(),
@@ -157,13 +122,13 @@ class Submission:
             "tracking_uri": self.tracker.uri if self.tracker else None,
             "parent_run_id": None,
         }
-        manifest.setdefault("submissions", []).append(self.submission)
-        index = len(manifest["submissions"]) - 1
+        self.manifest.submissions.append(self.submission)
+        index = len(self.manifest.submissions) - 1
         for trial in self.trials.values():
-            entry = manifest["trials"].get(trial.trial_id)
+            entry = self.manifest.trials.get(trial.trial_id)
             if entry is None or entry.get("state") != "done":
                 previous = entry or {}
-                manifest["trials"][trial.trial_id] = {
+                self.manifest.trials[trial.trial_id] = {
                     "state": "queued",
                     "attempts": previous.get("attempts", 0),
                     "repeat": trial.repeat,
@@ -178,28 +143,8 @@ class Submission:
                     "submission": index,
                 }
                 self.pending.append(trial)
-        self.manifest = manifest
         self.pending = deque(sorted(self.pending, key=lambda t: (t.group_key, t.index)))
-        self._save(force=True)
-
-    def _save(self, force: bool = False) -> None:
-        """Write the manifest at most every ``MANIFEST_EVERY_S`` unless forced.
-
-        Lagging is safe: Parquet is always written before the manifest can say `done`, so a
-        crash between the two only means the trial reruns on resume (and overwrites its files).
-        """
-        self._manifest_dirty = True
-        now = time.time()
-        if force or now - self._manifest_saved_at >= MANIFEST_EVERY_S:
-            self.store.save_manifest(self.manifest)
-            self._manifest_saved_at, self._manifest_dirty = now, False
-
-    def _flush(self) -> None:
-        if self._manifest_dirty:
-            self._save(force=True)
-
-    def _entry(self, trial_id: str) -> dict[str, Any]:
-        return self.manifest["trials"][trial_id]
+        self.manifest.save(force=True)
 
     # -- tracking --------------------------------------------------------------------------
     def _start_tracking(self) -> None:
@@ -213,88 +158,129 @@ class Submission:
             self.progress.event(f"MLflow parent run failed: {exc}")
             return
         self.logger = BackgroundLogger(self.tracker, self.submission["parent_run_id"])
-        for trial_id, entry in self.manifest["trials"].items():
-            if entry.get("state") in TERMINAL_STATES and not entry.get("synced"):
-                self.logger.submit(trial_id, entry)
+        for trial_id, entry in self.manifest.unsynced():
+            self.logger.submit(trial_id, entry)
 
     def _collect_tracking(self, results: list[tuple[str, str | None, str | None]]) -> None:
-        changed = False
         for trial_id, run_id, error in results:
-            entry = self.manifest["trials"].get(trial_id)
-            if entry is None:
-                continue
-            entry["synced"] = run_id is not None
-            entry["mlflow_run_id"] = run_id or entry.get("mlflow_run_id")
-            entry["sync_error"] = error
-            changed = True
-        if changed:
-            self._save()
+            entry = self.manifest.trials.get(trial_id)
+            if entry is not None:
+                self.manifest.update(trial_id, synced=run_id is not None, sync_error=error,
+                                     mlflow_run_id=run_id or entry.get("mlflow_run_id"))
 
-    # -- capacity ---------------------------------------------------------------------------
-    def _capacity(self) -> dict[str, float]:
-        """Cluster totals, re-read every ``refresh_s`` (nodes come and go)."""
+    # -- resources ---------------------------------------------------------------------------
+    def _refresh_cluster(self) -> None:
+        """Re-read cluster and node totals every ``refresh_s`` (nodes come and go)."""
         now = time.time()
         if now - self._capacity_at >= self.refresh_s:
-            self._capacity_cache = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+            self._nodes_cache = node_totals()
+            self._capacity_cache = {}
+            for _address, resources in self._nodes_cache:
+                self._capacity_cache = add(self._capacity_cache, resources)
             self._capacity_at = now
-        return self._capacity_cache
 
-    def _used(self) -> dict[str, float]:
-        """Resources held: running trials' footprints plus what idle actors reserve."""
-        used: dict[str, float] = {}
-        for slot in self.slots:
-            held = slot.footprint if slot.trial is not None else ray_resources(dict(slot.shape))
-            for key, value in held.items():
-                used[key] = used.get(key, 0.0) + value
-        return used
+    def _node_resources(self) -> list[dict[str, float]]:
+        self._refresh_cluster()
+        return [resources for _address, resources in self._nodes_cache]
 
-    @staticmethod
-    def _fits(need: dict[str, float], free: dict[str, float]) -> bool:
-        return all(free.get(k, 0.0) + EPS >= v for k, v in need.items())
-
-    # -- running -----------------------------------------------------------------------------
-    def _footprint(self, trial: Trial) -> dict[str, float]:
-        if trial.trial_id not in self._footprints:
+    def needs(self, trial: Trial) -> TrialNeeds:
+        """The trial's actor and worker bundles, in Ray's resource names."""
+        if trial.trial_id not in self._needs:
             params = self.kind.params_model.model_validate(trial.params)
-            self._footprints[trial.trial_id] = ray_resources(self.kind.footprint(params, trial.resources))
-        return self._footprints[trial.trial_id]
+            self._needs[trial.trial_id] = TrialNeeds(
+                actor=ray_resources(self.kind.actor_resources(params, trial.resources)),
+                workers=[ray_resources(b) for b in self.kind.worker_bundles(params, trial.resources)],
+            )
+        return self._needs[trial.trial_id]
 
-    def _actor_resources(self, trial: Trial) -> dict[str, float]:
-        params = self.kind.params_model.model_validate(trial.params)
-        return self.kind.actor_resources(params, trial.resources)
+    def check_placeable(self) -> None:
+        """Raise PlacementError when some trial of the grid fits no node of the cluster."""
+        self._capacity_at = 0.0
+        self._refresh_cluster()
+        check_placeable({t.trial_id: self.needs(t) for t in self.trials.values()}, self._nodes_cache)
 
-    def _idle_slot(self, trial: Trial, shape: tuple[tuple[str, float], ...]) -> Slot | None:
-        """An idle actor of this shape, preferring one whose session is the trial's engine group."""
-        idle = [s for s in self.slots if s.trial is None and s.shape == shape]
-        for slot in idle:
-            if slot.session_key == trial.group_key:
-                return slot
-        return idle[0] if idle else None
+    def _unplaceable_too_long(self, trial: Trial, since: float, now: float) -> str | None:
+        """The error for a trial no node can hold any more, once it has waited ``placement_wait_s``."""
+        needs = self.needs(trial)
+        if can_place(needs, self._node_resources()):
+            return None
+        if now - since < self.placement_wait_s:
+            return None
+        return (f"no node can hold {needs.describe()} any more (waited {self.placement_wait_s:g}s); "
+                f"{describe_nodes(self._nodes_cache)}")
 
-    def _new_slot(self, shape: tuple[tuple[str, float], ...]) -> Slot:
-        actor = self._runner_cls.options(**actor_options(dict(shape))).remote()
-        slot = Slot(actor=actor, shape=shape, ready_ref=actor.where.remote())
-        self.slots.append(slot)
-        return slot
+    # -- admission ---------------------------------------------------------------------------
+    def _admit(self) -> None:
+        self._refresh_cluster()
+        free = add(self._capacity_cache, self.pool.used(), -1.0)
+        now = time.time()
+        for trial in list(self.pending):
+            needs = self.needs(trial)
+            if not can_place(needs, self._node_resources()):
+                since = self._unfit_since.setdefault(trial.trial_id, now)
+                error = self._unplaceable_too_long(trial, since, now)
+                if error:
+                    self.pending.remove(trial)
+                    self._finish_without_result(trial, "failed", error)
+                continue
+            self._unfit_since.pop(trial.trial_id, None)
+            slot = self.pool.idle_slot(needs.shape, trial.group_key)
+            # Reusing an idle actor reuses what it reserves; a new actor needs the whole footprint.
+            extra = add(needs.total, dict(slot.shape) if slot is not None else {}, -1.0)
+            if slot is None and not fits(extra, free):
+                idle = self.pool.idle()
+                freed = free
+                for other in idle:
+                    freed = add(freed, dict(other.shape))
+                if not idle or not fits(extra, freed):
+                    continue
+                for other in idle:  # idle actors of other shapes give their reservations back
+                    self.pool.discard(other)
+                free = freed
+            if not fits(extra, free):
+                continue
+            self.pending.remove(trial)
+            self._assign(trial, slot or self.pool.new_slot(needs.shape, now), needs)
+            free = add(free, extra, -1.0)
 
-    def _release(self, slot: Slot, kill: bool = True) -> None:
-        if slot in self.slots:
-            self.slots.remove(slot)
-        if kill:
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception:  # already dead
-                pass
-
-    def _launch(self, trial: Trial, slot: Slot, footprint: dict[str, float]) -> None:
+    def _assign(self, trial: Trial, slot: Slot, needs: TrialNeeds) -> None:
+        """Give a trial its actor and reserve its workers; it starts once both are ready."""
         self.attempts[trial.trial_id] = self.attempts.get(trial.trial_id, 0) + 1
-        entry = self._entry(trial.trial_id)
-        entry["attempts"] = entry.get("attempts", 0) + 1
-        entry["state"] = "running"
-        entry["start_s"] = time.time()
-        entry["end_s"] = None
-        entry["error"] = None
-        entry["node"] = slot.node
+        entry = self.manifest.entry(trial.trial_id)
+        self.manifest.update(trial.trial_id, attempts=entry.get("attempts", 0) + 1, state="running", start_s=None,
+                             end_s=None, error=None, node=slot.node)
+        slot.trial, slot.needs, slot.waiting_since, slot.ref = trial, needs, time.time(), None
+        slot.workers = reserve(needs.workers)
+        slot.workers_ready = slot.workers.ready() if slot.workers is not None else None
+        self.manifest.save()
+
+    def _start_reserved(self) -> None:
+        """Start every assigned trial whose actor is up and whose workers are reserved."""
+        waiting = [s for s in self.pool.running() if s.ref is None and s.ready_ref is None]
+        pending_refs = [s.workers_ready for s in waiting if s.workers_ready is not None]
+        ready = set(ray.wait(pending_refs, num_returns=len(pending_refs), timeout=0)[0]) if pending_refs else set()
+        now = time.time()
+        for slot in waiting:
+            if slot.workers_ready is None or slot.workers_ready in ready:
+                self._launch(slot)
+        for slot in [s for s in self.pool.running() if s.ref is None]:
+            trial = slot.trial
+            assert trial is not None
+            error = self._unplaceable_too_long(trial, slot.waiting_since, now)
+            if error:
+                self.pool.discard(slot)
+                self._finish_without_result(trial, "failed", error)
+
+    def _launch(self, slot: Slot) -> None:
+        trial = slot.trial
+        assert trial is not None
+        # Ray Train reserves its workers in a group of its own: hand ours over now (the driver
+        # keeps counting them as this slot's until the trial ends).
+        release(slot.workers)
+        slot.workers = slot.workers_ready = None
+        slot.started = time.time()
+        slot.session_key = trial.group_key
+        self.manifest.update(trial.trial_id, start_s=slot.started, node=slot.node)
         job = TrialJob(
             experiment=self.spec.experiment,
             kind=self.spec.kind,
@@ -305,53 +291,27 @@ class Submission:
             resources=trial.resources,
             group_key=trial.group_key,
             workdir=str(self.store.workdir(trial.trial_id).resolve()),
+            git_commit=self.submission.get("git"),
+            report=self.live.reporter(trial.trial_id) if self.live else None,
         )
-        slot.trial, slot.started, slot.footprint = trial, time.time(), footprint
-        slot.session_key = trial.group_key
         slot.ref = slot.actor.run.remote(job)
 
-    def _admit(self) -> None:
-        capacity = self._capacity()
-        used = self._used()
-        free = {k: capacity.get(k, 0.0) - used.get(k, 0.0) for k in set(capacity) | set(used)}
-        launched = False
-        for trial in list(self.pending):
-            need = self._footprint(trial)
-            if not self._fits(need, capacity):
-                self.pending.remove(trial)
-                missing = {k: v for k, v in need.items() if capacity.get(k, 0.0) + EPS < v}
-                self._finish_without_result(
-                    trial, "failed", f"needs {missing} but the cluster has {({k: capacity.get(k, 0.0) for k in missing})}"
-                )
-                continue
-            shape = tuple(sorted(self._actor_resources(trial).items()))
-            slot = self._idle_slot(trial, shape)
-            # Reusing an idle actor reuses what it reserves; a new actor needs the whole footprint.
-            reserved = ray_resources(dict(shape)) if slot is not None else {}
-            extra = {k: v - reserved.get(k, 0.0) for k, v in need.items()}
-            if slot is None and not self._fits(extra, free):
-                idle = [s for s in self.slots if s.trial is None]
-                freed = dict(free)
-                for other in idle:
-                    for key, value in ray_resources(dict(other.shape)).items():
-                        freed[key] = freed.get(key, 0.0) + value
-                if not idle or not self._fits(extra, freed):
-                    continue
-                for other in idle:  # idle actors of other shapes give their reservations back
-                    self._release(other)
-                free = freed
-            if not self._fits(extra, free):
-                continue
-            self.pending.remove(trial)
-            self._launch(trial, slot or self._new_slot(shape), need)
-            launched = True
-            for key, value in extra.items():
-                free[key] = free.get(key, 0.0) - value
-        if launched:
-            self._save()
-
-    def _running_slots(self) -> list[Slot]:
-        return [s for s in self.slots if s.trial is not None]
+    # -- results -----------------------------------------------------------------------------
+    def _wait(self, poll_s: float) -> None:
+        """Collect finished trials (waiting up to ``poll_s`` for the first) and actors that came up."""
+        started = [s for s in self.pool.running() if s.ref is not None]
+        refs = [s.ref for s in started]
+        others = [s.ready_ref for s in self.pool.slots if s.ready_ref is not None]
+        others += [s.workers_ready for s in self.pool.slots if s.workers_ready is not None]
+        if not refs and not others:
+            time.sleep(poll_s)
+            return
+        first, _ = ray.wait(refs + others, num_returns=1, timeout=poll_s)
+        if first and refs:  # collect every result that is in, not just the first
+            ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+            for slot in [s for s in started if s.ref in ready]:
+                self._handle_ready(slot)
+        self._mark_ready()
 
     def _handle_ready(self, slot: Slot) -> None:
         trial = slot.trial
@@ -359,54 +319,60 @@ class Submission:
         try:
             result: TrialResult = ray.get(slot.ref)
         except RayTaskError as exc:  # the runner itself broke (e.g. an unpicklable result)
-            slot.trial = None
-            self._release(slot)
+            self.pool.discard(slot)
             self._finish_without_result(trial, "failed", f"runner error: {str(exc).splitlines()[0][:300]}")
             return
         except RayError as exc:  # actor or node died: retry elsewhere
-            slot.trial = None
-            self._release(slot, kill=False)
-            self._capacity_at = 0.0  # the cluster may have lost a node: re-read its resources
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            if self.attempts.get(trial.trial_id, 0) <= self.spec.retries:
-                entry = self._entry(trial.trial_id)
-                entry["state"], entry["error"] = "queued", f"retrying after {reason}"
-                self.pending.appendleft(trial)
-                self.progress.event(f"trial {trial.trial_id} lost its worker ({reason}); retrying")
-                self._save()
-            else:
-                self._finish_without_result(trial, "failed", f"worker died {self.attempts[trial.trial_id]} times: {reason}")
+            self._lost_worker(slot, exc)
             return
-        slot.trial = None
+        slot.trial = slot.needs = slot.ref = None
         self._record(trial, result)
 
+    def _lost_worker(self, slot: Slot, exc: Exception) -> None:
+        trial = slot.trial
+        assert trial is not None
+        self.pool.discard(slot, kill=False)
+        self._capacity_at = 0.0  # the cluster may have lost a node: re-read its resources
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if self.attempts.get(trial.trial_id, 0) <= self.spec.retries:
+            self.manifest.update(trial.trial_id, state="queued", error=f"retrying after {reason}")
+            self.pending.appendleft(trial)
+            self.progress.event(f"trial {trial.trial_id} lost its worker ({reason}); retrying")
+            self.manifest.save()
+        else:
+            self._finish_without_result(trial, "failed", f"worker died {self.attempts[trial.trial_id]} times: {reason}")
+
     def _mark_ready(self) -> None:
-        waiting = [s for s in self._running_slots() if s.ready_ref is not None]
+        """Note the node of every actor that came up; an actor that died starting loses its trial."""
+        waiting = [s for s in self.pool.slots if s.ready_ref is not None]
         if not waiting:
             return
-        ready, _ = ray.wait([s.ready_ref for s in waiting], num_returns=len(waiting), timeout=0)
-        ready_set = set(ready)
+        ready = set(ray.wait([s.ready_ref for s in waiting], num_returns=len(waiting), timeout=0)[0])
         for slot in waiting:
-            if slot.ready_ref in ready_set:
-                try:
-                    slot.node = ray.get(slot.ready_ref)["node"]
-                except RayError:  # died while starting: its run() result reports that
-                    slot.node = None
-                slot.ready_ref, slot.started = None, time.time()
+            if slot.ready_ref not in ready:
+                continue
+            try:
+                slot.node = ray.get(slot.ready_ref)["node"]
+            except RayError as exc:
+                slot.ready_ref = None
                 if slot.trial is not None:
-                    self._entry(slot.trial.trial_id)["node"] = slot.node
-                    self._save()
+                    self._lost_worker(slot, exc)
+                else:
+                    self.pool.discard(slot, kill=False)
+                continue
+            slot.ready_ref = None
+            if slot.trial is not None:
+                self.manifest.update(slot.trial.trial_id, node=slot.node)
 
     def _check_timeouts(self) -> None:
         if self.spec.timeout_s is None:
             return
         now = time.time()
-        for slot in self._running_slots():
-            if slot.ready_ref is None and now - slot.started > self.spec.timeout_s:
+        for slot in self.pool.running():
+            if slot.ref is not None and now - slot.started > self.spec.timeout_s:
                 trial = slot.trial
                 assert trial is not None
-                slot.trial = None
-                self._release(slot)
+                self.pool.discard(slot)
                 self._finish_without_result(trial, "timeout", f"exceeded timeout_s={self.spec.timeout_s:g}")
 
     # -- recording -----------------------------------------------------------------------------
@@ -421,6 +387,8 @@ class Submission:
                 for name, table in result.tables.items():
                     schema = self.kind.tables.get(name)
                     self.store.write_table(name, trial.trial_id, table, schema, params if name.endswith("_summary") else None)
+            except OSError:  # the disk, not the trial: ends the submission
+                raise
             except Exception as exc:  # a table that does not fit its schema fails the trial, not the grid
                 result.state, result.error = "failed", f"could not store results: {type(exc).__name__}: {exc}"[:500]
         artifacts = self.store.artifacts_dir(trial.trial_id)
@@ -428,21 +396,28 @@ class Submission:
             atomic_write_bytes(artifacts / name, data)
         if result.traceback:
             atomic_write_bytes(artifacts / "traceback.txt", result.traceback.encode())
-        self._finish(trial, result.state, result.error, node=result.node, start=result.start_s, end=result.end_s)
+        self._finish(trial, result.state, result.error, node=result.node, start=result.start_s, end=result.end_s,
+                     environment=result.environment)
 
     def _finish_without_result(self, trial: Trial, state: str, error: str) -> None:
-        entry = self._entry(trial.trial_id)
+        entry = self.manifest.entry(trial.trial_id)
         now = time.time()
         if state in ("failed", "timeout"):
             atomic_write_bytes(self.store.artifacts_dir(trial.trial_id) / "error.txt", error.encode())
         self._finish(trial, state, error, node=entry.get("node"), start=entry.get("start_s") or now, end=now)
 
-    def _finish(self, trial: Trial, state: str, error: str | None, node: str | None, start: float, end: float) -> None:
-        entry = self._entry(trial.trial_id)
-        entry.update(state=state, error=error, node=node, start_s=start, end_s=end, synced=False)
-        record = dict(entry, duration_s=end - start)
+    def _finish(self, trial: Trial, state: str, error: str | None, node: str | None, start: float, end: float,
+                environment: dict[str, Any] | None = None) -> None:
+        # Without a result (timeout, cancelled) only the driver's side of the environment is known.
+        environment = environment or dict.fromkeys(provenance.ENVIRONMENT_KEYS) | {
+            "git_commit": self.submission.get("git"), "orch_version": self.submission.get("versions", {}).get("orch")}
+        fields = {"state": state, "error": error, "node": node, "start_s": start, "end_s": end, "synced": False,
+                  "environment": environment}
+        record = dict(self.manifest.entry(trial.trial_id), **fields, **environment, duration_s=end - start)
+        # The trials row first: if it cannot be written, the manifest does not claim the trial ended.
         self.store.write_trial_row(trial.trial_id, record, self._params_for(trial))
-        self._save()
+        self.manifest.update(trial.trial_id, **fields)
+        self.manifest.save()
         if state == "done":
             self._durations.append(end - start)
         self.progress.event(f"{state:<9} {trial.trial_id} {_axes_text(trial.axes)} ({end - start:.1f}s){': ' + error if error else ''}")
@@ -453,11 +428,7 @@ class Submission:
     # -- main loop ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         """Trials of this grid by state."""
-        out = {state: 0 for state in ("done", "running", "failed", "timeout", "cancelled", "queued")}
-        for trial_id in self.trials:
-            state = self._entry(trial_id)["state"]
-            out[state] = out.get(state, 0) + 1
-        return out
+        return self.manifest.counts(list(self.trials))
 
     def _eta(self, counts: dict[str, int]) -> float | None:
         if not self._durations:
@@ -467,71 +438,90 @@ class Submission:
         return sum(self._durations) / len(self._durations) * remaining / parallel
 
     def run(self, poll_s: float = 0.05) -> Outcome:
-        """Run every pending trial; Ctrl-C cancels the running ones and records them."""
+        """Run every pending trial; Ctrl-C cancels the running ones, an error outside a trial fails the submission.
+
+        Raises PlacementError, before anything is recorded, when a trial fits no node.
+        """
+        self.check_placeable()
         self._open_manifest()
         self._start_tracking()
-        interrupted = False
+        self.live = LiveChannel(self.spec.experiment)
+        status, error = "finished", None
         try:
-            while self.pending or self._running_slots():
+            while self.pending or self.pool.running():
                 if self.pending:
                     self._admit()
-                running = self._running_slots()
-                if running:
-                    refs = [s.ref for s in running]
-                    ready, _ = ray.wait(refs, num_returns=1, timeout=poll_s)
-                    if ready:  # collect every result that is in, not just the first
-                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                    ready_set = set(ready)
-                    for slot in [s for s in running if s.ref in ready_set]:
-                        self._handle_ready(slot)
-                    self._mark_ready()
-                    self._check_timeouts()
+                self._wait(poll_s)
+                self._start_reserved()
+                self._check_timeouts()
                 if self.logger is not None:
+                    self.logger.submit_live(self.live.poll())
                     self._collect_tracking(self.logger.drain())
-                if self._manifest_dirty:
-                    self._save()
+                if self.manifest.dirty:
+                    self.manifest.save()
                 counts = self.counts()
                 self.telemetry.update(counts)
                 self.progress.update(counts, time.time() - self._start, self._eta(counts))
         except KeyboardInterrupt:
-            interrupted = True
-            self._cancel_running()
+            status = "interrupted"
+            self._cancel_running("cancelled by the user")
+        except Exception as exc:  # disk full, GCS lost, a bug: the submission failed, not its trials
+            status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            self.progress.event(f"submission failed: {error}")
+            self._cancel_running(f"cancelled: the submission failed ({error})")
         finally:
             self._shutdown_actors()
-            self.submission["status"] = "interrupted" if interrupted else "finished"
-            self.submission["ended_at"] = time.time()
-            self._save(force=True)
-            tracking_error = self._close_tracking(interrupted)
+            self.submission.update(status=status, ended_at=time.time(), error=error)
+            try:
+                self.manifest.save(force=True)
+            except OSError as exc:
+                error = error or f"could not save the manifest: {exc}"
+            live = self.live.close()
+            if self.logger is not None:
+                self.logger.submit_live(live)
+            tracking_error = self._close_tracking(status == "interrupted" or error is not None)
         counts = self.counts()
         self.progress.update(counts, time.time() - self._start, 0.0)
-        return Outcome(counts=counts, interrupted=interrupted, tracking_error=tracking_error)
+        return Outcome(counts=counts, interrupted=status == "interrupted", tracking_error=tracking_error, error=error)
 
-    def _cancel_running(self) -> None:
-        for slot in self._running_slots():
+    def _cancel_running(self, reason: str) -> None:
+        """Record running trials cancelled (best effort: the store may be what failed) and requeue the rest."""
+        for slot in self.pool.running():
             trial = slot.trial
             assert trial is not None
-            slot.trial = None
-            self._release(slot)
-            self._finish_without_result(trial, "cancelled", "cancelled by the user")
+            self.pool.discard(slot)
+            try:
+                self._finish_without_result(trial, "cancelled", reason)
+            except Exception:  # the trials row could not be written: the manifest still says cancelled
+                now = time.time()
+                entry = self.manifest.entry(trial.trial_id)
+                self.manifest.update(trial.trial_id, state="cancelled", error=reason, end_s=now,
+                                     start_s=entry.get("start_s") or now)
         for trial in list(self.pending):
-            self._entry(trial.trial_id)["state"] = "queued"
+            self.manifest.update(trial.trial_id, state="queued")
         self.pending.clear()
+        for trial_id in self.trials:  # one whose result was being recorded when the error struck
+            if self.manifest.entry(trial_id).get("state") == "running":
+                self.manifest.update(trial_id, state="cancelled", error=reason, end_s=time.time())
 
     def _shutdown_actors(self) -> None:
-        for slot in list(self.slots):
+        for slot in list(self.pool.slots):
             try:
                 ray.get(slot.actor.shutdown.remote(), timeout=10)
             except (GetTimeoutError, RayError):
                 pass
-            self._release(slot)
+            self.pool.discard(slot)
 
-    def _close_tracking(self, interrupted: bool) -> str | None:
+    def _close_tracking(self, aborted: bool) -> str | None:
         if self.logger is None:
             return self.tracker.error if self.tracker else None
         self._collect_tracking(self.logger.close())
-        self._flush()
         try:
-            self.tracker.end_parent(self.submission["parent_run_id"], "KILLED" if interrupted else "FINISHED")
+            self.manifest.flush()
+        except OSError:
+            pass
+        try:
+            self.tracker.end_parent(self.submission["parent_run_id"], "KILLED" if aborted else "FINISHED")
         except Exception as exc:  # the runs are logged; only the parent's status is missing
             return str(exc)
         return None

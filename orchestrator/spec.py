@@ -120,6 +120,28 @@ def _check_values(value: Any, path: str) -> None:
         )
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives one key twice (YAML's own loaders silently keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first_line.get(key)
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if seen is not None:
+                raise DuplicateKeyError(f"duplicate key {key!r} at line {line} (first at line {seen}); give each key once")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     """Safe YAML: no explicit tags and no aliases (alias bombs), plain data only."""
     try:
@@ -129,7 +151,9 @@ def _parse_yaml(text: str, source: str) -> Any:
             tag = getattr(event, "tag", None)
             if tag is not None:  # only explicitly tagged nodes carry a tag in the event stream
                 raise SpecError(f"{source}: YAML tags ({tag}) are not allowed; use plain values")
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_UniqueKeyLoader))
+    except DuplicateKeyError as exc:
+        raise SpecError(f"{source}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -151,6 +175,8 @@ def _format_validation_error(exc: ValidationError) -> str:
         message = "unknown key"
     elif err["type"] == "missing":
         message = "required key is missing"
+    elif err["type"].endswith("_type"):  # strict: a value of the wrong type is never coerced
+        message += f" (got {type(err['input']).__name__} {err['input']!r})"
     return f"{path}: {message}"
 
 
@@ -165,7 +191,8 @@ def parse_spec(data: Any, source: str = "grid") -> GridSpec:
     except RecursionError:
         raise SpecError(f"{source}: nesting too deep") from None
     try:
-        spec = GridSpec.model_validate(data)
+        # Strict, as JSON types: `repeats: "2"` or `retries: true` is an error, not coerced.
+        spec = GridSpec.model_validate(data, strict=True)
     except ValidationError as exc:
         allowed = ", ".join(GridSpec.model_fields)
         line = _format_validation_error(exc)

@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from orchestrator.provenance import ENVIRONMENT_KEYS
+
 SCHEMA_VERSION_KEY = b"schema_version"
 PARAM_FIELD_KEY = b"orch.param"  # field metadata marking a column that holds a grid parameter
 TERMINAL_STATES = frozenset({"done", "failed", "timeout", "cancelled"})
@@ -42,8 +44,10 @@ TRIALS_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
         ("error", pa.string()),
         ("repeat", pa.int64()),
+        # the environment the trial ran in (provenance.ENVIRONMENT_KEYS)
+        *((key, pa.string()) for key in ENVIRONMENT_KEYS),
     ],
-    metadata={SCHEMA_VERSION_KEY: b"1"},
+    metadata={SCHEMA_VERSION_KEY: b"2"},
 )
 
 
@@ -132,6 +136,27 @@ def conform(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=schema.metadata))
 
 
+def unify_schemas(schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema for files written by different submissions: ints widen to floats, new columns are added,
+    and a column whose types cannot be merged becomes a string."""
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass
+    fields: dict[str, pa.Field] = {}
+    for schema in schemas:
+        for item in schema:
+            seen = fields.get(item.name)
+            if seen is None or seen.type.equals(item.type):
+                fields.setdefault(item.name, item)
+                continue
+            try:
+                fields[item.name] = pa.unify_schemas([pa.schema([seen]), pa.schema([item])], promote_options="permissive")[0]
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                fields[item.name] = pa.field(item.name, pa.string(), metadata=seen.metadata)
+    return pa.schema(list(fields.values()), metadata=schemas[0].metadata)
+
+
 class ExperimentStore:
     """Reads and writes one experiment's folder."""
 
@@ -139,6 +164,7 @@ class ExperimentStore:
         self.root = Path(results_root)
         self.experiment = experiment
         self.path = self.root / experiment
+        self._schemas: dict[str, pa.Schema] = {}  # table -> the schema every file of it has
 
     @property
     def manifest_path(self) -> Path:
@@ -181,18 +207,48 @@ class ExperimentStore:
         table = table.drop_columns([c for c in ("experiment", "trial_id") if c in table.column_names])
         arrays = [columns[0], *table.columns, *columns[1:]]
         out = pa.Table.from_arrays(arrays, schema=pa.schema([fields[0], *table.schema, *fields[1:]], metadata=metadata))
+        out = self._same_schema_as_the_rest(name, trial_id, out)
         path = self.table_file(name, trial_id)
+        self._write_file(path, out)
+        return path
+
+    def _same_schema_as_the_rest(self, name: str, trial_id: str, table: pa.Table) -> pa.Table:
+        """Keep every file of a table on one schema, so plain readers (pandas, DuckDB, Polars) read them as one.
+
+        A submission whose parameters changed type (20 -> 20.5) or gained columns widens the
+        schema; the files already written are rewritten to it once.
+        """
+        current = self._schemas.get(name)
+        if current is None:
+            other = next((f for f in self.table_files(name) if f != self.table_file(name, trial_id)), None)
+            current = pq.read_schema(other) if other is not None else table.schema
+        if current.equals(table.schema):
+            self._schemas[name] = current
+            return table
+        unified = unify_schemas([current, table.schema])
+        if not unified.equals(current):
+            for path in self.table_files(name):
+                if path != self.table_file(name, trial_id):
+                    self._write_file(path, conform(pq.read_table(path), unified))
+        self._schemas[name] = unified
+        return conform(table, unified)
+
+    @staticmethod
+    def _write_file(path: Path, table: pa.Table) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         # lz4 and dictionaries only for strings: ~2x the write rate of zstd with dictionaries
         # everywhere, at a modest size cost (see docs/BENCHMARKS.md).
-        strings = [f.name for f in out.schema if pa.types.is_string(f.type)]
+        strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
         try:
-            pq.write_table(out, tmp, compression="lz4", use_dictionary=strings)
+            pq.write_table(table, tmp, compression="lz4", use_dictionary=strings)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        return path
+
+    def table_files(self, name: str) -> list[Path]:
+        """Every trial's Parquet file of one table."""
+        return sorted((self.path / name).glob("trial_id=*/part-0.parquet"))
 
     def write_trial_row(self, trial_id: str, record: dict[str, Any], params: list[tuple[pa.Field, Any]]) -> Path:
         """Write the one-row ``trials`` table of a trial in a terminal state."""
@@ -213,13 +269,15 @@ class ExperimentStore:
             return None
         wanted = set(trial_ids) if trial_ids is not None else None
         files = [
-            str(p)
-            for p in sorted(folder.glob("trial_id=*/part-0.parquet"))
-            if wanted is None or p.parent.name.removeprefix("trial_id=") in wanted
+            str(p) for p in self.table_files(name) if wanted is None or p.parent.name.removeprefix("trial_id=") in wanted
         ]
         if not files:
             return None
-        dataset = ds.dataset(files, format="parquet", partitioning=ds.partitioning(flavor="hive"), partition_base_dir=str(folder))
+        # Files of older submissions may differ (types, columns): read them all as one schema.
+        schema = unify_schemas([pq.read_schema(f) for f in files])
+        schema = schema.append(pa.field("trial_id", pa.string())) if "trial_id" not in schema.names else schema
+        partitioning = ds.partitioning(pa.schema([("trial_id", pa.string())]), flavor="hive")
+        dataset = ds.dataset(files, schema=schema, format="parquet", partitioning=partitioning, partition_base_dir=str(folder))
         return dataset.to_table()
 
     def read_trial_table(self, name: str, trial_id: str) -> pa.Table | None:

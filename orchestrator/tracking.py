@@ -21,12 +21,14 @@ from typing import Any
 import pyarrow as pa
 
 from orchestrator.expand import flatten
+from orchestrator.manifest import Manifest
 from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore
 
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
 STEP_TABLE_SUFFIXES = ("_steps", "_evals")
 ID_COLUMNS = frozenset({"step", "rank", "epoch", "request_id", "t_s"})
+KEY_COLUMNS = ("split", "model")  # string columns of step tables that prefix metric names
 RUN_STATUS = {"done": "FINISHED", "failed": "FAILED", "timeout": "FAILED", "cancelled": "KILLED"}
 TRIAL_TAG = "orch.trial_id"
 
@@ -67,11 +69,7 @@ def step_metrics(table: pa.Table) -> list[tuple[str, float, int]]:
     if "step" not in table.column_names:
         return []
     numeric = _numeric(table)
-    prefixes = [
-        f.name
-        for f in table.schema
-        if pa.types.is_string(f.type) and f.name in {"split", "model", "policy", "phase"}
-    ]
+    prefixes = [f.name for f in table.schema if pa.types.is_string(f.type) and f.name in KEY_COLUMNS]
     out: list[tuple[str, float, int]] = []
     for row in table.to_pylist():
         if row.get("rank") not in (None, 0):
@@ -171,10 +169,20 @@ class Tracker:
         for i in range(0, len(items), METRIC_BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + METRIC_BATCH], synchronous=True)
 
-    def log_trial(self, trial_id: str, record: dict[str, Any], parent_run_id: str | None, stale_runs: list[str]) -> str:
-        """Log one finished trial from the store; replaces runs an interrupted attempt left."""
+    def start_live_run(self, trial_id: str, parent_run_id: str | None) -> str:
+        """A running trial's run, for the metrics it streams; ``log_trial`` completes it."""
+        tags = {TRIAL_TAG: trial_id, "orch.state": "running"}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        return self.client.create_run(self.experiment_id, run_name=trial_id, tags=tags).info.run_id
+
+    def log_trial(self, trial_id: str, record: dict[str, Any], parent_run_id: str | None, stale_runs: list[str],
+                  live_run_id: str | None = None) -> str:
+        """Log one finished trial from the store (into its live run, if it streamed); replaces runs an
+        interrupted attempt left."""
         for run_id in stale_runs:
-            self.client.delete_run(run_id)
+            if run_id != live_run_id:
+                self.client.delete_run(run_id)
         tags = {
             TRIAL_TAG: trial_id,
             "orch.state": record["state"],
@@ -185,8 +193,13 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id
         if record.get("error"):
             tags["orch.error"] = str(record["error"])[:5000]
-        run = self.client.create_run(self.experiment_id, run_name=trial_id, tags=tags)
-        run_id = run.info.run_id
+        tags.update({f"orch.env.{k}": str(v)[:5000] for k, v in (record.get("environment") or {}).items() if v is not None})
+        if live_run_id:
+            run_id = live_run_id
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, value)
+        else:
+            run_id = self.client.create_run(self.experiment_id, run_name=trial_id, tags=tags).info.run_id
         self._log_params(run_id, {k: str(v)[:6000] for k, v in flatten(record.get("params", {})).items()})
         metrics: list[tuple[str, float, int]] = []
         files = self.store.trial_table_files(trial_id)
@@ -219,7 +232,10 @@ class BackgroundLogger:
     def __init__(self, tracker: Tracker, parent_run_id: str | None):
         self.tracker = tracker
         self.parent_run_id = parent_run_id
-        self._todo: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        # (trial id, record) of a finished trial, or (None, live records) of running ones.
+        self._todo: queue.Queue[tuple[str | None, Any] | None] = queue.Queue()
+        self._live_runs: dict[str, str] = {}
+        self._finished: set[str] = set()
         self._done: queue.Queue[tuple[str, str | None, str | None]] = queue.Queue()
         self._existing: dict[str, list[str]] | None = None
         self._thread = threading.Thread(target=self._work, name="orch-mlflow", daemon=True)
@@ -229,14 +245,36 @@ class BackgroundLogger:
         """Queue a terminal trial for logging."""
         self._todo.put((trial_id, dict(record)))
 
+    def submit_live(self, records: list[tuple[str, int, dict[str, float]]]) -> None:
+        """Queue running trials' (trial id, step, metrics) records; logged as ``live/<key>`` step metrics."""
+        if records:
+            self._todo.put((None, list(records)))
+
+    def _log_live(self, records: list[tuple[str, int, dict[str, float]]]) -> None:
+        by_trial: dict[str, list[tuple[str, float, int]]] = {}
+        for trial_id, step, metrics in records:
+            if trial_id not in self._finished:
+                by_trial.setdefault(trial_id, []).extend((f"live/{k}", v, step) for k, v in metrics.items())
+        for trial_id, metrics in by_trial.items():
+            try:
+                if trial_id not in self._live_runs:
+                    self._live_runs[trial_id] = self.tracker.start_live_run(trial_id, self.parent_run_id)
+                self.tracker.log_metrics(self._live_runs[trial_id], metrics)
+            except Exception:  # live metrics are best effort; the trial is logged in full at its end
+                continue
+
     def _work(self) -> None:
         while (item := self._todo.get()) is not None:
             trial_id, record = item
+            if trial_id is None:
+                self._log_live(record)
+                continue
+            self._finished.add(trial_id)
             try:
                 if self._existing is None:
                     self._existing = self.tracker.existing_runs()
                 stale = self._existing.pop(trial_id, [])
-                run_id = self.tracker.log_trial(trial_id, record, self.parent_run_id, stale)
+                run_id = self.tracker.log_trial(trial_id, record, self.parent_run_id, stale, self._live_runs.pop(trial_id, None))
                 self._done.put((trial_id, run_id, None))
             except Exception as exc:  # keep going: the trial stays unsynced for `orch sync`
                 self._done.put((trial_id, None, f"{type(exc).__name__}: {exc}"[:300]))
@@ -255,3 +293,23 @@ class BackgroundLogger:
         self._todo.put(None)
         self._thread.join(timeout_s)
         return self.drain()
+
+
+def sync_experiment(tracker: Tracker, manifest: Manifest) -> int:
+    """Log every finished, unsynced trial of an experiment (``orch sync``); returns how many were logged."""
+    todo = manifest.unsynced()
+    existing = tracker.existing_runs() if todo else {}
+    parents: dict[int, str | None] = {}
+    for trial_id, entry in todo:
+        index = entry.get("submission", len(manifest.submissions) - 1)
+        submission = manifest.submissions[index]
+        if index not in parents:
+            if not submission.get("parent_run_id"):
+                submission["parent_run_id"] = tracker.start_parent(submission)
+                tracker.end_parent(submission["parent_run_id"], "FINISHED")
+            parents[index] = submission["parent_run_id"]
+        duration = entry["end_s"] - entry["start_s"] if entry.get("end_s") and entry.get("start_s") else None
+        run_id = tracker.log_trial(trial_id, dict(entry, duration_s=duration), parents[index], existing.pop(trial_id, []))
+        manifest.update(trial_id, synced=True, mlflow_run_id=run_id, sync_error=None)
+        manifest.save(force=True)
+    return len(todo)

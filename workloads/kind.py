@@ -36,8 +36,10 @@ class TrialContext:
     workdir: Path
     # Per-trial resources from the grid (num_cpus, num_gpus, custom resources).
     resources: dict[str, float]
-    # Live progress/metrics callback (best effort; may be a no-op).
-    report: Callable[[dict[str, float]], None] = field(default=lambda _m: None)
+    # Live metrics while the trial runs (best effort; may be a no-op): report(record, step=None).
+    # Known keys feed Ray metrics (orchestrator/telemetry.py); records with a step also become
+    # MLflow step metrics during the trial. Picklable, so it can be handed to worker processes.
+    report: Callable[..., None] = field(default=lambda _record, step=None: None)
 
 
 @dataclass
@@ -68,9 +70,25 @@ class TrialKind(ABC):
         """Resources the trial's own actor holds (default: the grid's per-trial resources)."""
         return dict(resources)
 
+    def worker_bundles(self, params: KindParams, resources: dict[str, float]) -> list[dict[str, float]]:
+        """Resources of each worker the trial starts itself (e.g. Ray Train's), one bundle each; default none.
+
+        The orchestrator reserves them together, atomically, before the trial starts.
+        """
+        return []
+
     def footprint(self, params: KindParams, resources: dict[str, float]) -> dict[str, float]:
-        """Total cluster resources a running trial occupies (for admission control)."""
-        return self.actor_resources(params, resources)
+        """Total cluster resources a running trial occupies: its actor plus its workers."""
+        total = dict(self.actor_resources(params, resources))
+        for bundle in self.worker_bundles(params, resources):
+            for key, value in bundle.items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+
+    def check_cluster(self, params: KindParams, nodes: list[dict[str, float]]) -> None:
+        """Refuse, at submit time, a trial this cluster cannot run: raise ValueError with one line
+        saying what is missing. ``nodes``: each alive node's resources. Default: accept."""
+        del params, nodes
 
     def open(self, params: KindParams) -> Any:
         """Build what trials of one engine group share (e.g. a loaded model). Default: nothing."""

@@ -1,14 +1,15 @@
 """Gradient compression (GRACE's split): Compressor, Memory (error feedback), Communicator.
 
 Public API:
-- ``CompressionConfig``: typed knobs; ``COMPRESSORS``: registry name -> class.
+- ``CompressionConfig``: typed knobs (the grid's ``compressor`` section); ``COMPRESSORS``: name -> class
+  (a ``backends.registry.Registry``: every module of this package is imported on its first read, so
+  a compressor is one module with ``@COMPRESSORS.register``).
 - ``build_compressor(config, rank)``; ``build_applier(config, model, group)`` -> ``GradientApplier``
   (``after_backward(model)``, ``take_stats()``, ``state_dict()`` / ``load_state_dict()``).
 - ``GradientSync``: compensate -> compress -> collective -> decompress -> residual, for one tensor.
 - ``Communicator`` and the byte model ``ring_allreduce_bytes`` / ``allgather_bytes``.
 """
 
-from backends.compression import a2sgd, dense, fp16, powersgd, qsgd, topk  # noqa: F401  (register)
 from backends.compression.apply import (
     FlatApplier,
     GradientApplier,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.compression.base import CompressContext, Compressor, Payload, register
+from backends.compression.base import COMPRESSORS, CompressContext, CompressionConfig, Compressor, Payload
 
 
 def count_true(mask: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
     return count.float()
 
 
-@register
+@COMPRESSORS.register
 class A2SGDCompressor(Compressor):
     """Two fp32 scalars per worker per step; the update is rebuilt from the local sign pattern."""
 
@@ -40,12 +40,8 @@ class A2SGDCompressor(Compressor):
     default_error_feedback = True
     default_mode = "flat"
 
-    def __init__(self, config, rank: int = 0) -> None:
-        super().__init__(config, rank)
-        if config.residual not in ("global", "local"):
-            raise ValueError(f"a2sgd residual must be 'global' or 'local', got {config.residual!r}")
-        if config.threshold not in ("zero", "mean"):
-            raise ValueError(f"a2sgd threshold must be 'zero' or 'mean', got {config.threshold!r}")
+    def __init__(self, config: CompressionConfig, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(config, rank, seed)
         self.residual_reference = config.residual
 
     def compress(self, tensor: torch.Tensor, ctx: CompressContext) -> Payload:

@@ -26,6 +26,7 @@ class GradientApplier:
     """Synchronises a model's gradients each step and reports time and bytes."""
 
     mode: str
+    overlapped = False  # whether comm_s runs concurrently with the backward computation
 
     def __init__(self, compressor: Compressor, communicator: Communicator) -> None:
         self.compressor = compressor
@@ -123,32 +124,64 @@ class HookApplier(_SyncApplier):
 
 
 class NativeHookApplier(GradientApplier):
-    """A compressor that brings its own DDP hook (PowerSGD)."""
+    """PyTorch's own asynchronous DDP hook of a compressor (dense, fp16, PowerSGD): buckets are
+    communicated while backward still computes, as DDP users run it.
+
+    Timing: ``compress_s`` is the time spent inside the hook calls on the backward thread;
+    ``comm_s`` is the span from the first bucket's hook call to the last bucket's completion in
+    the step. It overlaps the backward computation (``overlapped``)."""
 
     mode = "hook"
+    overlapped = True
 
     def __init__(self, compressor: Compressor, communicator: Communicator, model: DistributedDataParallel):
         super().__init__(compressor, communicator)
-        state, hook = compressor.make_ddp_hook(communicator, lambda stats: self.stats.add(stats))
+        self._first: float | None = None
+        self._last: float | None = None
+        state, native = compressor.make_ddp_hook(communicator)
+
+        def hook(hook_state: Any, bucket) -> torch.futures.Future[torch.Tensor]:
+            start = time.perf_counter()
+            self._first = start if self._first is None else self._first
+            fut = native(hook_state, bucket)
+            counts = communicator.take_counts()
+            self.stats.add(SyncStats(time.perf_counter() - start, 0.0, 0.0, counts.sent, counts.recv, counts.payload))
+
+            def done(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+                self._last = time.perf_counter()
+                return f.value()
+
+            return fut.then(done)
+
         model.register_comm_hook(state, hook)
+
+    def take_stats(self) -> SyncStats:
+        """Stats since the last call, with the communication span of the buckets completed."""
+        if self._first is not None and self._last is not None:
+            self.stats.comm_s += max(self._last - self._first, 0.0)
+            self._first = self._last = None
+        return super().take_stats()
 
 
 def build_applier(
-    config: CompressionConfig, model: torch.nn.Module, group: torch.distributed.ProcessGroup | None = None
+    config: CompressionConfig,
+    model: torch.nn.Module,
+    group: torch.distributed.ProcessGroup | None = None,
+    seed: int = 0,
 ) -> GradientApplier:
     """The applier for ``config`` on ``model`` (DDP-wrapped for hook mode, plain for flat)."""
     communicator = Communicator(group)
-    compressor = build_compressor(config, rank=communicator.rank)
-    mode = mode_of(compressor)
+    compressor = build_compressor(config, communicator.rank, seed)
+    mode = mode_of(config)
     is_ddp = isinstance(model, DistributedDataParallel)
-    if mode == "flat" and compressor.native_hook:
+    if mode == "flat" and compressor.hook_only:
         raise ValueError(f"compressor {compressor.name!r} runs only as a DDP hook; use mode: hook")
     if mode == "flat" and is_ddp:
         raise ValueError("flat mode needs a model that is not wrapped in DDP (it would all-reduce twice)")
     if not is_ddp:
-        if compressor.native_hook:
+        if compressor.hook_only:
             # One worker: nothing to communicate, and PowerSGD's hook needs DDP; send plainly.
-            compressor = build_compressor(CompressionConfig(name="dense", seed=config.seed), communicator.rank)
+            compressor = build_compressor(CompressionConfig(name="dense"), communicator.rank, seed)
         return FlatApplier(compressor, communicator)
     if compressor.native_hook:
         return NativeHookApplier(compressor, communicator, model)

@@ -7,27 +7,38 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from backends.registry import Registry, import_submodules
 
 Collective = Literal["allreduce", "allgather"]
 Mode = Literal["hook", "flat"]
 Payload = list[torch.Tensor]
 
 
-@dataclass(frozen=True)
-class CompressionConfig:
-    """Typed knobs of every compressor; each compressor reads the ones it needs."""
+class CompressionConfig(BaseModel):
+    """Typed knobs of every compressor, declared once: the grid's ``compressor`` section is this
+    model. Each compressor reads the knobs it needs; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "dense"
-    ratio: float = 0.01  # topk: fraction of elements kept
-    levels: int = 127  # qsgd: s quantisation levels (127 -> one signed byte per element)
-    bucket_size: int = 128  # qsgd: elements sharing one fp32 norm
-    rank: int = 1  # powersgd: matrix approximation rank
-    start_iter: int = 10  # powersgd: plain all-reduce before this iteration
+    ratio: float = Field(default=0.01, gt=0, le=1)  # topk: fraction of elements kept
+    levels: int = Field(default=127, ge=1, le=32767)  # qsgd: s levels (127 -> one signed byte per element)
+    bucket_size: int = Field(default=128, ge=1)  # qsgd: elements sharing one fp32 norm
+    rank: int = Field(default=1, ge=1)  # powersgd: matrix approximation rank
+    start_iter: int = Field(default=10, ge=2)  # powersgd: plain all-reduce before this iteration
     residual: Literal["global", "local"] = "global"  # a2sgd: residual against global or local means
     threshold: Literal["zero", "mean"] = "zero"  # a2sgd: split v at 0 or at mean(v)
     error_feedback: bool | None = None  # None: the compressor's default
     mode: Mode | None = None  # None: the compressor's default
-    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known(self) -> CompressionConfig:
+        cls = COMPRESSORS.get_or_raise(self.name)
+        if self.mode == "flat" and cls.hook_only:
+            raise ValueError(f"{self.name} runs only as a DDP hook (mode: hook)")
+        return self
 
 
 @dataclass
@@ -56,12 +67,16 @@ class Compressor(ABC):
     # Error feedback keeps e = v - reference, where reference is this worker's own
     # decompressed payload ("local", GRACE's rule) or the averaged global result ("global").
     residual_reference: Literal["local", "global"] = "local"
-    # Compressors that bring their own DDP hook (PowerSGD) set this and implement make_ddp_hook.
+    # Compressors whose hook mode is PyTorch's own DDP hook (dense, fp16, PowerSGD) set this and
+    # implement make_ddp_hook(communicator) -> (state, hook), counting bytes in the communicator.
     native_hook: ClassVar[bool] = False
+    # Compressors that exist only as a DDP hook (PowerSGD: collectives between compression steps).
+    hook_only: ClassVar[bool] = False
 
-    def __init__(self, config: CompressionConfig, rank: int = 0) -> None:
+    def __init__(self, config: CompressionConfig, rank: int = 0, seed: int = 0) -> None:
         self.config = config
         self.rank = rank
+        self.seed = seed  # the trial's seed, for compressors that draw random numbers
 
     @abstractmethod
     def compress(self, tensor: torch.Tensor, ctx: CompressContext) -> Payload:
@@ -80,22 +95,14 @@ class Compressor(ABC):
         del state
 
 
-COMPRESSORS: dict[str, type[Compressor]] = {}
+COMPRESSORS: Registry[type[Compressor]] = Registry(
+    "compressor", loader=lambda: import_submodules("backends.compression")
+)
 
 
-def register(cls: type[Compressor]) -> type[Compressor]:
-    """Class decorator: make a compressor available by its ``name``."""
-    COMPRESSORS[cls.name] = cls
-    return cls
-
-
-def build_compressor(config: CompressionConfig, rank: int = 0) -> Compressor:
-    """Instantiate the compressor ``config.name``; ValueError names the allowed ones."""
-    try:
-        cls = COMPRESSORS[config.name]
-    except KeyError:
-        raise ValueError(f"unknown compressor {config.name!r}; allowed: {sorted(COMPRESSORS)}") from None
-    return cls(config, rank)
+def build_compressor(config: CompressionConfig, rank: int = 0, seed: int = 0) -> Compressor:
+    """Instantiate the compressor ``config.name`` for worker ``rank`` (random streams from ``seed``)."""
+    return COMPRESSORS.get_or_raise(config.name)(config, rank, seed)
 
 
 def error_feedback_enabled(compressor: Compressor) -> bool:
@@ -104,6 +111,6 @@ def error_feedback_enabled(compressor: Compressor) -> bool:
     return compressor.default_error_feedback if ef is None else ef
 
 
-def mode_of(compressor: Compressor) -> Mode:
-    """The config's application mode, or the compressor's default when unset."""
-    return compressor.config.mode or compressor.default_mode
+def mode_of(config: CompressionConfig) -> Mode:
+    """The config's application mode, or its compressor's default when unset."""
+    return config.mode or COMPRESSORS.get_or_raise(config.name).default_mode

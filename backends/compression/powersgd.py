@@ -8,19 +8,23 @@ matrices plus the tensors it sends uncompressed), or the whole bucket before ``s
 """
 
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
-from backends.compression.base import CompressContext, Compressor, Payload, error_feedback_enabled, register
+from backends.compression.base import (
+    COMPRESSORS,
+    CompressContext,
+    CompressionConfig,
+    Compressor,
+    Payload,
+    error_feedback_enabled,
+)
 from backends.compression.communicator import Communicator
-from backends.compression.sync import SyncStats
 
 
-@register
+@COMPRESSORS.register
 class PowerSGDCompressor(Compressor):
     """Low-rank (rank r) gradient approximation; only as a DDP communication hook."""
 
@@ -29,13 +33,10 @@ class PowerSGDCompressor(Compressor):
     default_error_feedback = True
     default_mode = "hook"
     native_hook = True
+    hook_only = True
 
-    def __init__(self, config, rank: int = 0) -> None:
-        super().__init__(config, rank)
-        if config.rank < 1:
-            raise ValueError("powersgd rank must be >= 1")
-        if config.start_iter < 2:
-            raise ValueError("powersgd start_iter must be >= 2 (PyTorch requires it with error feedback)")
+    def __init__(self, config: CompressionConfig, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(config, rank, seed)
         self.state: powersgd.PowerSGDState | None = None
         self._saved: dict[str, Any] | None = None
 
@@ -47,16 +48,15 @@ class PowerSGDCompressor(Compressor):
         """Not available (see compress)."""
         raise NotImplementedError("powersgd runs only as a DDP hook (mode: hook)")
 
-    def make_ddp_hook(self, communicator: Communicator, record: Callable[[SyncStats], None]):
-        """PyTorch's PowerSGD state and a hook wrapping ``powerSGD_hook`` that passes each bucket's
-        bytes and time to ``record``."""
+    def make_ddp_hook(self, communicator: Communicator):
+        """PyTorch's PowerSGD state and a hook around ``powerSGD_hook`` that counts each bucket's bytes."""
         self.state = powersgd.PowerSGDState(
             process_group=communicator.group,
             matrix_approximation_rank=self.config.rank,
             start_powerSGD_iter=self.config.start_iter,
             use_error_feedback=error_feedback_enabled(self),
             warm_start=True,
-            random_seed=self.config.seed,
+            random_seed=self.seed,
         )
         if self._saved is not None:
             self._restore(self._saved)
@@ -65,20 +65,10 @@ class PowerSGDCompressor(Compressor):
             buffer = bucket.buffer()
             compressing = state.iter >= state.start_powerSGD_iter
             before = state.total_numel_after_compression
-            start = time.perf_counter()
             fut = powersgd.powerSGD_hook(state, bucket)
-            issued = time.perf_counter()
             numel = state.total_numel_after_compression - before if compressing else buffer.numel()
             communicator.count_external_allreduce(numel * buffer.element_size())
-            counts = communicator.take_counts()
-            record(SyncStats(issued - start, 0.0, 0.0, counts.sent, counts.recv, counts.payload))
-
-            def done(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-                # Collectives and decompression run in PowerSGD's chained callbacks: one comm time.
-                record(SyncStats(comm_s=time.perf_counter() - issued))
-                return f.value()
-
-            return fut.then(done)
+            return fut
 
         return self.state, hook
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from backends.compression.base import CompressContext, Compressor, Payload, register
+from backends.compression.base import COMPRESSORS, CompressContext, CompressionConfig, Compressor, Payload
 
 
 def level_dtype(levels: int) -> torch.dtype:
@@ -24,17 +24,15 @@ def level_dtype(levels: int) -> torch.dtype:
     raise ValueError(f"qsgd levels must be <= 32767, got {levels}")
 
 
-@register
+@COMPRESSORS.register
 class QSGDCompressor(Compressor):
     """Unbiased stochastic quantisation; all-gathered; error feedback optional (off by default)."""
 
     name = "qsgd"
     collective = "allgather"
 
-    def __init__(self, config, rank: int = 0) -> None:
-        super().__init__(config, rank)
-        if config.levels < 1 or config.bucket_size < 1:
-            raise ValueError("qsgd needs levels >= 1 and bucket_size >= 1")
+    def __init__(self, config: CompressionConfig, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(config, rank, seed)
         self.generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
 
@@ -42,9 +40,9 @@ class QSGDCompressor(Compressor):
         """Per-rank random stream for the rounding (seeded, checkpointed)."""
         if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.config.seed * 1000003 + self.rank)
-            if self._generator_state is not None and device.type == "cpu":
-                self.generator.set_state(self._generator_state)
+            self.generator.manual_seed(self.seed * 1000003 + self.rank)
+            if self._generator_state is not None:
+                self.generator.set_state(self._generator_state.cpu())
         return self.generator
 
     def compress(self, tensor: torch.Tensor, ctx: CompressContext) -> Payload:
@@ -71,10 +69,10 @@ class QSGDCompressor(Compressor):
         return values.view(-1)[:n].to(ctx.dtype).view(ctx.shape)
 
     def state_dict(self) -> dict[str, Any]:
-        """The rounding RNG state (CPU generators only; CUDA streams restart from the seed)."""
-        if self.generator is not None and self.generator.device.type == "cpu":
+        """The rounding RNG state (a CPU byte tensor, for CPU and CUDA generators alike)."""
+        if self.generator is not None:
             return {"generator": self.generator.get_state()}
-        return {}
+        return {} if self._generator_state is None else {"generator": self._generator_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the rounding RNG stream."""

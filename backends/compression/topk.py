@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from backends.compression.base import CompressContext, Compressor, Payload, register
+from backends.compression.base import COMPRESSORS, CompressContext, Compressor, Payload
 
 
 def topk_count(numel: int, ratio: float) -> int:
@@ -14,7 +14,7 @@ def topk_count(numel: int, ratio: float) -> int:
     return min(numel, max(1, math.ceil(ratio * numel)))
 
 
-@register
+@COMPRESSORS.register
 class TopKCompressor(Compressor):
     """Payload: k fp32 values and k int32 indices; all-gathered, with error feedback."""
 

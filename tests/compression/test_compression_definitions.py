@@ -46,7 +46,7 @@ def test_topk_keeps_exactly_the_k_largest_magnitudes(n: int, ratio: float, seed:
 def test_qsgd_is_unbiased_and_meets_its_variance_bound(levels: int, bucket: int) -> None:
     torch.manual_seed(0)
     x = torch.randn(300) * torch.rand(300) * 3
-    comp = build_compressor(CompressionConfig(name="qsgd", levels=levels, bucket_size=bucket, seed=1))
+    comp = build_compressor(CompressionConfig(name="qsgd", levels=levels, bucket_size=bucket), seed=1)
     draws = 4000
     samples = torch.stack([comp.decompress(comp.compress(x, _ctx(x)), _ctx(x)) for _ in range(draws)])
     # Unbiased: each coordinate's sample mean lies within 5 standard errors of x_i
@@ -120,3 +120,37 @@ def test_error_feedback_identity_holds_for_every_compressor(name: str) -> None:
 def test_unknown_compressor_is_rejected_with_the_allowed_names() -> None:
     with pytest.raises(ValueError, match="allowed"):
         build_compressor(CompressionConfig(name="zip"))
+
+
+def test_a_new_compressor_module_is_registered_by_importing_the_package(tmp_path) -> None:
+    """Adding a compressor is adding one module: no import list to extend."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    shutil.copytree(root / "backends", tmp_path / "backends", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "backends" / "compression" / "zero.py").write_text(
+        "from backends.compression.base import COMPRESSORS\n"
+        "from backends.compression.dense import DenseCompressor\n\n\n"
+        "@COMPRESSORS.register\nclass ZeroCompressor(DenseCompressor):\n    name = 'zero'\n"
+    )
+    code = "import backends.compression as c; print(','.join(sorted(c.COMPRESSORS)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out.split(",") == sorted([*COMPRESSORS, "zero"])
+
+
+def test_the_grid_compressor_section_is_the_backend_config() -> None:
+    """One declaration of the knobs: the training grid validates against CompressionConfig itself."""
+    from pydantic import ValidationError
+
+    from workloads.training.params import TrainingParams
+
+    params = TrainingParams.model_validate({"compressor": {"name": "topk", "ratio": 0.001}})
+    assert type(params.compressor) is CompressionConfig and params.compressor.ratio == 0.001
+    with pytest.raises(ValidationError, match="ratio"):
+        TrainingParams.model_validate({"compressor": {"name": "topk", "ratio": 0}})
+    with pytest.raises(ValidationError, match="DDP hook"):
+        TrainingParams.model_validate({"compressor": {"name": "powersgd", "mode": "flat"}})

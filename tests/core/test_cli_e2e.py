@@ -138,3 +138,22 @@ def test_orch_ui_serves_the_mlflow_ui_on_loopback(tmp_path: Path) -> None:
         assert page.status_code == 200 and "mlflow" in page.text.lower()
     finally:
         _stop_group(proc)
+
+
+def test_two_experiments_submitted_side_by_side_both_complete(tmp_path: Path) -> None:
+    results = tmp_path / "r"
+    first = _start(write_grid(tmp_path, "a.yaml", experiment="left", grid={"x": [1, 2]}, base={"sleep_s": 8.0}), results)
+    try:
+        _wait_for(lambda: _states(results, "left").get("running") == 2, what="the first submission's trials")
+        second = _start(write_grid(tmp_path, "b.yaml", experiment="right", grid={"x": [1, 2]}), results)
+        try:
+            out_second, _ = second.communicate(timeout=240)
+            out_first, _ = first.communicate(timeout=240)
+        finally:
+            _stop_group(second)
+    finally:
+        _stop_group(first)
+    assert (first.returncode, second.returncode) == (0, 0), out_first + out_second
+    # the second embedded Ray found the dashboard port taken and started beside the first
+    assert "embedded Ray started beside another Ray on this machine (port 8265 is taken)" in out_second
+    assert _states(results, "left") == {"done": 2} and _states(results, "right") == {"done": 2}

@@ -11,6 +11,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from orchestrator.expand import expand
+from orchestrator.placement import PlacementError
 from orchestrator.scheduler import Submission
 from orchestrator.spec import load_spec
 from orchestrator.store import ExperimentStore
@@ -43,10 +44,10 @@ def cluster():
     cluster.shutdown()
 
 
-def _submission(grid: Path, results: Path) -> Submission:
+def _submission(grid: Path, results: Path, **options) -> Submission:
     spec = load_spec(grid)
     store = ExperimentStore(results, spec.experiment)
-    return Submission(spec, ToyKind(), expand(spec, ToyKind()), store, Tracker(store), refresh_s=0.2)
+    return Submission(spec, ToyKind(), expand(spec, ToyKind()), store, Tracker(store), refresh_s=0.2, **options)
 
 
 def test_trials_pinned_by_custom_resources_land_on_their_node(cluster, tmp_path: Path) -> None:
@@ -94,3 +95,36 @@ def test_trials_of_a_removed_node_rerun_elsewhere(cluster, tmp_path: Path) -> No
     summary = store.read_table("toy_summary").to_pandas()
     assert sorted(summary["trial_id"].astype(str)) == ids
     assert sorted(r.data.tags["orch.trial_id"] for r in mlflow_trial_runs(results, "lose-node")) == ids
+
+
+def test_a_trial_bigger_than_every_node_is_refused_though_the_cluster_has_enough(cluster, tmp_path: Path) -> None:
+    # Two 1-CPU nodes: the cluster has 2 CPUs, no node has; admission by cluster totals hung here.
+    grid = write_grid(tmp_path, experiment="no-fit", grid={"x": [1]}, resources={"num_cpus": 2})
+    with pytest.raises(PlacementError, match=r"needs CPU=2, which no node can hold; node .*CPU=1"):
+        _submission(grid, tmp_path / "r").run()
+
+
+def test_trials_fail_after_a_bounded_wait_when_their_only_node_leaves(cluster, tmp_path: Path) -> None:
+    ray_cluster, _node_ids, _nodes = cluster
+    node_c = ray_cluster.add_node(num_cpus=1, resources={"node_c": 1})
+    ray_cluster.wait_for_nodes()
+    results = tmp_path / "r"
+    grid = write_grid(tmp_path, experiment="node-gone", grid={"x": [1, 2, 3]}, base={"sleep_s": 30.0},
+                      resources={"num_cpus": 1, "node_c": 1}, retries=1)
+    submission = _submission(grid, results, placement_wait_s=2.0)
+    outcome_box = {}
+    runner = threading.Thread(target=lambda: outcome_box.setdefault("outcome", submission.run()))
+    runner.start()
+    store = ExperimentStore(results, "node-gone")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(
+        e["state"] == "running" and e.get("start_s") for e in (store.load_manifest() or {"trials": {}})["trials"].values()
+    ):
+        time.sleep(0.2)
+    ray_cluster.remove_node(node_c, allow_graceful=False)
+    runner.join(90)
+    assert not runner.is_alive(), "the submission hung after its node left"
+    outcome = outcome_box["outcome"]
+    assert outcome.counts["failed"] == 3
+    errors = [e["error"] for e in store.load_manifest()["trials"].values()]
+    assert all("no node can hold CPU=1 node_c=1 any more (waited 2s)" in error for error in errors), errors

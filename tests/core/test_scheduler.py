@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -73,6 +75,13 @@ def test_grid_completes_with_results_in_parquet_manifest_and_mlflow(tmp_path: Pa
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(s, 1 / (s + 1)) for s in range(5)]
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"note.txt", "tables"} <= artifacts
+    # each trial's environment beside its parameters: trials table, manifest, MLflow tags
+    trials = store.read_table("trials").to_pandas()
+    assert set(trials["ray_version"]) == {ray.__version__} and set(trials["python_version"]) == {platform.python_version()}
+    assert set(trials["hostname"]) == {socket.gethostname()} and trials["cpu_model"].notna().all()
+    assert set(trials["git_commit"]) == {submission["git"]} and submission["git"]
+    assert all(e["environment"]["git_commit"] == submission["git"] for e in manifest["trials"].values())
+    assert all(r.data.tags["orch.env.ray_version"] == ray.__version__ for r in runs)
 
 
 def test_failing_trial_is_recorded_and_the_rest_complete(tmp_path: Path) -> None:
@@ -216,3 +225,53 @@ def test_mlflow_unreachable_keeps_results_and_sync_logs_them_later(tmp_path: Pat
     assert {r.data.metrics["score"] for r in runs} == {10.0, 20.0}
     again = CliRunner().invoke(main, ["sync", "offline", "--results", str(results)])
     assert "synced 0 trial(s)" in again.output and len(mlflow_trial_runs(results, "offline")) == 2
+
+
+def test_error_outside_a_trial_fails_the_submission_and_cancels_running_trials(tmp_path: Path, monkeypatch) -> None:
+    grid = write_grid(tmp_path, experiment="disk-full", grid={}, zip={"x": [1, 2], "sleep_s": [0.2, 60.0]})
+    write_row = ExperimentStore.write_trial_row
+
+    def disk_full(self, trial_id, record, params):
+        if record["state"] == "done":
+            raise OSError(28, "No space left on device")
+        return write_row(self, trial_id, record, params)
+
+    monkeypatch.setattr(ExperimentStore, "write_trial_row", disk_full)
+    start = time.time()
+    outcome, _store, manifest = submit(grid, tmp_path / "r")
+    assert time.time() - start < 50  # the 60 s trial was not waited for
+    assert outcome.error and "No space left on device" in outcome.error
+    submission = manifest["submissions"][-1]
+    assert submission["status"] == "failed" and "No space left on device" in submission["error"]
+    assert sorted(e["state"] for e in manifest["trials"].values()) == ["cancelled", "cancelled"]
+    assert all("the submission failed" in e["error"] for e in manifest["trials"].values())
+
+
+def test_a_trial_no_node_can_hold_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    from orchestrator.placement import PlacementError
+
+    grid = write_grid(tmp_path, experiment="too-big", grid={"x": [1, 2]}, resources={"num_cpus": 3})
+    with pytest.raises(PlacementError, match=r"needs CPU=3, which no node can hold; node [0-9.]+: CPU=2 "):
+        submit(grid, tmp_path / "r")
+    assert not (tmp_path / "r" / "too-big" / "manifest.json").exists()
+
+
+def test_timeout_counts_from_when_the_trials_workers_are_reserved(tmp_path: Path) -> None:
+    from ray.util import placement_group, remove_placement_group
+
+    from tests.support.kinds import ToyWorkersKind
+
+    # Something outside this submission holds both CPUs for 6 s; the trial's two workers wait for
+    # them without its 3 s timeout running, then start and finish.
+    held = placement_group([{"CPU": 1.0}, {"CPU": 1.0}])
+    ray.get(held.ready())
+    threading.Timer(6.0, remove_placement_group, args=(held,)).start()
+    grid = write_grid(tmp_path, experiment="reserve", grid={"x": [1]}, base={"workers": 2}, timeout_s=3,
+                      kind="tests.support.kinds:ToyWorkersKind")
+    spec = load_spec(grid)
+    store = ExperimentStore(tmp_path / "r", spec.experiment)
+    start = time.time()
+    outcome = Submission(spec, ToyWorkersKind(), expand(spec, ToyWorkersKind()), store, None, refresh_s=0.2).run()
+    (entry,) = store.load_manifest()["trials"].values()
+    assert outcome.counts["done"] == 1, entry
+    assert entry["start_s"] - start >= 5.0  # started once the workers' CPUs were free

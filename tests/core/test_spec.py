@@ -198,3 +198,44 @@ def test_relative_path_parameters_resolve_against_the_submit_directory(tmp_path:
     (tmp_path / "venv" / "bin" / "python").symlink_to("/usr/bin/env")
     linked = resolve_paths({"backend": {"python": "venv/bin/python"}}, frozenset({"backend.python"}), tmp_path)
     assert linked["backend"]["python"] == str(tmp_path / "venv" / "bin" / "python")
+
+
+def test_trial_ids_hash_validated_params_defaults_and_number_forms_included(tmp_path: Path) -> None:
+    implicit = _expand_file(write_grid(tmp_path, "a.yaml", grid={"x": [20]}, base={"y": 1}))
+    # the default steps=3 written out, 20.0 for 20, keys in another order: the same trial
+    explicit = _expand_file(write_grid(tmp_path, "b.yaml", grid={"x": [20.0]}, base={"steps": 3, "fail": False, "y": 1}))
+    assert [t.trial_id for t in implicit] == [t.trial_id for t in explicit]
+    assert implicit[0].group_key == explicit[0].group_key
+    other = _expand_file(write_grid(tmp_path, "c.yaml", grid={"x": [20]}, base={"y": 1, "steps": 4}))
+    assert other[0].trial_id != implicit[0].trial_id
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("experiment: a\nkind: k\nexperiment: b\n", "duplicate key 'experiment' at line 3 (first at line 1)"),
+        ("experiment: a\nkind: k\nbase:\n  steps: 2\n  x: 1\n  steps: 3\n", "duplicate key 'steps' at line 6 (first at line 4)"),
+    ],
+)
+def test_duplicate_yaml_keys_are_errors_with_their_lines(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and result.output.strip() == f"error: {path}: {message}; give each key once"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"base": {"steps": True}}, "base.steps: Input should be a valid integer (got bool True)"),
+        ({"grid": {"y": ["2"]}}, "grid.y: Input should be a valid integer (got str '2')"),
+        ({"grid": {"x": ["1.5"]}}, "grid.x: Input should be a valid number (got str '1.5')"),
+        ({"repeats": "2"}, "repeats: Input should be a valid integer (got str '2')"),
+        ({"resources": {"num_cpus": "1"}}, "resources.num_cpus: Input should be a valid number (got str '1')"),
+    ],
+)
+def test_values_of_the_wrong_type_are_errors_not_coerced(tmp_path: Path, fields: dict, message: str) -> None:
+    path = write_grid(tmp_path, **fields)
+    with pytest.raises(SpecError) as err:
+        _expand_file(path)
+    assert str(err.value) == f"{path}: {message}"

@@ -76,3 +76,36 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     atomic_write_bytes(target, json.dumps({"a": 2}).encode())
     assert json.loads(target.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def _summary(store: ExperimentStore, trial_id: str, params: dict) -> None:
+    columns = ParamColumns.from_params([params]).columns(params, taken=set())
+    store.write_table("toy_summary", trial_id, pa.table({"score": [1.0]}), TOY_SUMMARY, columns)
+
+
+def test_submissions_with_new_types_and_columns_read_as_one_table_everywhere(tmp_path: Path) -> None:
+    # three submissions (each its own store object): rate an int, then a float and a new parameter
+    _summary(ExperimentStore(tmp_path, "exp"), "a-0", {"rate": 20})
+    _summary(ExperimentStore(tmp_path, "exp"), "b-0", {"rate": 20.5, "policy.kv_budget": 0.5})
+    _summary(ExperimentStore(tmp_path, "exp"), "c-0", {"rate": 3})
+    expected = [("a-0", 20.0, None), ("b-0", 20.5, 0.5), ("c-0", 3.0, None)]
+
+    def rows(frame: pd.DataFrame) -> list[tuple]:
+        frame = frame.assign(trial_id=frame["trial_id"].astype(str)).sort_values("trial_id")
+        return [(t, r, None if pd.isna(k) else k) for t, r, k in zip(frame["trial_id"], frame["rate"], frame["kv_budget"],
+                                                                      strict=True)]
+
+    folder = tmp_path / "exp" / "toy_summary"
+    assert rows(ExperimentStore(tmp_path, "exp").read_table("toy_summary").to_pandas()) == expected
+    assert rows(pd.read_parquet(folder)) == expected  # the recipes of docs/results.md
+    assert rows(duckdb.sql(f"select * from read_parquet('{folder}/*/*.parquet', hive_partitioning=true)").df()) == expected
+    assert rows(pl.read_parquet(f"{folder}/**/*.parquet", hive_partitioning=True).to_pandas()) == expected
+
+
+def test_files_of_drifted_schemas_left_by_older_versions_are_read_as_one(tmp_path: Path) -> None:
+    folder = tmp_path / "exp" / "t"
+    for trial_id, table in {"a-0": pa.table({"rate": [1]}), "b-0": pa.table({"rate": [2.5], "new": ["x"]})}.items():
+        (folder / f"trial_id={trial_id}").mkdir(parents=True)
+        pq.write_table(table, folder / f"trial_id={trial_id}" / "part-0.parquet")
+    table = ExperimentStore(tmp_path, "exp").read_table("t").sort_by("trial_id")
+    assert table.column("rate").to_pylist() == [1.0, 2.5] and table.column("new").to_pylist() == [None, "x"]

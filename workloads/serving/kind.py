@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from workloads.kind import TrialContext, TrialKind, TrialOutput
 from workloads.registry import KINDS
+from workloads.serving.live import IntervalMonitor
 from workloads.serving.load import build_load
 from workloads.serving.metrics.latency import compute_metrics, request_metrics
 from workloads.serving.metrics.quality import (
@@ -98,7 +99,8 @@ class ServingKind(TrialKind):
         transport = system.transport(transport_kind)
         if isinstance(system, ReportsMemory):
             system.reset_peaks()
-        records = transport.run(requests, params.load.max_concurrency)
+        with IntervalMonitor(transport, ctx.report):
+            records = transport.run(requests, params.load.max_concurrency)
         steps = transport.engine_steps()
         metrics = compute_metrics(records, slo_s=params.slo.as_seconds())
 

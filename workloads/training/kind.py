@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from workloads.kind import KindParams, TrialContext, TrialKind, TrialOutput
 from workloads.registry import KINDS
-from workloads.training.params import TrainingParams
+from workloads.training.params import TrainingParams, worker_resources
 from workloads.training.tables import TABLES, build_tables
 
 
@@ -33,18 +33,40 @@ class TrainingKind(TrialKind):
         """The trial actor only drives the trainer; the Train workers hold the resources."""
         return {"num_cpus": 0}
 
-    def footprint(self, params: KindParams, resources: dict[str, float]) -> dict[str, float]:
-        """num_workers x the grid's per-worker resources."""
+    def worker_bundles(self, params: KindParams, resources: dict[str, float]) -> list[dict[str, float]]:
+        """One bundle per Ray Train worker: the grid's per-worker resources, with the GPU `use_gpu` adds."""
         assert isinstance(params, TrainingParams)
-        return {k: v * params.num_workers for k, v in resources.items()}
+        return [worker_resources(params, resources)] * params.num_workers
+
+    def check_cluster(self, params: KindParams, nodes: list[dict[str, float]]) -> None:
+        """Several nodes: Ray Train's checkpoints need a storage_path that every node reaches."""
+        assert isinstance(params, TrainingParams)
+        if params.network is not None:
+            from backends.network import LinkShape, NetworkError, check_support
+
+            try:
+                check_support(LinkShape(**params.network.model_dump()))
+            except NetworkError as exc:
+                raise ValueError(f"network: {exc}") from None
+        if len(nodes) > 1 and params.storage_path is None and params.network is None:
+            raise ValueError(
+                f"training on a cluster of {len(nodes)} nodes needs storage_path (a folder every node mounts, "
+                "or a URI such as s3://bucket/dir): Ray Train refuses a node-local folder once a worker on "
+                "another node reports a checkpoint (docs/training.md)"
+            )
 
     def run(self, session: Any, params: KindParams, ctx: TrialContext) -> TrialOutput:
         """Train with Ray Train (resuming from the trial's checkpoints) and tabulate the ranks' rows."""
-        from workloads.training.ray_train import fit
-
         assert isinstance(params, TrainingParams)
         start = time.perf_counter()
-        states = fit(params, ctx.workdir, ctx.resources)
+        if params.network is not None:
+            from workloads.training.emulated import fit_emulated
+
+            states = fit_emulated(params, ctx.workdir, ctx.resources)
+        else:
+            from workloads.training.ray_train import fit
+
+            states = fit(params, ctx.workdir, ctx.resources, f"{ctx.experiment}.{ctx.trial_id}", ctx.report)
         tables = build_tables(params, states, time.perf_counter() - start)
         summary = tables["train_summary"].to_pylist()[0]
         ctx.report({k: float(v) for k, v in summary.items() if isinstance(v, int | float) and v is not None})

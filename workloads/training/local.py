@@ -15,16 +15,24 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from workloads.training.loop import WorkerEnv, run_worker
+from backends.network import interface_counters
+from workloads.training.loop import WorkerEnv, load_rank_state, run_worker
 from workloads.training.params import TrainingParams
 
 
 class LocalEnv(WorkerEnv):
     """A local worker (CPU by default) whose checkpoints are files ``<dir>/step_<n>/rank<r>.pt``."""
 
-    def __init__(self, rank: int, world_size: int, checkpoint_dir: Path, device: str = "cpu") -> None:
+    def __init__(
+        self, rank: int, world_size: int, checkpoint_dir: Path, device: str = "cpu", interface: str | None = None
+    ) -> None:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.checkpoint_dir = checkpoint_dir
+        self.interface = interface  # this worker's own network interface (in its namespace), if any
+
+    def wire_counters(self) -> tuple[int, int] | None:
+        """The interface's (tx, rx) byte counters."""
+        return None if self.interface is None else interface_counters(self.interface)
 
     def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
         """Move to the device; DDP only for several workers, as Ray's prepare_model does."""
@@ -36,7 +44,7 @@ class LocalEnv(WorkerEnv):
         steps = sorted(self.checkpoint_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
         for folder in reversed(steps):
             if len(list(folder.glob("rank*.pt"))) == self.world_size:
-                return torch.load(folder / f"rank{self.rank}.pt", map_location=self.device, weights_only=False)
+                return load_rank_state(folder / f"rank{self.rank}.pt", self.device)
         return None
 
     def save_state(self, state: dict[str, Any], metrics: dict[str, float]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -20,10 +21,48 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from backends.compression import build_applier, build_compressor, mode_of
+from backends.compression import build_applier, mode_of
 from backends.compression.sync import wait_device
 from workloads.training.params import TrainingParams
 from workloads.training.tasks import Task, build_task
+
+# Step-row columns that identify a row rather than measure it: not sent as live metrics.
+LIVE_SKIP = frozenset({"rank", "step", "epoch", "attempt"})
+
+# Keys whose tensors are RNG states: torch.set_rng_state and Generator.set_state take CPU byte
+# tensors only, whatever device the rest of the checkpoint is loaded onto.
+RNG_KEYS = frozenset({"rng", "generator"})
+
+
+def to_device(state: Any, device: torch.device) -> Any:
+    """``state`` with every tensor moved to ``device``, except RNG states (under RNG_KEYS), kept on CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: v if k in RNG_KEYS else to_device(v, device) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(to_device(v, device) for v in state)
+    return state
+
+
+def load_rank_state(path: Any, device: torch.device) -> dict[str, Any]:
+    """A rank's checkpoint file, read on CPU, then moved to ``device`` except its RNG states."""
+    return to_device(torch.load(path, map_location="cpu", weights_only=False), device)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The process's RNG streams this worker draws from: CPU, and the device's own on CUDA."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 class WorkerEnv(ABC):
@@ -32,6 +71,8 @@ class WorkerEnv(ABC):
     rank: int
     world_size: int
     device: torch.device
+    # Live metrics (the trial's ``ctx.report``): rank 0 reports each step and evaluation.
+    report: Callable[..., None] = staticmethod(lambda _record, step=None: None)
 
     @abstractmethod
     def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
@@ -44,6 +85,10 @@ class WorkerEnv(ABC):
     @abstractmethod
     def save_state(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
         """Checkpoint this rank's state (every rank calls this at the same step)."""
+
+    def wire_counters(self) -> tuple[int, int] | None:
+        """(tx, rx) bytes of this worker's network interface, where it has one of its own."""
+        return None
 
 
 def _optimizer(params: TrainingParams, model: nn.Module) -> torch.optim.Optimizer:
@@ -76,11 +121,10 @@ class TrainingRun:
         self.task = build_task(params, env.rank, env.world_size, env.device)
         torch.manual_seed(params.seed)  # identical initial weights on every rank
         model = self.task.build_model()
-        config = params.compressor.config(params.seed)
-        self.mode = mode_of(build_compressor(config))
+        self.mode = mode_of(params.compressor)
         self.model = env.prepare_model(model, ddp=self.mode == "hook")
         self.module = _unwrap(self.model)
-        self.applier = build_applier(config, self.model)
+        self.applier = build_applier(params.compressor, self.model, seed=params.seed)
         self.optimizer = _optimizer(params, self.model)
         self.steps = total_steps(params, self.task)
         self.per_epoch = self.task.steps_per_epoch()
@@ -104,12 +148,12 @@ class TrainingRun:
         memory = getattr(self.applier, "memory", None)
         if hasattr(memory, "to"):
             memory.to(self.env.device)
-        torch.set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.env.device)
         self.step, self.train_s = state["step"], state["train_s"]
         self.time_to_target_s = state["time_to_target_s"]
         self.step_rows, self.eval_rows = state["step_rows"], state["eval_rows"]
         self.restarts = [*state["restarts"], self.step]
-        self.task.reset_state()
+        self.task.load_state_dict(state["task"])
 
     def state(self) -> dict[str, Any]:
         """Everything this rank needs to resume (and the rows it has produced)."""
@@ -117,7 +161,8 @@ class TrainingRun:
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "applier": self.applier.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": rng_state(self.env.device),
+            "task": self.task.state_dict(),
             "step": self.step,
             "train_s": self.train_s,
             "time_to_target_s": self.time_to_target_s,
@@ -134,6 +179,7 @@ class TrainingRun:
         """Forward, backward (+hook sync), flat sync, clip, optimizer step; one row of timings."""
         epoch, index = divmod(self.step, self.per_epoch)
         device = self.env.device
+        wire_before = self.env.wire_counters()
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=False)
         loss, samples = self.task.loss(self.model, epoch, index)
@@ -151,7 +197,11 @@ class TrainingRun:
         self.optimizer.step()
         wait_device(device)
         t3 = time.perf_counter()
-        hook_s = in_backward.compress_s + in_backward.comm_s + in_backward.decompress_s
+        wire_after = self.env.wire_counters()
+        # Overlapped hooks (PyTorch's own) communicate while backward computes: not subtracted.
+        hook_s = in_backward.compress_s + in_backward.decompress_s
+        if not self.applier.overlapped:
+            hook_s += in_backward.comm_s
         self.train_s += t3 - t0
         self.step += 1
         self.step_rows.append(
@@ -169,10 +219,14 @@ class TrainingRun:
                 "bytes_sent": stats.bytes_sent,
                 "bytes_recv": stats.bytes_recv,
                 "payload_bytes": stats.payload_bytes,
+                "wire_bytes_sent": None if wire_after is None else wire_after[0] - wire_before[0],
+                "wire_bytes_recv": None if wire_after is None else wire_after[1] - wire_before[1],
                 "samples_per_s": samples / max(t3 - t0, 1e-9),
                 "attempt": len(self.restarts),
             }
         )
+        if self.env.rank == 0:
+            self.env.report({k: v for k, v in self.step_rows[-1].items() if k not in LIVE_SKIP}, self.step)
 
     # ---- evaluation -------------------------------------------------------------------
     def _average(self) -> tuple[torch.Tensor, float]:
@@ -201,6 +255,7 @@ class TrainingRun:
                     {"step": self.step, "split": split, "model": label, "divergence": divergence,
                      "train_s": self.train_s, **asdict(result)}
                 )
+                self.env.report({f"{split}.{label}.{k}": v for k, v in asdict(result).items()}, self.step)
                 if label == "rank0" and split == "valid" and self.time_to_target_s is None and self._reached(result):
                     self.time_to_target_s = self.train_s
         del averaged

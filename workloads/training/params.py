@@ -4,37 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from backends.compression import COMPRESSORS, CompressionConfig
+from backends.compression import CompressionConfig
 from workloads.kind import KindParams
-
-
-class CompressorParams(KindParams):
-    """Which compressor and its knobs (unused knobs are ignored by the other compressors)."""
-
-    name: str = "dense"
-    ratio: float = Field(default=0.01, gt=0, le=1)
-    levels: int = Field(default=127, ge=1, le=32767)
-    bucket_size: int = Field(default=128, ge=1)
-    rank: int = Field(default=1, ge=1)
-    start_iter: int = Field(default=10, ge=2)
-    residual: Literal["global", "local"] = "global"
-    threshold: Literal["zero", "mean"] = "zero"
-    error_feedback: bool | None = None
-    mode: Literal["hook", "flat"] | None = None
-
-    @model_validator(mode="after")
-    def _known(self) -> CompressorParams:
-        if self.name not in COMPRESSORS:
-            raise ValueError(f"unknown compressor {self.name!r}; allowed: {sorted(COMPRESSORS)}")
-        if self.name == "powersgd" and self.mode == "flat":
-            raise ValueError("powersgd runs only as a DDP hook (mode: hook)")
-        return self
-
-    def config(self, seed: int) -> CompressionConfig:
-        """The backend's typed config."""
-        return CompressionConfig(**self.model_dump(), seed=seed)
 
 
 class OptimParams(KindParams):
@@ -59,11 +32,20 @@ class ModelParams(KindParams):
     channels: int = Field(default=32, ge=1)
 
 
+class NetworkParams(KindParams):
+    """An emulated network between the workers (backends/network): each worker in its own network
+    namespace, its link shaped to this rate, one-way latency and loss."""
+
+    bandwidth_gbit: float | None = Field(default=None, gt=0)
+    latency_ms: float = Field(default=0.0, ge=0)
+    loss_pct: float = Field(default=0.0, ge=0, lt=100)
+
+
 class TrainingParams(KindParams):
     """One training trial: workload, compressor, workers, optimizer, budget, evaluation, target."""
 
-    workload: Literal["lstm", "cnn"] = "lstm"
-    compressor: CompressorParams = CompressorParams()
+    workload: str = "lstm"  # a registered task (workloads/training/tasks.py)
+    compressor: CompressionConfig = CompressionConfig()
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     optim: OptimParams = OptimParams()
@@ -78,15 +60,52 @@ class TrainingParams(KindParams):
     target_ppl: float | None = Field(default=None, gt=0)
     target_accuracy: float | None = Field(default=None, gt=0, le=1)
     max_failures: int = Field(default=2, ge=0)  # Ray Train worker-group restarts
+    # Where Ray Train keeps checkpoints: an absolute path every node mounts, or a pyarrow
+    # filesystem URI (s3://..., gs://..., hdfs://...). None: the trial's folder (one node only).
+    storage_path: str | None = None
+    # None ("none"): Ray Train workers on the cluster; else worker processes in namespaces on one host.
+    network: NetworkParams | None = None
     seed: int = 0
+
+    @field_validator("workload")
+    @classmethod
+    def _task(cls, value: str) -> str:
+        from workloads.training.tasks import TASKS  # tasks.py builds on these params
+
+        if value not in TASKS:
+            raise ValueError(TASKS.unknown(value))
+        return value
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _none(cls, value: object) -> object:
+        return None if value == "none" else value
 
     @model_validator(mode="after")
     def _budget(self) -> TrainingParams:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give at most one of steps or epochs (neither: one epoch)")
+        if self.network is not None and self.use_gpu:
+            raise ValueError("network trials run CPU workers (gloo over the emulated links); set use_gpu: false")
+        if self.storage_path is not None and "://" not in self.storage_path and not self.storage_path.startswith("/"):
+            raise ValueError(
+                f"storage_path must be an absolute path every node mounts or a URI such as s3://bucket/dir; "
+                f"got {self.storage_path!r}"
+            )
         return self
 
     @property
     def checkpoint_interval(self) -> int:
         """Steps between checkpoints."""
         return self.checkpoint_every or self.eval_every
+
+
+def worker_resources(params: TrainingParams, resources: dict[str, float]) -> dict[str, float]:
+    """One Ray Train worker's resources (grid names): at least one CPU, and one GPU under `use_gpu` unless set."""
+    per_worker = {k: float(v) for k, v in resources.items() if v}
+    if params.use_gpu:
+        per_worker.setdefault("num_gpus", 1.0)
+    else:
+        per_worker.pop("num_gpus", None)
+    per_worker.setdefault("num_cpus", 1.0)
+    return per_worker

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from workloads.training.loop import WorkerEnv, run_worker
-from workloads.training.params import TrainingParams
+from workloads.training.loop import WorkerEnv, load_rank_state, run_worker
+from workloads.training.params import TrainingParams, worker_resources
 
 RUN_NAME = "train"
 
@@ -49,7 +50,7 @@ class RayTrainEnv(WorkerEnv):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return torch.load(Path(folder) / f"rank{self.rank}.pt", map_location=self.device, weights_only=False)
+            return load_rank_state(Path(folder) / f"rank{self.rank}.pt", self.device)
 
     def save_state(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
         """Report metrics with a checkpoint holding this rank's state file."""
@@ -63,12 +64,15 @@ class RayTrainEnv(WorkerEnv):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: record our PID (for fault tests), then train."""
     env = RayTrainEnv()
+    if config.get("report") is not None:
+        env.report = config["report"]
     pid_dir = Path(config["workdir"]) / "pids"
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank{env.rank}.pid").write_text(str(os.getpid()))
     if env.device.type != "cuda":
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
     run_worker(TrainingParams.model_validate(config["params"]), env)
+    getattr(env.report, "flush", lambda: None)()  # the last live records
 
 
 def ray_resources(resources: dict[str, float]) -> dict[str, float]:
@@ -77,31 +81,46 @@ def ray_resources(resources: dict[str, float]) -> dict[str, float]:
     return {names.get(k, k): float(v) for k, v in resources.items() if v}
 
 
-def fit(params: TrainingParams, workdir: Path, resources: dict[str, float]) -> list[dict[str, Any]]:
+def storage(params: TrainingParams, workdir: Path, trial_name: str) -> tuple[str, str]:
+    """Ray Train's (storage_path, run name): the grid's shared storage_path with a run per trial,
+    else the trial's own folder (enough on one node)."""
+    if params.storage_path is not None:
+        return params.storage_path, trial_name
+    return str(workdir / "ray_train"), RUN_NAME
+
+
+def fit(
+    params: TrainingParams,
+    workdir: Path,
+    resources: dict[str, float],
+    trial_name: str = RUN_NAME,
+    report: Callable[..., None] | None = None,
+) -> list[dict[str, Any]]:
     """Run the trainer to completion; returns each rank's final state (from the last checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
-    per_worker = ray_resources(resources)
-    if params.use_gpu:
-        per_worker.setdefault("GPU", 1.0)
-    else:
-        per_worker.pop("GPU", None)
-    per_worker.setdefault("CPU", 1.0)
+    from workloads.training.process_group import LoopbackTorchConfig
+
+    per_worker = ray_resources(worker_resources(params, resources))
+    storage_path, run_name = storage(params, workdir, trial_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "params": params.model_dump(mode="json"),
             "workdir": str(workdir),
             "threads": max(1, int(per_worker["CPU"])),
+            "report": report,
         },
         scaling_config=ScalingConfig(
             num_workers=params.num_workers, use_gpu=params.use_gpu, resources_per_worker=per_worker
         ),
-        torch_config=TorchConfig(backend="nccl" if params.use_gpu else "gloo"),
+        torch_config=LoopbackTorchConfig(
+            backend="nccl" if params.use_gpu else "gloo", store_dir=str(workdir / "rendezvous")
+        ),
         run_config=RunConfig(
-            name=RUN_NAME,
-            storage_path=str(workdir / "ray_train"),
+            name=run_name,
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=params.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

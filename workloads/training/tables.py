@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from workloads.training.params import TrainingParams
 
-SCHEMA_VERSION = {b"schema_version": b"1"}
+SCHEMA_VERSION = {b"schema_version": b"2"}
 BANDWIDTHS_GBIT = (1, 10, 25)
 
 TRAIN_STEPS = pa.schema(
@@ -19,6 +19,8 @@ TRAIN_STEPS = pa.schema(
         ("comm_s", pa.float64()), ("decompress_s", pa.float64()), ("optim_s", pa.float64()),
         ("step_s", pa.float64()), ("bytes_sent", pa.int64()), ("bytes_recv", pa.int64()),
         ("payload_bytes", pa.int64()), ("samples_per_s", pa.float64()), ("attempt", pa.int64()),
+        # Measured on the worker's own interface (trials with a `network`); null otherwise.
+        ("wire_bytes_sent", pa.int64()), ("wire_bytes_recv", pa.int64()),
     ],
     metadata=SCHEMA_VERSION,
 )
@@ -39,6 +41,7 @@ TRAIN_SUMMARY = pa.schema(
         ("final_accuracy", pa.float64()), ("final_divergence", pa.float64()), ("unigram_ppl", pa.float64()),
         ("bytes_sent_total", pa.int64()), ("bytes_recv_total", pa.int64()),
         ("bytes_per_worker_step", pa.float64()), ("payload_bytes_per_worker_step", pa.float64()),
+        ("wire_bytes_per_worker_step", pa.float64()),
         *[(f"comm_model_s_{g}gbit", pa.float64()) for g in BANDWIDTHS_GBIT],
         ("restarts", pa.int64()), ("resumed_from_step", pa.int64()),
     ],
@@ -59,6 +62,11 @@ def comm_model_s(step_rows: list[dict[str, Any]], gbit_per_s: float) -> float:
 def _last(rows: list[dict[str, Any]], split: str, model: str) -> dict[str, Any] | None:
     matching = [r for r in rows if r["split"] == split and r["model"] == model]
     return matching[-1] if matching else None
+
+
+def _mean_present(values: Any) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def build_tables(params: TrainingParams, states: list[dict[str, Any]], wall_s: float) -> dict[str, pa.Table]:
@@ -91,6 +99,7 @@ def build_tables(params: TrainingParams, states: list[dict[str, Any]], wall_s: f
         "bytes_recv_total": sum(r["bytes_recv"] for r in step_rows),
         "bytes_per_worker_step": sum(r["bytes_sent"] for r in step_rows) / rows_per_worker,
         "payload_bytes_per_worker_step": sum(r["payload_bytes"] for r in step_rows) / rows_per_worker,
+        "wire_bytes_per_worker_step": _mean_present(r.get("wire_bytes_sent") for r in step_rows),
         **{f"comm_model_s_{g}gbit": comm_model_s(step_rows, g) for g in BANDWIDTHS_GBIT},
         "restarts": len(restarts),
         "resumed_from_step": restarts[-1] if restarts else None,

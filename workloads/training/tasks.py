@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from backends.registry import Registry
 from workloads.training.corpus import load_corpus
 from workloads.training.fashion_mnist import load_fashion_mnist
 from workloads.training.models import FashionCNN, LSTMLanguageModel
@@ -32,7 +33,9 @@ class EvalResult:
 
 
 class Task(ABC):
-    """One workload on one worker."""
+    """One workload on one worker; ``name`` is the grid's ``workload`` value."""
+
+    name: str
 
     def __init__(self, params: TrainingParams, rank: int, world_size: int, device: torch.device) -> None:
         self.params, self.rank, self.world_size, self.device = params, rank, world_size, device
@@ -53,17 +56,27 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, split: str, max_batches: int | None) -> EvalResult:
         """Loss and quality of ``model`` on ``split``."""
 
-    def reset_state(self) -> None:
-        """Forget recurrent state (start of an epoch, after a restore); stateless tasks keep none."""
-        return None
+    def state_dict(self) -> dict[str, Any]:
+        """State carried between steps that a resumed run needs (recurrent state); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict returned."""
+        del state
 
     def baseline(self) -> dict[str, float]:
         """Reference quality a trained model must beat (e.g. the unigram perplexity)."""
         return {}
 
 
+TASKS: Registry[type[Task]] = Registry("training workload")
+
+
+@TASKS.register
 class LanguageModelTask(Task):
     """Word-level LSTM LM on KJV; truncated BPTT with hidden state carried across batches."""
+
+    name = "lstm"
 
     def __init__(self, params: TrainingParams, rank: int, world_size: int, device: torch.device) -> None:
         super().__init__(params, rank, world_size, device)
@@ -92,9 +105,13 @@ class LanguageModelTask(Task):
             self._epoch_rows = (epoch, grid[self.rank :: self.world_size].to(self.device))
         return self._epoch_rows[1]
 
-    def reset_state(self) -> None:
-        """Drop the carried LSTM state."""
-        self.hidden = None
+    def state_dict(self) -> dict[str, Any]:
+        """The LSTM state carried into the next window (a resumed run continues bit-identically)."""
+        return {"hidden": None if self.hidden is None else tuple(h.detach() for h in self.hidden)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Carry the saved LSTM state on."""
+        self.hidden = state.get("hidden")
 
     def loss(self, model: nn.Module, epoch: int, index: int) -> tuple[torch.Tensor, int]:
         """Mean token cross-entropy of the next bptt window (state detached between windows)."""
@@ -137,8 +154,11 @@ class LanguageModelTask(Task):
         return {"unigram_ppl": self.corpus.unigram_ppl("valid")}
 
 
+@TASKS.register
 class ImageTask(Task):
     """CNN on Fashion-MNIST; each epoch a shared permutation is dealt out in equal shares."""
+
+    name = "cnn"
 
     def __init__(self, params: TrainingParams, rank: int, world_size: int, device: torch.device) -> None:
         super().__init__(params, rank, world_size, device)
@@ -186,7 +206,6 @@ class ImageTask(Task):
         return EvalResult(loss=total_loss / seen, ppl=None, accuracy=correct / seen)
 
 
-TASKS: dict[str, type[Task]] = {"lstm": LanguageModelTask, "cnn": ImageTask}
 
 
 def build_task(params: TrainingParams, rank: int, world_size: int, device: torch.device) -> Task:

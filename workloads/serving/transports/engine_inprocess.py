@@ -41,6 +41,11 @@ class InProcessTransport:
         self._engine = engine
         self._clock = clock
         self._steps: list[dict] = []
+        self._records: dict[str, RequestRecord] = {}
+
+    def live_records(self) -> list[RequestRecord]:
+        """Records of the load in flight (filled in as tokens arrive), for live metrics."""
+        return list(self._records.values())
 
     def engine_steps(self) -> list[dict]:
         """Rows of the ``engine_steps`` table sampled during the last ``run``."""
@@ -55,6 +60,7 @@ class InProcessTransport:
             for r in requests
         }
         self._steps = []
+        self._records = records
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         slots = threading.Semaphore(max_concurrency) if max_concurrency else None
         stop = threading.Event()

@@ -117,7 +117,7 @@ async def _stream_into(
 
 
 async def run_schedule(
-    target: HttpTarget, requests: list[RequestSpec], max_concurrency: int | None
+    target: HttpTarget, requests: list[RequestSpec], max_concurrency: int | None, live: list[RequestRecord] | None = None
 ) -> list[RequestRecord]:
     """Send every request at its arrival time (open loop); one record per request, in order."""
     connections = max_concurrency or max(1, len(requests))
@@ -128,7 +128,7 @@ async def run_schedule(
         async def send(spec: RequestSpec, t0: float, record: RequestRecord) -> None:
             await _stream_into(client, target, spec, t0, record)
 
-        return await run_open_loop(requests, max_concurrency, send, errors=SEND_ERRORS)
+        return await run_open_loop(requests, max_concurrency, send, errors=SEND_ERRORS, live=live)
 
 
 def _run_coroutine_blocking(make: Callable[[], Any]) -> Any:
@@ -160,13 +160,19 @@ class HttpTransport:
         self.target = target
         self._sampler = sampler
         self._steps: list[dict] = []
+        self._live: list[RequestRecord] = []
+
+    def live_records(self) -> list[RequestRecord]:
+        """Records of the load in flight (filled in as tokens arrive), for live metrics."""
+        return list(self._live)
 
     def run(self, requests: list[RequestSpec], max_concurrency: int | None) -> list[RequestRecord]:
         """Send every request at its arrival time; return one record per request, in order."""
         if self._sampler is not None:
             self._sampler.start()
+        self._live, self._steps = [], []  # nothing of the previous run is read as this one's
         try:
-            return _run_coroutine_blocking(lambda: run_schedule(self.target, requests, max_concurrency))
+            return _run_coroutine_blocking(lambda: run_schedule(self.target, requests, max_concurrency, self._live))
         finally:
             if self._sampler is not None:
                 self._steps = self._sampler.stop()

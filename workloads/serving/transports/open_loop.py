@@ -24,11 +24,13 @@ async def run_open_loop(
     send: Send,
     errors: tuple[type[BaseException], ...] = (Exception,),
     on_start: Callable[[float], None] | None = None,
+    live: list[RequestRecord] | None = None,
 ) -> list[RequestRecord]:
     """Send every request at its arrival time; one record per request, in order.
 
     ``errors``: the exceptions of ``send`` that fail only their request. ``on_start(t0)`` is
-    called with the schedule's start time before the first request.
+    called with the schedule's start time before the first request. ``live`` receives each
+    record as it is created, to be read while the load runs (live metrics).
     """
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     t0 = time.perf_counter()
@@ -37,6 +39,8 @@ async def run_open_loop(
 
     async def one(spec: RequestSpec) -> RequestRecord:
         record = RequestRecord(request_id=spec.request_id, arrival_s=spec.arrival_s)
+        if live is not None:
+            live.append(record)
         delay = t0 + spec.arrival_s - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)

@@ -20,6 +20,11 @@ class VLLMEngineTransport:
     def __init__(self, host: Any):
         self.host = host
         self._steps: list[dict] = []
+        self._live: list[RequestRecord] = []
+
+    def live_records(self) -> list[RequestRecord]:
+        """Records of the load in flight (filled in as tokens arrive), for live metrics."""
+        return list(self._live)
 
     def run(self, requests: list[RequestSpec], max_concurrency: int | None) -> list[RequestRecord]:
         """Send every request at its arrival time; return one record per request, in order."""
@@ -30,8 +35,10 @@ class VLLMEngineTransport:
         return list(self._steps)
 
     async def _run(self, requests: list[RequestSpec], max_concurrency: int | None) -> list[RequestRecord]:
+        self._live, self._steps = [], []  # nothing of the previous run is read as this one's
         try:
-            return await run_open_loop(requests, max_concurrency, self._send, on_start=self.host.recorder.start)
+            return await run_open_loop(requests, max_concurrency, self._send, on_start=self.host.recorder.start,
+                                       live=self._live)
         finally:
             self._steps = self.host.recorder.stop()
 

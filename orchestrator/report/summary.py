@@ -8,7 +8,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from orchestrator.store import ExperimentStore, ParamColumns
+from orchestrator.report.data import ExperimentData
+from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore, ParamColumns
 
 GROUP_EXCLUDE = {"seed", "repeat"}
 
@@ -20,6 +21,8 @@ class SummaryReport:
     table: str
     axes: list[str]
     frame: pd.DataFrame
+    # Standard deviation over repeats, same shape as ``frame`` (NaN where a group has one trial).
+    spread: pd.DataFrame | None = None
 
 
 def _axis_columns(manifest: dict[str, Any], frame: pd.DataFrame) -> list[str]:
@@ -52,12 +55,13 @@ def summarize(store: ExperimentStore, columns: dict[str, list[str]] | None = Non
         table: pa.Table | None = store.read_table(name, trial_ids=done)
         if table is None or table.num_rows == 0:
             continue
+        params = {f.name for f in table.schema if PARAM_FIELD_KEY in (f.metadata or {})}
         frame = table.to_pandas()
         axes = _axis_columns(manifest, frame)
         wanted = (columns or {}).get(name) or [
             c
             for c in frame.columns
-            if c not in axes and c not in {"trial_id", "experiment"} and pd.api.types.is_numeric_dtype(frame[c])
+            if c not in axes and c not in {"trial_id", "experiment"} and c not in params and pd.api.types.is_numeric_dtype(frame[c])
             and not pd.api.types.is_bool_dtype(frame[c])
         ]
         wanted = [c for c in wanted if c in frame.columns and c not in axes]
@@ -66,10 +70,12 @@ def summarize(store: ExperimentStore, columns: dict[str, list[str]] | None = Non
             agg = grouped[wanted].mean(numeric_only=True)
             agg.insert(0, "trials", grouped.size())
             agg = agg.reset_index()
+            spread = grouped[wanted].std(numeric_only=True).reset_index()
         else:
             agg = frame[wanted].mean(numeric_only=True).to_frame().T
             agg.insert(0, "trials", len(frame))
-        reports.append(SummaryReport(table=name, axes=axes, frame=agg))
+            spread = frame[wanted].std(numeric_only=True).to_frame().T
+        reports.append(SummaryReport(table=name, axes=axes, frame=agg, spread=spread))
     return reports
 
 
@@ -90,3 +96,35 @@ def format_value(value: Any) -> str:
             return f"{value:.4g}"
         return f"{value:.3e}"
     return str(value)
+
+
+BASELINE_COMPRESSORS = ("dense", "topk", "qsgd")
+SPEEDUP_METRICS = {"step_time_s": "step time", "time_to_target_s": "time to target"}
+
+
+def speedup_table(data: ExperimentData) -> pd.DataFrame | None:
+    """Per compressor: step time (and time to target) and the speedup against each baseline present.
+
+    Speedup = the baseline's time / this compressor's time, on the same values of the other axes.
+    """
+    frame = data.table("train_summary")
+    if frame is None or "compressor" not in data.varying:
+        return None
+    others = [a for a in data.varying if a != "compressor"]
+    metrics = [m for m in SPEEDUP_METRICS if m in frame.columns and frame[m].notna().any()]
+    if not metrics:
+        return None
+    means = frame.groupby(["compressor", *others], sort=False, dropna=False)[metrics].mean().reset_index()
+    baselines = [b for b in BASELINE_COMPRESSORS if b in set(means["compressor"])]
+    rows = []
+    for record in means.to_dict("records"):
+        row = {"compressor": record["compressor"], **{a: record[a] for a in others}}
+        for metric in metrics:
+            row[f"{metric}"] = record[metric]
+            for baseline in baselines:
+                match = means[(means["compressor"] == baseline) & (means[others] == pd.Series({a: record[a] for a in others})).all(axis=1)]
+                base = float(match[metric].iloc[0]) if len(match) else float("nan")
+                own = record[metric]
+                row[f"{SPEEDUP_METRICS[metric]} speedup vs {baseline}"] = base / own if own and own == own else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,65 @@
+"""How one host's link is shaped with tc: netem for delay and loss, tbf for the rate.
+
+A host's traffic leaves through its namespace-side veth (egress: netem delay + loss, then tbf)
+and arrives through the bridge-side veth (tbf only). So between two hosts a packet is delayed
+once (``latency_ms`` is the one-way latency, the round trip is twice it) and each host has a
+full-duplex link of ``bandwidth_gbit`` in each direction, as a NIC on a switch has.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MTU_BYTES = 1500
+TBF_QUEUE_S = 0.1  # tbf holds up to 100 ms of traffic at the rate before dropping
+
+
+@dataclass(frozen=True)
+class LinkShape:
+    """A link: rate (None: unshaped), one-way latency and random loss."""
+
+    bandwidth_gbit: float | None = None
+    latency_ms: float = 0.0
+    loss_pct: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_gbit is not None and self.bandwidth_gbit <= 0:
+            raise ValueError(f"bandwidth_gbit must be > 0, got {self.bandwidth_gbit}")
+        if self.latency_ms < 0 or not 0 <= self.loss_pct < 100:
+            raise ValueError(f"need latency_ms >= 0 and 0 <= loss_pct < 100; got {self.latency_ms}, {self.loss_pct}")
+
+    @property
+    def rate_bytes_per_s(self) -> float | None:
+        """The rate in bytes per second."""
+        return None if self.bandwidth_gbit is None else self.bandwidth_gbit * 1e9 / 8
+
+    def _tbf(self) -> list[str]:
+        rate = self.rate_bytes_per_s
+        assert rate is not None
+        # Burst: at least one GSO super-packet (64 KiB) and 4 ms at the rate (timer granularity).
+        burst = max(64 * 1024 + MTU_BYTES, math.ceil(rate * 0.004))
+        limit = max(burst * 2, math.ceil(rate * TBF_QUEUE_S))
+        return ["tbf", "rate", f"{round(rate * 8)}bit", "burst", str(burst), "limit", str(limit)]
+
+    def egress(self) -> list[list[str]]:
+        """tc arguments (after ``tc qdisc add dev IF``) for the host side: netem, then tbf under it."""
+        commands: list[list[str]] = []
+        if self.latency_ms > 0 or self.loss_pct > 0:
+            rate = self.rate_bytes_per_s or 1.25e9  # unshaped: size the queue as for 10 Gb/s
+            packets = max(1000, math.ceil(2 * rate * self.latency_ms / 1000 / MTU_BYTES))
+            netem = ["root", "handle", "1:", "netem", "limit", str(packets)]
+            if self.latency_ms > 0:
+                netem += ["delay", f"{self.latency_ms:g}ms"]
+            if self.loss_pct > 0:
+                netem += ["loss", f"{self.loss_pct:g}%"]
+            commands.append(netem)
+            if self.bandwidth_gbit is not None:
+                commands.append(["parent", "1:1", "handle", "10:", *self._tbf()])
+        elif self.bandwidth_gbit is not None:
+            commands.append(["root", "handle", "1:", *self._tbf()])
+        return commands
+
+    def ingress(self) -> list[list[str]]:
+        """tc arguments for the bridge side (traffic towards the host): the rate only."""
+        return [] if self.bandwidth_gbit is None else [["root", "handle", "1:", *self._tbf()]]

@@ -1,0 +1,100 @@
+"""An experiment's finished trials, each table joined with the grid axes of its trials."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from orchestrator.expand import flatten
+from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore, ParamColumns
+
+# Axes that only distinguish repeats: they are what error bars average over, never a series.
+REPEAT_AXES = frozenset({"seed", "repeat"})
+
+
+def _axis_names(manifest: dict[str, Any]) -> dict[str, str]:
+    """Dotted axis key -> column name (the naming of the Parquet parameter columns)."""
+    entries = manifest.get("trials", {}).values()
+    names = ParamColumns.from_params([flatten(e.get("params", {})) for e in entries]).names
+    out: dict[str, str] = {}
+    for entry in entries:
+        for key in flatten(entry.get("axes") or {}):
+            if key.rsplit(".", 1)[-1] not in REPEAT_AXES:
+                out.setdefault(key, names.get(key, key.replace(".", "_")))
+    return out
+
+
+@dataclass
+class ExperimentData:
+    """Finished trials of one experiment: their axes, and their tables on demand."""
+
+    store: ExperimentStore
+    manifest: dict[str, Any]
+    # One row per done trial (index trial_id): the axis columns and `repeat`.
+    trials: pd.DataFrame
+    axes: list[str]
+    _tables: dict[str, pd.DataFrame | None] = field(default_factory=dict)
+    _params: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def experiment(self) -> str:
+        """The experiment's name."""
+        return self.store.experiment
+
+    @property
+    def kind(self) -> str:
+        """The trial kind (serving, training, ...)."""
+        return str(self.manifest.get("kind", ""))
+
+    @property
+    def varying(self) -> list[str]:
+        """Axes with more than one value among the finished trials."""
+        return [a for a in self.axes if self.trials[a].astype(str).nunique() > 1]
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        """Rows of one table for the done trials, with `trial_id`, `repeat` and the axis columns."""
+        if name not in self._tables:
+            self._tables[name] = self._read(name)
+        return self._tables[name]
+
+    def param_columns(self, name: str) -> set[str]:
+        """Columns of a table that hold grid parameters (not measurements)."""
+        self.table(name)
+        return self._params.get(name, set())
+
+    def _read(self, name: str) -> pd.DataFrame | None:
+        if self.trials.empty:
+            return None
+        table = self.store.read_table(name, trial_ids=list(self.trials.index))
+        if table is None or table.num_rows == 0:
+            return None
+        self._params[name] = {f.name for f in table.schema if PARAM_FIELD_KEY in (f.metadata or {})}
+        frame = table.to_pandas()
+        frame["trial_id"] = frame["trial_id"].astype(str)
+        # The axis values come from the manifest; a kind's own column of the same name yields.
+        frame = frame.drop(columns=[c for c in self.trials.columns if c in frame.columns])
+        frame = frame.join(self.trials, on="trial_id")
+        # Rows in the grid's order (the manifest's), so series and bars appear as the grid lists them.
+        order = {trial_id: index for index, trial_id in enumerate(self.trials.index)}
+        return frame.sort_values("trial_id", key=lambda ids: ids.map(order), kind="stable").reset_index(drop=True)
+
+
+def load_experiment(store: ExperimentStore) -> ExperimentData:
+    """The done trials of an experiment and their axes."""
+    manifest = store.load_manifest() or {}
+    names = _axis_names(manifest)
+    axes = list(dict.fromkeys(names.values()))
+    rows = {}
+    for trial_id, entry in manifest.get("trials", {}).items():
+        if entry.get("state") != "done":
+            continue
+        flat = flatten(entry.get("axes") or {})
+        row: dict[str, Any] = {column: None for column in axes}
+        row.update({names[k]: v for k, v in flat.items() if k in names})
+        row["repeat"] = entry.get("repeat", 0)
+        rows[trial_id] = row
+    trials = pd.DataFrame.from_dict(rows, orient="index", columns=[*axes, "repeat"])
+    trials.index.name = "trial_id"
+    return ExperimentData(store=store, manifest=manifest, trials=trials, axes=axes)

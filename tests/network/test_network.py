@@ -1,0 +1,164 @@
+"""Emulated networks: shaped links measured, teardown after a kill, a clear error without root."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.network import EmulatedNetwork, LinkShape, NetworkError, check_support
+from backends.network import namespaces as ns_module
+from backends.network.namespaces import leftovers
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RATE_GBIT = 0.1  # 100 Mbit/s: a transfer of a few MB takes a fraction of a second
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+def _netem_available() -> bool:
+    try:
+        check_support(LinkShape(latency_ms=1.0))
+    except NetworkError:
+        return False
+    return True
+
+
+def _in(host, *args: str, **popen) -> subprocess.Popen[str]:
+    return subprocess.Popen([*host.exec_args(), sys.executable, *args], text=True, stdout=subprocess.PIPE, **popen)
+
+
+def _ready(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+
+
+def test_a_timed_transfer_finds_the_configured_bandwidth() -> None:
+    nbytes = 6_000_000
+    with EmulatedNetwork(2, LinkShape(bandwidth_gbit=RATE_GBIT)) as net:
+        a, b = net.hosts
+        sink = _in(b, str(HERE / "helpers.py"), "sink", "5001")
+        _ready(sink)
+        sender = _in(a, str(HERE / "helpers.py"), "send", b.address, "5001", str(nbytes))
+        seconds = float(sender.communicate(timeout=60)[0])
+        sink.wait(timeout=10)
+    goodput_bit_s = nbytes * 8 / seconds
+    # TCP/IP and Ethernet headers take ~4.5 % of a 1,514-byte frame: goodput sits just under the rate.
+    assert 0.90 * RATE_GBIT * 1e9 <= goodput_bit_s <= 1.0 * RATE_GBIT * 1e9, goodput_bit_s
+    assert net.wait_gone()
+
+
+def test_a_gloo_allreduce_between_two_hosts_runs_at_the_configured_bandwidth() -> None:
+    numel = 1_000_000  # 4 MB: for two workers gloo's ring sends half of it twice (B bytes each way)
+    with EmulatedNetwork(2, LinkShape(bandwidth_gbit=RATE_GBIT)) as net:
+        env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0")
+        procs = [_in(h, str(HERE / "gloo_allreduce.py"), net.hosts[0].address, str(r), "2", str(numel), env=env)
+                 for r, h in enumerate(net.hosts)]
+        outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    for seconds, sent in ((float(o[0]), int(o[1])) for o in outs):
+        expected = 4 * numel * 8 / (RATE_GBIT * 1e9)  # the payload's bits at the link's rate
+        assert sent >= 4 * numel  # every payload byte crossed the wire, plus headers
+        assert expected <= seconds * 1.0 and seconds <= expected / 0.9 * 1.06, (seconds, expected)
+        wire_bit_s = sent * 8 / seconds
+        assert 0.90 * RATE_GBIT * 1e9 <= wire_bit_s <= 1.02 * RATE_GBIT * 1e9, wire_bit_s
+
+
+@pytest.mark.skipif(not _netem_available(), reason="this kernel has no sch_netem (CONFIG_NET_SCH_NETEM)")
+def test_latency_is_the_configured_one_way_delay() -> None:
+    latency_ms = 5.0
+    with EmulatedNetwork(2, LinkShape(bandwidth_gbit=RATE_GBIT, latency_ms=latency_ms)) as net:
+        a, b = net.hosts
+        echo = _in(b, str(HERE / "helpers.py"), "echo", "5002")
+        _ready(echo)
+        rtt = float(_in(a, str(HERE / "helpers.py"), "ping", b.address, "5002", "50").communicate(timeout=60)[0])
+        echo.kill()
+    assert abs(rtt / 2 * 1000 - latency_ms) <= 1.0, rtt
+
+
+@pytest.mark.skipif(_netem_available(), reason="this kernel has netem: latency is measured instead")
+def test_latency_without_netem_is_refused_with_one_line() -> None:
+    with pytest.raises(NetworkError, match="no netem qdisc") as info:
+        EmulatedNetwork(2, LinkShape(latency_ms=5.0)).open()
+    assert "\n" not in str(info.value)
+    assert not list(Path("/run/netns").glob("orchnet-*"))  # the half-built network is gone
+
+
+def test_without_root_the_error_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ns_module.os, "geteuid", lambda: 1000)
+    with pytest.raises(NetworkError, match="need root") as info:
+        EmulatedNetwork(2).open()
+    assert "\n" not in str(info.value)
+
+
+OWNER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from backends.network import EmulatedNetwork, LinkShape
+net = EmulatedNetwork(2, LinkShape(bandwidth_gbit=0.1)).__enter__()
+import subprocess
+for host in net.hosts:
+    subprocess.Popen([*host.exec_args(), "sleep", "600"])
+print(net.token, flush=True)
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _qdiscs_of(token: str) -> str:
+    return "".join(line for line in subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True)
+                   .stdout.splitlines(keepends=True) if token in line)
+
+
+def test_an_owner_killed_with_sigkill_leaves_no_namespace_veth_or_qdisc() -> None:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER.format(root=str(ROOT))], text=True, stdout=subprocess.PIPE)
+    assert owner.stdout is not None
+    token = owner.stdout.readline().strip()
+    assert len(leftovers(token)) == 2 + 2 + 1 and _qdiscs_of(token)  # namespaces, veths, bridge, qdiscs
+    sleepers = [int(p) for n in leftovers(token) if n.startswith("orchnet-")
+                for p in subprocess.run(["ip", "netns", "pids", n], capture_output=True, text=True).stdout.split()]
+    assert len(sleepers) == 2
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    deadline = time.time() + 15
+    while leftovers(token) and time.time() < deadline:
+        time.sleep(0.1)
+    assert leftovers(token) == [] and _qdiscs_of(token) == ""
+    time.sleep(0.2)
+    assert not any(_running(pid) for pid in sleepers)
+
+
+def test_the_sweep_removes_networks_of_dead_owners_and_keeps_live_ones() -> None:
+    with EmulatedNetwork(1) as live:
+        dead = EmulatedNetwork(1)
+        dead._start_guard = lambda: None  # no guard: only the sweep can find it
+        dead.open()
+        (ns_module.SYS_CLASS_NET / dead.bridge)  # noqa: B018 - the bridge exists
+        subprocess.run(["ip", "link", "set", "dev", dead.bridge, "alias", "orchnet owner=999999999:1"], check=True)
+        assert ns_module.sweep_stale() == [dead.token]
+        assert leftovers(dead.token) == [] and leftovers(live.token)
+
+
+def test_with_a_gateway_the_machine_reaches_a_host() -> None:
+    with EmulatedNetwork(["head"], subnet="10.214.0.0/24", gateway=True) as net:
+        assert net.gateway_address == "10.214.0.254"
+        server = _in(net.hosts[0], str(HERE / "helpers.py"), "echo", "5003")
+        _ready(server)
+        import socket
+
+        with socket.create_connection((net.hosts[0].address, 5003), timeout=5) as conn:
+            conn.sendall(b"x")
+            assert conn.recv(1) == b"x"
+        server.kill()

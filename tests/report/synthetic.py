@@ -1,0 +1,88 @@
+"""Small experiments written straight through the store (no Ray): known values for report tests."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from orchestrator.expand import flatten, trial_id_for
+from orchestrator.store import ExperimentStore, ParamColumns
+from workloads.serving.metrics.tables import TABLES as SERVING_TABLES
+from workloads.training.tables import TABLES as TRAINING_TABLES
+
+BACKENDS = ("full", "h2o")
+RATES = (1.0, 2.0, 4.0)
+COMPRESSORS = ("dense", "topk", "a2sgd")
+
+
+def ttft_ms(backend: str, rate: float, repeat: int, slowdown: float = 1.0) -> float:
+    """The synthetic TTFT p50: grows with rate, h2o 20% faster, +-1 ms between repeats."""
+    base = 10.0 * rate * (0.8 if backend == "h2o" else 1.0)
+    return (base + (1.0 if repeat % 2 else -1.0)) * slowdown
+
+
+def _write(store: ExperimentStore, kind: str, axes: list[str], trials: list[tuple[dict[str, Any], int, dict[str, pa.Table]]],
+           schemas: dict[str, pa.Schema]) -> None:
+    columns = ParamColumns.from_params([flatten(p) for p, _, _ in trials])
+    manifest: dict[str, Any] = {"experiment": store.experiment, "kind": kind, "axes": axes, "trials": {},
+                                "submissions": [{"id": "s1", "status": "done", "parent_run_id": None}]}
+    for params, repeat, tables in trials:
+        trial_id = trial_id_for(kind, params, repeat)
+        flat = flatten(params)
+        for name, table in tables.items():
+            store.write_table(name, trial_id, table, schemas[name],
+                              columns.columns(flat, set()) if name.endswith("_summary") else None)
+        manifest["trials"][trial_id] = {"state": "done", "params": params, "repeat": repeat, "attempts": 1,
+                                        "axes": {a: flat[a] for a in axes}}
+    store.save_manifest(manifest)
+
+
+def serving_experiment(root: Path, name: str = "serve", slowdown: float = 1.0, repeats: int = 2) -> ExperimentStore:
+    """backend x request_rate, `repeats` repeats; TTFT from `ttft_ms`, throughput = 5 x rate."""
+    store = ExperimentStore(root, name)
+    trials = []
+    for backend, rate, repeat in itertools.product(BACKENDS, RATES, range(repeats)):
+        params = {"model": "tiny", "backend": {"name": backend}, "load": {"request_rate": rate, "seed": 0}}
+        ttft = ttft_ms(backend, rate, repeat, slowdown)
+        row = {"backend": backend, "completed": 10, "failed": 0, "request_throughput": rate,
+               "output_throughput": 5.0 * rate / slowdown, "goodput": rate * (1.0 if rate < 4 else 0.5),
+               "peak_kv_bytes": int(2**20 * (0.3 if backend == "h2o" else 1.0)), "peak_device_bytes": 2**24}
+        for metric, scale in (("ttft", 1.0), ("tpot", 0.2), ("itl", 0.2), ("e2el", 3.0)):
+            row[f"{metric}_ms_p50"] = ttft * scale
+            row[f"{metric}_ms_p99"] = ttft * scale * 2
+            row[f"{metric}_ms_mean"] = ttft * scale * 1.1
+        summary = pa.Table.from_pylist([row], schema=SERVING_TABLES["serving_summary"])
+        trials.append((params, repeat, {"serving_summary": summary}))
+    _write(store, "serving", ["backend.name", "load.request_rate"], trials, SERVING_TABLES)
+    return store
+
+
+def training_experiment(root: Path, name: str = "train", steps: int = 20, repeats: int = 2) -> ExperimentStore:
+    """One trial per compressor and repeat; loss 5 / sqrt(step + 1); topk 2x and a2sgd 4x faster than dense."""
+    store = ExperimentStore(root, name)
+    speed = {"dense": 1.0, "topk": 2.0, "a2sgd": 4.0}
+    wire = {"dense": 4e6, "topk": 8e4, "a2sgd": 8.0}
+    trials = []
+    for compressor, repeat in itertools.product(COMPRESSORS, range(repeats)):
+        params = {"workload": "lstm", "compressor": {"name": compressor}, "seed": 0}
+        step_s = 0.1 / speed[compressor]
+        steps_rows = [{"compressor": compressor, "rank": rank, "step": s, "epoch": 0, "loss": 5 / math.sqrt(s + 1) + 0.01 * repeat,
+                       "compute_s": step_s * 0.5, "compress_s": step_s * 0.1, "comm_s": step_s * 0.3,
+                       "decompress_s": step_s * 0.05, "optim_s": step_s * 0.05, "step_s": step_s,
+                       "bytes_sent": int(wire[compressor]), "bytes_recv": int(wire[compressor]), "payload_bytes": 8,
+                       "samples_per_s": 100.0, "attempt": 1} for s in range(steps) for rank in (0, 1)]
+        evals = [{"compressor": compressor, "step": s, "split": "valid", "model": "rank0", "loss": 5 / math.sqrt(s + 1),
+                  "ppl": math.exp(5 / math.sqrt(s + 1)), "train_s": s * step_s} for s in range(0, steps, 5)]
+        summary = {"compressor": compressor, "workload": "lstm", "num_workers": 2, "steps": steps, "wall_s": steps * step_s,
+                   "train_s": steps * step_s, "step_time_s": step_s * (1 + 0.02 * repeat), "final_ppl": evals[-1]["ppl"],
+                   "bytes_per_worker_step": wire[compressor]}
+        tables = {"train_steps": pa.Table.from_pylist(steps_rows, schema=TRAINING_TABLES["train_steps"]),
+                  "train_evals": pa.Table.from_pylist(evals, schema=TRAINING_TABLES["train_evals"]),
+                  "train_summary": pa.Table.from_pylist([summary], schema=TRAINING_TABLES["train_summary"])}
+        trials.append((params, repeat, tables))
+    _write(store, "training", ["compressor.name"], trials, TRAINING_TABLES)
+    return store

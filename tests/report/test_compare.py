@@ -1,0 +1,53 @@
+"""`orch compare`: relative change, the repeats' spread, exit codes for CI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.report.compare import CompareError, compare
+from orchestrator.report.data import load_experiment
+from tests.report.synthetic import serving_experiment, training_experiment
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, ["compare", *args])
+
+
+def test_differences_and_spread(tmp_path: Path) -> None:
+    a = load_experiment(serving_experiment(tmp_path, "a"))
+    b = load_experiment(serving_experiment(tmp_path, "b", slowdown=1.5))
+    result = compare(a, b, ["ttft_ms_p50", "output_throughput"], threshold=0.1)
+    assert result.keys == ["backend", "request_rate"] and len(result.differences) == 12
+    ttft = next(d for d in result.differences if d.metric == "ttft_ms_p50" and d.config == {"backend": "full", "request_rate": 4.0})
+    assert (ttft.a_mean, ttft.b_mean, ttft.a_n) == (pytest.approx(40.0), pytest.approx(60.0), 2)
+    assert ttft.relative == pytest.approx(0.5) and ttft.beyond_spread is True and ttft.regressed
+    tput = next(d for d in result.differences if d.metric == "output_throughput")
+    assert tput.relative == pytest.approx(-1 / 3) and tput.regressed  # higher is better: a drop regresses
+    # Within the repeats' spread: a 1% TTFT change with +-1 ms repeats is noise, even at threshold 0.
+    c = load_experiment(serving_experiment(tmp_path, "c", slowdown=1.01))
+    noise = compare(a, c, ["ttft_ms_p50"], threshold=0.0)
+    assert all(d.beyond_spread is False and not d.regressed for d in noise.differences)
+    # An improvement is not a regression.
+    assert not compare(b, a, ["ttft_ms_p50"], threshold=0.1).regressions()
+
+
+def test_cli_exit_codes(tmp_path: Path) -> None:
+    serving_experiment(tmp_path, "a")
+    serving_experiment(tmp_path, "b", slowdown=1.5)
+    slower = _run("a", "b", "--results", str(tmp_path), "--metric", "ttft_ms_p99", "--threshold", "0.2")
+    assert slower.exit_code == 1 and "regressed" in slower.output and "+50.0%" in slower.output
+    assert _run("a", "b", "--results", str(tmp_path), "--metric", "ttft_ms_p99", "--threshold", "0.6").exit_code == 0
+    assert _run("b", "a", "--results", str(tmp_path), "--metric", "ttft_ms_p99").exit_code == 0
+    unknown = _run("a", "b", "--results", str(tmp_path), "--metric", "nope")
+    assert unknown.exit_code == 2 and "unknown metric(s) nope" in unknown.output and "Traceback" not in unknown.output
+
+
+def test_nothing_shared_is_a_clear_error(tmp_path: Path) -> None:
+    a = load_experiment(serving_experiment(tmp_path, "a"))
+    t = load_experiment(training_experiment(tmp_path, "t"))
+    with pytest.raises(CompareError, match="no summary table in common"):
+        compare(a, t)

@@ -1,0 +1,133 @@
+"""`orch report`: figures from known data, the HTML/Markdown page, MLflow artifacts (no Ray)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.report import page
+from orchestrator.report.data import load_experiment
+from orchestrator.report.figures import FIGURES
+from orchestrator.report.summary import speedup_table
+from tests.report.synthetic import RATES, serving_experiment, training_experiment, ttft_ms
+
+
+def _spec(name: str):
+    return next(s for s in FIGURES if s.name == name)
+
+
+def _errorbars(fig) -> dict[str, tuple[list[float], list[float]]]:
+    """legend label -> (y values, error-bar lengths) of an errorbar figure."""
+    ax = fig.axes[0]
+    out = {}
+    for container, label in zip(*ax.get_legend_handles_labels(), strict=True):
+        ys = list(container.lines[0].get_ydata())
+        bars = container.lines[2]
+        lengths = [abs(seg[1][1] - seg[0][1]) for seg in bars[0].get_segments()] if bars else []
+        out[label] = (ys, lengths)
+    return out
+
+
+def test_serving_figures_follow_the_varying_axes(tmp_path: Path) -> None:
+    data = load_experiment(serving_experiment(tmp_path))
+    assert data.varying == ["backend", "request_rate"]
+    drawn = {s.name for s in FIGURES if s.draw(data) is not None}
+    # Latency and goodput vary with rate; no budget or model axis, so no budget/model figure.
+    assert drawn == {"ttft_vs_rate", "tpot_vs_rate", "itl_vs_rate", "e2el_vs_rate", "goodput_vs_rate"}
+    fig = _spec("ttft_vs_rate").draw(data)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "request rate (requests/s)" and ax.get_ylabel() == "TTFT (ms)"
+    series = _errorbars(fig)
+    assert set(series) == {"full p50", "full p99", "h2o p50", "h2o p99"}
+    ys, errors = series["h2o p50"]
+    # Mean of the two repeats (base - 1, base + 1); error bar = +-std = +-sqrt(2).
+    assert ys == pytest.approx([(ttft_ms("h2o", r, 0) + ttft_ms("h2o", r, 1)) / 2 for r in RATES])
+    assert errors == pytest.approx([2 * 2**0.5] * len(RATES))
+    assert series["full p99"][0] == pytest.approx([2 * 10.0 * r for r in RATES])
+
+
+def test_single_repeat_has_no_error_bars(tmp_path: Path) -> None:
+    data = load_experiment(serving_experiment(tmp_path, repeats=1))
+    assert all(not errors for _, errors in _errorbars(_spec("ttft_vs_rate").draw(data)).values())
+
+
+def test_training_figures_and_speedup(tmp_path: Path) -> None:
+    data = load_experiment(training_experiment(tmp_path))
+    drawn = {s.name for s in FIGURES if s.draw(data) is not None}
+    assert {"train_loss_vs_step", "valid_loss_vs_time", "ppl_vs_step", "ppl_vs_time", "bytes_per_step",
+            "step_time_split"} <= drawn
+    assert "accuracy_vs_step" not in drawn and "ttft_vs_rate" not in drawn
+    bytes_fig = _spec("bytes_per_step").draw(data).axes[0]
+    assert bytes_fig.get_yscale() == "log"
+    heights = [p.get_height() for p in bytes_fig.patches]
+    assert heights == pytest.approx([4e6, 8e4, 8.0])  # dense, topk, a2sgd in grid order
+    split = _spec("step_time_split").draw(data).axes[0]
+    dense_total = sum(p.get_height() for p in split.patches if p.get_x() < 0.5)
+    assert dense_total == pytest.approx(0.1)
+    loss = _spec("valid_loss_vs_time").draw(data).axes[0]
+    assert loss.get_xlabel() == "training wall time (s)"
+    a2sgd = next(line for line in loss.get_lines() if line.get_label() == "a2sgd")
+    assert max(a2sgd.get_xdata()) == pytest.approx(15 * 0.025)  # last eval step x a2sgd's step time
+
+    speedup = speedup_table(data).set_index("compressor")
+    assert speedup.loc["topk", "step time speedup vs dense"] == pytest.approx(2.0, rel=0.02)
+    assert speedup.loc["a2sgd", "step time speedup vs dense"] == pytest.approx(4.0, rel=0.02)
+    assert speedup.loc["a2sgd", "step time speedup vs topk"] == pytest.approx(2.0, rel=0.02)
+    assert speedup.loc["dense", "step time speedup vs dense"] == pytest.approx(1.0)
+
+
+def test_html_page_is_self_contained(tmp_path: Path) -> None:
+    data = load_experiment(training_experiment(tmp_path))
+    files = page.write(page.build(data), tmp_path / "out", "html")
+    text = files[0].read_text()
+    assert files[0].name == "index.html"
+    names = {p.stem for p in (tmp_path / "out" / "figures").glob("*.svg")}
+    assert names == set(re.findall(r'<figure id="fig-([a-z0-9_]+)"', text)) and len(names) >= 6
+    # Nothing to fetch: no links, scripts or remote sources; figures are data URIs.
+    assert not re.search(r"(src|href)=\"(?!data:)", text) and "<script" not in text
+    assert "Speedup against the baselines" in text and "± " in text
+    svg = (tmp_path / "out" / "figures" / "bytes_per_step.svg").read_text()
+    assert svg.startswith("<svg") and "<text" not in svg  # text as paths: no fonts needed
+
+
+def test_cli_report_md_and_mlflow_artifacts(tmp_path: Path) -> None:
+    from orchestrator.tracking import Tracker
+
+    store = serving_experiment(tmp_path)
+    tracker = Tracker(store)
+    manifest = store.load_manifest()
+    manifest["submissions"][0]["parent_run_id"] = tracker.start_parent({"id": "s1", "kind": "serving"})
+    store.save_manifest(manifest)
+    result = CliRunner().invoke(main, ["report", "serve", "--results", str(tmp_path), "--format", "md"])
+    assert result.exit_code == 0, result.output
+    md = (store.path / "report" / "report.md").read_text()
+    assert "![TTFT vs request rate](figures/ttft_vs_rate.svg)" in md and "| backend | request_rate |" in md
+    run_id = manifest["submissions"][0]["parent_run_id"]
+    logged = {a.path for a in tracker.client.list_artifacts(run_id, "report")}
+    assert logged == {"report/report.md", "report/figures"}
+    figures = {a.path for a in tracker.client.list_artifacts(run_id, "report/figures")}
+    assert "report/figures/ttft_vs_rate.svg" in figures and len(figures) == 5
+
+
+def test_cli_report_terminal_unchanged(tmp_path: Path) -> None:
+    serving_experiment(tmp_path)
+    result = CliRunner().invoke(main, ["report", "serve", "--results", str(tmp_path)])
+    assert result.exit_code == 0 and "serving_summary" in result.output and "ttft_ms_p99" in result.output
+    assert not (tmp_path / "serve" / "report").exists()
+
+
+def test_zip_partners_do_not_lengthen_series_labels(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from orchestrator.report.figures import _groups
+
+    frame = pd.DataFrame({"backend": ["full", "h2o", "full", "h2o"], "transport": ["http", "inprocess"] * 2,
+                          "kv_budget": [1.0, 1.0, 0.5, 0.5]})
+    assert [label for label, _ in _groups(frame, ["backend", "transport"])] == ["full", "h2o"]
+    labels = [label for label, _ in _groups(frame, ["backend", "transport", "kv_budget"])]
+    assert labels == ["backend=full, kv_budget=1.0", "backend=h2o, kv_budget=1.0", "backend=full, kv_budget=0.5",
+                      "backend=h2o, kv_budget=0.5"]

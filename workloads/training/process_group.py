@@ -1,0 +1,70 @@
+"""How Ray Train's workers form their torch.distributed group: on loopback when the cluster is.
+
+Ray Train's own setup rendezvouses through a ``TCPStore`` that rank 0 hosts on every interface
+(``::``), and gloo listens on the address the host name resolves to: both are reachable from the
+network during every training trial, also on an embedded single-host Ray whose own traffic is
+kept on 127.0.0.1. When every worker's node address is a loopback address (the embedded
+default), the group is formed instead through a ``FileStore`` in the trial's folder (nothing
+listens for the rendezvous) and gloo / NCCL are told to use the loopback interface. On a real
+cluster Ray Train's own setup runs unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import uuid
+from dataclasses import dataclass
+
+import ray
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+LOOPBACK_INTERFACE = "lo"
+
+
+def _node_address() -> str:
+    return ray.util.get_node_ip_address()
+
+
+def _use_loopback() -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = LOOPBACK_INTERFACE
+    os.environ["NCCL_SOCKET_IFNAME"] = LOOPBACK_INTERFACE
+
+
+class _LoopbackTorchBackend(_TorchBackend):
+    """Ray Train's torch backend, with the loopback-only rendezvous on a single-host cluster."""
+
+    def on_start(self, worker_group, backend_config: LoopbackTorchConfig) -> None:  # noqa: ANN001 - Ray's type
+        """Form the process group over a FileStore and loopback sockets when every node is loopback."""
+        addresses = worker_group.execute(_node_address)
+        if not all(ipaddress.ip_address(a).is_loopback for a in addresses):
+            super().on_start(worker_group, backend_config)
+            return
+        os.makedirs(backend_config.store_dir, exist_ok=True)
+        # A fresh file per start: a restarted worker group must not meet the old group's keys.
+        store = f"file://{os.path.join(backend_config.store_dir, 'pg-' + uuid.uuid4().hex)}"
+        worker_group.execute(_use_loopback)
+        worker_group.execute(_set_torch_distributed_env_vars)
+        ray.get(
+            [
+                worker_group.execute_single_async(
+                    rank, _setup_torch_process_group, backend=backend_config.backend or "gloo", world_rank=rank,
+                    world_size=len(worker_group), init_method=store, timeout_s=backend_config.timeout_s,
+                )
+                for rank in range(len(worker_group))
+            ]
+        )
+
+
+@dataclass
+class LoopbackTorchConfig(TorchConfig):
+    """``TorchConfig`` whose group binds to loopback on a single-host cluster; ``store_dir`` holds
+    the rendezvous file (a folder of the trial)."""
+
+    store_dir: str = ""
+
+    @property
+    def backend_cls(self) -> type[_TorchBackend]:
+        """The loopback-aware backend."""
+        return _LoopbackTorchBackend
