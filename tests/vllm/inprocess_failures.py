@@ -24,7 +24,8 @@ def _leftovers(before: set[int], within_s: float) -> list[int]:
 
 
 def main(tiny: str, missing: str) -> None:
-    base = dict(load_format="dummy", max_num_seqs=4, max_model_len=512, startup_timeout_s=240.0)
+    # Blocks of 32 tokens: one 512-token sequence needs 16 of them; the KV cases size the cache around that.
+    base = dict(load_format="dummy", max_num_seqs=4, max_model_len=512, block_size=32, startup_timeout_s=240.0)
     cases = {
         "bad_path": VLLMServerConfig(model_path=missing, **base),
         "kv_too_small": VLLMServerConfig(model_path=tiny, **{**base, "kv_cache_bytes": 64 << 10}),

@@ -60,7 +60,8 @@ def failures(tmp_path_factory: pytest.TempPathFactory):
     holder.bind(("127.0.0.1", 0))
     holder.listen(1)
     taken = holder.getsockname()[1]
-    base = dict(load_format="dummy", max_num_seqs=4, max_model_len=512, startup_timeout_s=STARTUP_TIMEOUT_S)
+    base = dict(load_format="dummy", max_num_seqs=4, max_model_len=512, block_size=32,
+                startup_timeout_s=STARTUP_TIMEOUT_S)
     configs = {
         "bad_path": VLLMServerConfig(model_path=str(tmp_path_factory.mktemp("x") / "no-such-model"), **base),
         "port_taken": VLLMServerConfig(model_path=str(tiny.path), port=taken, kv_cache_bytes=8 << 20, **base),
