@@ -10,6 +10,13 @@ one run, in two workloads of batch 16:
 
     .venv/bin/python -m benchmarks.bench_engine [--model smollm2-135m] [--weights real]
         [--prompt-len 64] [--output-len 64] [--min-output 8] [--max-output 128] [--threads N]
+
+On a GPU (``--device cuda``; see benchmarks/bench_engine_gpu.py): decode tok/s and MBU of
+full / h2o / streaming against transformers' static cache on dummy bf16 weights:
+
+    python -m benchmarks.bench_engine --device cuda [--models llama-3-8b,opt-6.7b]
+        [--batch-sizes 1,16,64] [--prompt-len 512] [--output-len 256] [--policies full,h2o,streaming]
+        [--budget 0.2] [--repeats 3] [--profile DIR] [--json FILE] [--eager] [--no-transformers]
 """
 
 from __future__ import annotations
@@ -69,13 +76,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--weights", default="real")
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=None, help="default 64 (cpu), 512 (cuda)")
+    ap.add_argument("--output-len", type=int, default=None, help="default 64 (cpu), 256 (cuda)")
     ap.add_argument("--min-output", type=int, default=8)
     ap.add_argument("--max-output", type=int, default=128)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    gpu = ap.add_argument_group("--device cuda")
+    gpu.add_argument("--models", default="llama-3-8b,opt-6.7b")
+    gpu.add_argument("--batch-sizes", default="1,16,64")
+    gpu.add_argument("--policies", default="full,h2o,streaming")
+    gpu.add_argument("--budget", type=float, default=0.2)
+    gpu.add_argument("--repeats", type=int, default=3)
+    gpu.add_argument("--profile", default=None, help="folder for a torch profiler table (full, batch 1)")
+    gpu.add_argument("--json", default=None, help="write every row as JSON here")
+    gpu.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    gpu.add_argument("--no-transformers", action="store_true")
     args = ap.parse_args()
+    if args.device == "cuda":
+        from benchmarks.bench_engine_gpu import run_gpu
+
+        args.prompt_len, args.output_len = args.prompt_len or 512, args.output_len or 256
+        run_gpu(args)
+        return
+    args.prompt_len, args.output_len = args.prompt_len or 64, args.output_len or 64
     if args.threads:
         torch.set_num_threads(args.threads)
     rng = random.Random(0)

@@ -3,9 +3,12 @@
 A trial calls ``ctx.report(record, step)`` (a ``LiveReporter``; picklable, so a kind can hand
 it to the processes that do the work, such as Ray Train workers). Each record's known keys
 become Ray metrics in the reporting process (``telemetry.TrialTelemetry``); records with a
-step are batched to a per-submission ``LiveSink`` actor. The driver drains the sink in its
-loop (``LiveChannel.poll``) and hands the records to the MLflow logger thread, the single
-writer, which logs them as step metrics (``live/<key>``) of the trial's run while it runs.
+step are batched to a per-submission ``LiveSink`` actor, which the first reporting trial
+creates (so submissions whose trials report nothing never start it). The driver drains the
+sink in its loop (``LiveChannel.poll``), hands the records to the MLflow logger thread, the
+single writer, which logs them as step metrics (``live/<key>``) of the trial's run while it
+runs, and kills the sink at the end (it is detached so that it outlives the trial that made it;
+a driver killed outright leaves it behind, idle, holding no resources).
 Parquet stays the record, written when the trial ends; live records are best effort.
 """
 
@@ -86,7 +89,9 @@ class LiveReporter:
         if not self._buffer or self.sink_name is None:
             return
         if self._sink is None:
-            self._sink = ray.get_actor(self.sink_name, namespace=NAMESPACE)
+            self._sink = LiveSink.options(
+                name=self.sink_name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+            ).remote()
         self._sink.push.remote(self.trial_id, self._buffer)
         self._buffer = []
         self._flushed_at = time.monotonic()
@@ -100,20 +105,28 @@ class LiveChannel:
         self.name = f"{experiment}-{uuid.uuid4().hex[:8]}"
         self._sink: Any = None
         self._pending: Any = None
-        try:
-            self._sink = LiveSink.options(name=self.name, namespace=NAMESPACE, lifetime="non_detached").remote()
-        except Exception:  # without a sink, trials still publish Ray metrics
-            self._sink = None
+        self._looked_at = 0.0
 
     def reporter(self, trial_id: str) -> LiveReporter:
         """The report callback of one trial attempt."""
-        return LiveReporter(self.experiment, trial_id, self.name if self._sink is not None else None)
+        return LiveReporter(self.experiment, trial_id, self.name)
+
+    def _find_sink(self, force: bool) -> None:
+        # A trial creates the sink on its first report; look for it about once a second.
+        if self._sink is not None or (not force and time.monotonic() - self._looked_at < FLUSH_S):
+            return
+        self._looked_at = time.monotonic()
+        try:
+            self._sink = ray.get_actor(self.name, namespace=NAMESPACE)
+        except ValueError:  # no trial has reported yet
+            self._sink = None
 
     def poll(self, timeout_s: float = 0.0) -> list[tuple[str, int, dict[str, float]]]:
         """Records that arrived since the last poll (never waits longer than ``timeout_s``)."""
-        if self._sink is None:
-            return []
         try:
+            self._find_sink(force=timeout_s > 0)
+            if self._sink is None:
+                return []
             if self._pending is None:
                 self._pending = self._sink.drain.remote()
             ready, _ = ray.wait([self._pending], timeout=timeout_s)

@@ -81,6 +81,6 @@ fi
 log "checking that vllm and orch import"
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 "$VENV/bin/vllm" --version
-"$VENV/bin/python" -c "import orchestrator, workloads.serving.vllm_engine_system"
+"$VENV/bin/python" -c "import orchestrator, workloads.serving.systems.vllm_inprocess"
 touch "$VENV/.installed"
 log "done"

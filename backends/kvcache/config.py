@@ -32,6 +32,9 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     max_num_batched_tokens: int = 4096  # padded prompt tokens per prefill step
+    # kernels: 'auto' = Triton (paged decode, fused RMSNorm/RoPE) on a GPU, PyTorch reference elsewhere
+    attention_backend: str = "auto"
+    cuda_graphs: bool = True  # decode replays CUDA graphs (GPU, paged policies); False = eager
 
     def __post_init__(self) -> None:
         if self.weights not in ("real", "dummy"):

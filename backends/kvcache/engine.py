@@ -8,6 +8,7 @@ import torch
 
 from backends.kvcache.block_manager import BlockManager
 from backends.kvcache.config import EngineConfig, ModelConfig
+from backends.kvcache.kernels import resolve_backend
 from backends.kvcache.kv_store import PagedKVStore
 from backends.kvcache.loader import load_model
 from backends.kvcache.model_runner import ModelRunner
@@ -55,7 +56,13 @@ class LLMEngine:
             self.store = self._make_store(num_blocks)
             self.policy.bind(self.store)
         self.scheduler = Scheduler(self.block_manager, self.policy, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.policy, self.store, self.device)
+        self.attention_backend = resolve_backend(config.attention_backend, self.device)
+        if hasattr(self.model, "use_fused_kernels"):
+            self.model.use_fused_kernels(self.attention_backend == "triton")
+        self.runner = ModelRunner(
+            self.model, self.policy, self.store, self.device, backend=self.attention_backend,
+            cuda_graphs=config.cuda_graphs, max_batch=config.max_num_seqs, max_model_len=self.max_model_len,
+        )
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []
         self.weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
@@ -154,8 +161,11 @@ class LLMEngine:
         for seq in prefill:
             seq.num_seen = seq.num_stored = seq.num_tokens
         self._update_peaks(self.stored_tokens())  # before eviction: the step really held these
+        for seq in self.runner.dropped:  # dropped one entry in place during the step
+            seq.num_stored -= 1
+            self.block_manager.shrink(seq, seq.num_stored)
+        self._evict_all(seqs)
         for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
-            self._evict(seq)
             seq.output_token_ids.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)
@@ -166,9 +176,39 @@ class LLMEngine:
             outputs.append(StepOutput(seq.request_id, [tok], done))
         return outputs
 
+    def _evict_all(self, seqs: list[Sequence]) -> None:
+        """Bring every sequence down to what its policy keeps: sequences one entry over (the
+        steady state of decoding) drop it in place, all in one batched move; larger drops
+        (after a prefill) compact the sequence's entries."""
+        one_over = []
+        for seq in seqs:
+            excess = seq.num_stored - self.policy.kept_tokens(seq.num_seen)
+            if excess == 1 and self.policy.evicts_in_place():
+                one_over.append(seq)
+            elif excess > 0:
+                self._evict(seq)
+        if one_over:
+            self._drop_one(one_over)
+
+    def _drop_one(self, seqs: list[Sequence]) -> None:
+        """Per layer and KV head, the entry the policy ranks lowest is overwritten by the
+        sequence's last entry (as H2O's own code replaces one slot); entry order is not kept."""
+        stored = [s.num_stored for s in seqs]
+        slots = self.store.slots([s.block_table for s in seqs], stored)  # [B, W]
+        key = self.policy.eviction_key(seqs, slots)  # [L, B, W, KVH]
+        width = slots.shape[1]
+        valid = torch.arange(width, device=slots.device) < torch.tensor(stored, device=slots.device).unsqueeze(1)
+        drop = key.masked_fill(~valid[None, :, :, None], torch.inf).argmin(dim=2)  # [L, B, KVH]
+        layers, b, heads = drop.shape
+        dst = slots.gather(1, drop.permute(1, 0, 2).reshape(b, -1)).view(b, layers, heads)
+        last = torch.tensor([n - 1 for n in stored], device=slots.device)
+        src = slots[torch.arange(b, device=slots.device), last].view(b, 1, 1).expand(b, layers, heads)
+        self.store.move(dst, src)
+        for seq in seqs:
+            seq.num_stored -= 1
+            self.block_manager.shrink(seq, seq.num_stored)
+
     def _evict(self, seq: Sequence) -> None:
-        if self.policy.kept_tokens(seq.num_seen) >= seq.num_stored:
-            return
         slots = self.store.slots([seq.block_table], [seq.num_stored])[0]
         keep = self.policy.select_keep(seq, slots)
         if keep is None:
@@ -223,7 +263,7 @@ class LLMEngine:
 
     def kept_positions(self, request_id: str) -> torch.Tensor:
         """Positions of the entries a running request keeps, [layers, entries, kv_heads]
-        (policies that track positions: h2o)."""
+        (policies that track positions: h2o, streaming)."""
         seq = self._seqs[request_id]
         if "pos" not in self.store.fields:
             raise ValueError(f"policy {self.policy.name!r} does not track positions")

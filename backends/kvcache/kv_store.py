@@ -98,6 +98,15 @@ class PagedKVStore:
             idx = keep.view(*keep.shape, *([1] * (rows.dim() - 3))).expand(-1, -1, -1, *rows.shape[3:])
             pool[:, dst] = rows.gather(1, idx)
 
+    def move(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Per sequence, layer and KV head, copy the entry at slot ``src`` over slot ``dst``
+        (both [B, layers, kv_heads]) in K, V and every side field."""
+        b, layers, heads = dst.shape
+        li = torch.arange(layers, device=dst.device).view(1, layers, 1).expand(b, layers, heads)
+        hi = torch.arange(heads, device=dst.device).view(1, 1, heads).expand(b, layers, heads)
+        for pool in (self.k, self.v, *self.fields.values()):
+            pool[li, dst, hi] = pool[li, src, hi]
+
     def bytes_allocated(self) -> int:
         """Physical bytes of K/V plus side fields."""
         tensors = [self.k, self.v, *self.fields.values()]

@@ -3,12 +3,22 @@ with the cache policy as its attention, and picks the next token of every sequen
 
 Decoding sequences and newly admitted prompts share the forward (their tokens are flattened
 to [1, N]), so admitting a request costs its prompt's compute, not a separate pass over the
-weights."""
+weights. Each prompt attends only to itself (variable length, no padding).
+
+Two paths, one set of semantics:
+- reference (``torch``, CPU and CI): decode gathers each sequence's cached K/V by slot and
+  runs masked attention;
+- paged (``triton``, GPU): decode reads the block table in a Triton kernel, its metadata lives
+  in persistent device buffers, and a pure-decode step replays a CUDA graph captured for its
+  batch-size bucket (policies whose decode reads every stored entry on the device: full, h2o,
+  streaming; infinigen and offload fetch from host memory with per-step shapes and run eager).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from backends.kvcache.decode_buffers import DecodeBuffers, DecodeGraphs
 from backends.kvcache.kv_store import PagedKVStore
 from backends.kvcache.policies.base import BatchMeta, CachePolicy, StepBatch
 from backends.kvcache.sequence import Sequence
@@ -17,37 +27,43 @@ from backends.kvcache.sequence import Sequence
 class ModelRunner:
     """One forward per step for all scheduled sequences."""
 
-    def __init__(self, model: torch.nn.Module, policy: CachePolicy, store: PagedKVStore, device: torch.device):
+    def __init__(
+        self, model: torch.nn.Module, policy: CachePolicy, store: PagedKVStore, device: torch.device,
+        backend: str = "torch", cuda_graphs: bool = False, max_batch: int = 1, max_model_len: int = 1,
+    ):
         self.model, self.policy, self.store, self.device = model, policy, store, device
         self.step: StepBatch | None = None
         self.last_activation_bytes = 0
+        self.paged = backend == "triton" and policy.uses_paged_decode()
+        self.buffers = (
+            DecodeBuffers(max_batch, -(-max_model_len // store.block_size), store.block_size, device)
+            if self.paged else None
+        )
+        self.graphs = (
+            DecodeGraphs(max_batch, lambda: self.store.k.data_ptr())
+            if self.paged and cuda_graphs and device.type == "cuda" else None
+        )
+        # eviction policies drop their one-entry excess inside the graph (no per-step Python work)
+        self.drop_rule = policy.drop_rule() if self.paged else None
+        self.dropped: list[Sequence] = []  # sequences whose step already dropped one entry
 
     def attend(self, layer, q, k, v, x, k_raw):
         """AttentionContext for the model: delegate to the cache policy."""
         return self.policy.attend(layer, q, k, v, x, k_raw, self.step)
 
-    def _prefill_meta(self, seqs: list[Sequence]) -> tuple[BatchMeta, int]:
-        dev = self.device
-        lens = [s.num_tokens for s in seqs]
-        t = max(lens)
-        lens_t = torch.as_tensor(lens)
-        ar = torch.arange(t)
-        valid = ar.unsqueeze(0) < lens_t.unsqueeze(1)  # [B,T]
-        causal = ar.view(1, t, 1) >= ar.view(1, 1, t)  # [1,T(q),T(k)]
-        mask = causal & valid.unsqueeze(1)
-        slots = self.store.slots([s.block_table for s in seqs], lens, t)
-        rows = valid.flatten().nonzero().squeeze(1)
-        meta = BatchMeta(
+    def _prefill_meta(self, seq: Sequence) -> BatchMeta:
+        n = seq.num_tokens
+        return BatchMeta(
             is_prefill=True,
-            seqs=seqs,
-            positions=ar.expand(len(seqs), t).to(dev),
-            write_slots=slots.flatten()[rows.to(slots.device)],
-            write_rows=rows.to(dev),
-            prefill_mask=mask[:, None, None].to(dev),
+            seqs=[seq],
+            positions=torch.arange(n, device=self.device).unsqueeze(0),
+            write_slots=self.store.slots([seq.block_table], [n])[0],
         )
-        return meta, t
 
     def _decode_meta(self, seqs: list[Sequence]) -> BatchMeta:
+        if self.buffers is not None:
+            before = self.buffers.fill(seqs, len(seqs))
+            return self.buffers.meta(len(seqs), seqs, before)
         dev = self.device
         b = len(seqs)
         before = tuple(s.num_stored for s in seqs)
@@ -60,46 +76,93 @@ class ModelRunner:
             seqs=seqs,
             positions=torch.as_tensor([[s.num_seen] for s in seqs]).to(dev),
             write_slots=slot_idx[torch.arange(b), prev.to(slot_idx.device)],
-            write_rows=torch.arange(b, device=dev),
             slot_idx=slot_idx,
             kv_valid=kv_valid.to(dev),
             prev_len=prev.to(dev),
             stored_before=before,
         )
 
+    def _graph_forward(self, rows: int):
+        """The decode forward a graph captures: model, logits and greedy argmax over ``rows``."""
+        buf = self.buffers
+        meta = buf.meta(rows, [], ())
+        self.step = StepBatch(decode=meta, prefill=[], num_decode=rows)
+        hidden = self.model(buf.ids[:rows].view(1, rows), buf.pos[:rows].view(1, rows), self)
+        logits = self.model.logits(hidden[0])
+        self.step = None
+        if self.drop_rule is not None:
+            self._drop_in_place(rows)
+        return logits.argmax(dim=-1), logits
+
+    def _stage_drops(self, decode: list[Sequence], rows: int) -> None:
+        """Which rows end the step one entry over their policy's budget (they drop it in place)."""
+        kept = [self.policy.kept_tokens(s.num_seen + 1) for s in decode]  # after this step
+        drop = [int(s.num_stored + 1 - k == 1) for s, k in zip(decode, kept, strict=True)]
+        self.buffers.fill_drops(drop, [self.policy.first_protected(s.num_seen + 1) for s in decode], rows)
+        self.dropped = [s for s, d in zip(decode, drop, strict=True) if d]
+
+    def _drop_in_place(self, rows: int) -> None:
+        from backends.kvcache.kernels import ops
+
+        buf, (by_score, sink), fields = self.buffers, self.drop_rule, self.store.fields
+        ops().drop_one_in_place(self.store.k, self.store.v, fields["pos"], fields["score"] if by_score else None,
+                                buf.table[:rows], buf.lens[:rows], buf.drop[:rows], buf.first_recent[:rows],
+                                sink, self.store.block_size)
+
+    def _run_graph(self, decode: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = self.graphs.bucket(len(decode))
+        captured = self.graphs.get(rows, lambda: self._graph_forward(rows),
+                                   lambda: self.buffers.fill_padding(rows))
+        before = self.buffers.fill(decode, rows)
+        if self.drop_rule is not None:
+            self._stage_drops(decode, rows)
+        self.policy.begin_step(StepBatch(decode=self.buffers.meta(rows, decode, before), prefill=[],
+                                         num_decode=len(decode)))
+        captured.graph.replay()
+        b = len(decode)
+        return captured.tokens[:b], captured.logits[:b]
+
     @torch.inference_mode()
     def run(self, decode: list[Sequence], prefill: list[Sequence]) -> tuple[list[int], list[float | None]]:
         """Forward one step; return the next token of each sequence (decode ones first, then
         prefill ones), greedy or teacher-forced, and the forced tokens' log-probabilities."""
         seqs = decode + prefill
+        self.dropped = []
         for s in seqs:
             self.store.ensure_blocks(s.block_table)
-        ids = [s.last_token_id for s in decode]
-        positions = [s.num_seen for s in decode]
-        last_rows = list(range(len(decode)))
-        for s in prefill:
-            ids.extend(s.all_token_ids)
-            positions.extend(range(s.num_tokens))
-            last_rows.append(len(ids) - 1)
-        pre_meta, t = self._prefill_meta(prefill) if prefill else (None, 0)
-        self.step = StepBatch(
-            decode=self._decode_meta(decode) if decode else None,
-            prefill=pre_meta,
-            num_decode=len(decode),
-            prefill_shape=(len(prefill), t),
-        )
-        self.policy.begin_step(self.step)
-        dev = self.device
-        hidden = self.model(torch.as_tensor([ids], device=dev), torch.as_tensor([positions], device=dev), self)
-        logits = self.model.logits(hidden[0, torch.as_tensor(last_rows, device=dev)])
-        self.step = None
         cfg = self.model.cfg
+        if self.graphs is not None and decode and not prefill:
+            greedy_t, logits = self._run_graph(decode)
+            n_tokens = len(decode)
+        else:
+            ids = [s.last_token_id for s in decode]
+            positions = [s.num_seen for s in decode]
+            last_rows = list(range(len(decode)))
+            for s in prefill:
+                ids.extend(s.all_token_ids)
+                positions.extend(range(s.num_tokens))
+                last_rows.append(len(ids) - 1)
+            self.step = StepBatch(
+                decode=self._decode_meta(decode) if decode else None,
+                prefill=[self._prefill_meta(s) for s in prefill],
+                num_decode=len(decode),
+            )
+            self.policy.begin_step(self.step)
+            dev = self.device
+            hidden = self.model(torch.as_tensor([ids], device=dev), torch.as_tensor([positions], device=dev), self)
+            logits = self.model.logits(hidden[0, torch.as_tensor(last_rows, device=dev)])
+            self.step = None
+            if self.drop_rule is not None and decode and not prefill:
+                self._stage_drops(decode, len(decode))
+                self._drop_in_place(len(decode))
+            if logits.device.type == "meta":  # dry run: shapes only
+                return [0] * len(seqs), [None] * len(seqs)
+            greedy_t = logits.argmax(dim=-1)
+            n_tokens = len(ids)
         self.last_activation_bytes = (
-            len(ids) * (3 * cfg.hidden_size + 2 * cfg.intermediate_size) * cfg.dtype_bytes + logits.numel() * 4
+            n_tokens * (3 * cfg.hidden_size + 2 * cfg.intermediate_size) * cfg.dtype_bytes + logits.numel() * 4
         )
-        if logits.device.type == "meta":  # dry run: shapes only
-            return [0] * len(seqs), [None] * len(seqs)
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = greedy_t.tolist()
         forced_rows = [b for b, s in enumerate(seqs) if s.forced_token_ids is not None]
         logp = torch.log_softmax(logits[forced_rows], dim=-1) if forced_rows else None
         tokens, logprobs = [], []

@@ -35,7 +35,9 @@ def head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp}", "--include-dashboard=true"],
+         f"--temp-dir={temp}", "--include-dashboard=true",
+         # the job agent's port: Ray's default (52365) may be held by another Ray on this machine
+         f"--dashboard-agent-listen-port={_free_port()}"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         # job drivers run `orch` from the PATH the head was started with
         env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"),

@@ -254,3 +254,24 @@ def test_a_trial_no_node_can_hold_is_refused_before_anything_runs(tmp_path: Path
     with pytest.raises(PlacementError, match=r"needs CPU=3, which no node can hold; node [0-9.]+: CPU=2 "):
         submit(grid, tmp_path / "r")
     assert not (tmp_path / "r" / "too-big" / "manifest.json").exists()
+
+
+def test_timeout_counts_from_when_the_trials_workers_are_reserved(tmp_path: Path) -> None:
+    from ray.util import placement_group, remove_placement_group
+
+    from tests.support.kinds import ToyWorkersKind
+
+    # Something outside this submission holds both CPUs for 6 s; the trial's two workers wait for
+    # them without its 3 s timeout running, then start and finish.
+    held = placement_group([{"CPU": 1.0}, {"CPU": 1.0}])
+    ray.get(held.ready())
+    threading.Timer(6.0, remove_placement_group, args=(held,)).start()
+    grid = write_grid(tmp_path, experiment="reserve", grid={"x": [1]}, base={"workers": 2}, timeout_s=3,
+                      kind="tests.support.kinds:ToyWorkersKind")
+    spec = load_spec(grid)
+    store = ExperimentStore(tmp_path / "r", spec.experiment)
+    start = time.time()
+    outcome = Submission(spec, ToyWorkersKind(), expand(spec, ToyWorkersKind()), store, None, refresh_s=0.2).run()
+    (entry,) = store.load_manifest()["trials"].values()
+    assert outcome.counts["done"] == 1, entry
+    assert entry["start_s"] - start >= 5.0  # started once the workers' CPUs were free

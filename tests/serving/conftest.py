@@ -38,5 +38,5 @@ def ctx(tmp_path: Path) -> TrialContext:
     reports: list[dict] = []
     return TrialContext(
         experiment="test-serving", trial_id="t0", repeat=0, attempt=0, workdir=tmp_path,
-        resources={"num_cpus": 1.0}, report=reports.append,
+        resources={"num_cpus": 1.0}, report=lambda record, step=None: reports.append(record),
     )

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +13,11 @@ import httpx
 import pytest
 import yaml
 
+from backends.kvcache.vllm.server import free_port
 from tests.conftest import REPO
+from tests.support.procs import stop_group
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_orch_serve_streams_completions_for_a_trial_of_a_grid(tiny_model: str, tmp_path: Path) -> None:
@@ -36,7 +30,7 @@ def test_orch_serve_streams_completions_for_a_trial_of_a_grid(tiny_model: str, t
     listing = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(grid)], cwd=REPO,
                              capture_output=True, text=True, check=True)
     h2o_id = next(line.split()[1] for line in listing.stdout.splitlines() if "h2o" in line and "│" in line)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "serve", str(grid), h2o_id, "--port", str(port)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -66,12 +60,7 @@ def test_orch_serve_streams_completions_for_a_trial_of_a_grid(tiny_model: str, t
         assert usage[-1]["completion_tokens"] == 7 and usage[-1]["prompt_tokens"] == 5
         assert sum(1 for c in chunks if c.get("choices")) >= 7
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_group(proc, signal.SIGINT, grace_s=60)
 
 
 def test_orch_serve_names_unknown_trials(tmp_path: Path) -> None:

@@ -62,3 +62,33 @@ class ToyKind(TrialKind):
         summary = pa.table({"score": [params.x * 10 + params.y], "steps": [params.steps], "pid": [os.getpid()],
                             "opened": [session["count"]]})
         return TrialOutput(tables={"toy_steps": steps, "toy_summary": summary}, artifacts={"note.txt": b"hello"})
+
+
+class ToyWorkersParams(ToyParams):
+    workers: int = 0
+
+
+class ToyWorkersKind(ToyKind):
+    """A ToyKind whose trials start workers the way Ray Train does: in a placement group they create themselves."""
+
+    name: ClassVar[str] = "toy-workers"
+    params_model: ClassVar[type[KindParams]] = ToyWorkersParams
+
+    def actor_resources(self, params: KindParams, resources: dict[str, float]) -> dict[str, float]:
+        return {"num_cpus": 0}
+
+    def worker_bundles(self, params: KindParams, resources: dict[str, float]) -> list[dict[str, float]]:
+        assert isinstance(params, ToyWorkersParams)
+        return [dict(resources)] * params.workers
+
+    def run(self, session: Any, params: KindParams, ctx: TrialContext) -> TrialOutput:
+        import ray
+        from ray.util import placement_group, remove_placement_group
+
+        assert isinstance(params, ToyWorkersParams)
+        group = placement_group([{"CPU": ctx.resources["num_cpus"]}] * params.workers)
+        ray.get(group.ready())  # blocks while the cluster lacks room, like Ray Train's worker group
+        try:
+            return super().run(session, params, ctx)
+        finally:
+            remove_placement_group(group)

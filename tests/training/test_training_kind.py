@@ -30,6 +30,9 @@ def test_kind_is_registered_and_holds_no_resources_itself() -> None:
         ({"optim": {"name": "lbfgs"}}, "optim"),
         ({"compressor": {"name": "a2sgd", "residual": "both"}}, "residual"),
         ({"unknown": 1}, "unknown"),
+        ({"workload": "rnn"}, "allowed: cnn, lstm"),
+        ({"network": {"bandwidth_gbit": 1}, "use_gpu": True}, "use_gpu: false"),
+        ({"network": {"bandwidth_gbit": 0}}, "bandwidth_gbit"),
     ],
 )
 def test_bad_parameters_are_rejected_with_the_key(bad: dict, where: str) -> None:

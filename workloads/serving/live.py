@@ -45,7 +45,10 @@ class IntervalMonitor:
         last = time.perf_counter()
         while not self._stop.wait(self.interval_s):
             now = time.perf_counter()
-            self.tick(now - last)
+            try:
+                self.tick(now - last)
+            except Exception:  # live metrics are best effort: the load and its records go on
+                return
             last = now
 
     def tick(self, elapsed_s: float) -> dict[str, Any]:

@@ -85,6 +85,8 @@ class TrainingParams(KindParams):
     def _budget(self) -> TrainingParams:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give at most one of steps or epochs (neither: one epoch)")
+        if self.network is not None and self.use_gpu:
+            raise ValueError("network trials run CPU workers (gloo over the emulated links); set use_gpu: false")
         if self.storage_path is not None and "://" not in self.storage_path and not self.storage_path.startswith("/"):
             raise ValueError(
                 f"storage_path must be an absolute path every node mounts or a URI such as s3://bucket/dir; "

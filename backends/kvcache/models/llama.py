@@ -19,8 +19,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = False  # one Triton launch instead of ~7 elementwise kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from backends.kvcache.kernels import ops
+
+            return ops().rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -59,13 +64,20 @@ class LlamaAttention(nn.Module):
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, (h + 2 * kv) * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
+        self.fused = False  # RoPE of q and k in one Triton launch each
 
     def forward(self, x, cos, sin, ctx: AttentionContext) -> torch.Tensor:
         cfg = self.cfg
         q, k, v = split_qkv(self.qkv_proj(x), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         k_raw = k
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if self.fused and x.shape[0] == 1:
+            from backends.kvcache.kernels import ops
+
+            c, s = cos[0, :, 0], sin[0, :, 0]  # [T, D]
+            q, k = ops().rope(q[0], c, s).unsqueeze(0), ops().rope(k[0], c, s).unsqueeze(0)
+        else:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         out = ctx.attend(self.layer, q, k, v, x, k_raw)
         return self.o_proj(out.flatten(2))
 
@@ -108,6 +120,12 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def use_fused_kernels(self, on: bool) -> None:
+        """Route RMSNorm and RoPE through the Triton kernels (GPU path) or the reference code."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm | LlamaAttention):
+                m.fused = on
 
     def post_materialize(self) -> None:
         """Re-tie embeddings and rebuild buffers after the module moved off the meta device."""

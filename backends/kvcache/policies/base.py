@@ -26,36 +26,44 @@ class BatchMeta:
     is_prefill: bool
     seqs: list[Sequence]
     positions: torch.Tensor  # [B, T]
-    write_slots: torch.Tensor  # [N] store slots of the new tokens (valid rows only)
-    write_rows: torch.Tensor  # [N] row index into the flattened [B*T] tokens
-    # prefill: causal & padding mask [B, 1, 1, T, T]; decode: the cached entries
-    prefill_mask: torch.Tensor | None = None
+    write_slots: torch.Tensor  # [B*T] store slots of the new tokens
+    # decode, reference path: the cached entries
     slot_idx: torch.Tensor | None = None  # decode: [B, L] slots of stored entries + the new one
     kv_valid: torch.Tensor | None = None  # decode: [B, L]
     prev_len: torch.Tensor | None = None  # decode: [B] entries stored before this step (= new token's column)
     stored_before: tuple[int, ...] = ()  # decode: prev_len as Python ints (accounting without a sync)
+    # decode through the paged kernel (GPU): the kernel reads the block table, no gather, no mask
+    block_table: torch.Tensor | None = None  # [B, W] int32 block ids
+    seq_lens: torch.Tensor | None = None  # [B] int32 entries to attend to (stored + the new one)
+    block_size: int = 0
 
 
 @dataclass
 class StepBatch:
     """One engine step: decoding sequences and newly admitted (prefill) sequences, run in a
-    single forward over their tokens flattened to [1, N]: decode tokens first, then the
-    prefill tokens in order. Attention runs per part."""
+    single forward over their tokens flattened to [1, N]: decode tokens first, then each
+    prefill sequence's tokens in order. Attention runs on the decode part as a batch and on
+    each prompt by itself (variable length, no padding: a prompt never sees its batch-mates)."""
 
     decode: BatchMeta | None
-    prefill: BatchMeta | None
+    prefill: list[BatchMeta]
     num_decode: int
-    prefill_shape: tuple[int, int] = (0, 0)  # (sequences, padded length)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, want_probs: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, want_probs: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Grouped-query attention. q [B,T,H,D]; k, v [B,KVH,L,D]; mask bool, broadcastable to
-    [B,KVH,1,T,L]. Returns out [B,T,H,D] and, if asked, probabilities [B,KVH,G,T,L]."""
+    [B,KVH,1,T,L], or None for causal attention over T == L. Returns out [B,T,H,D] and, if
+    asked, probabilities [B,KVH,G,T,L]."""
     b, t, h, d = q.shape
     kvh, length = k.shape[1], k.shape[2]
     g = h // kvh
+    if mask is None and not want_probs:  # causal: the fused kernel needs no mask tensor
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=scale, enable_gqa=g > 1)
+        return out.transpose(1, 2), None
+    if mask is None:
+        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril()
     if not want_probs:  # fused kernel; the mask goes per query head
         m = mask.expand(b, kvh, 1, t, length)
         m = m[:, :1, 0] if mask.shape[1] == 1 else m.expand(b, kvh, g, t, length).reshape(b, h, t, length)
@@ -106,6 +114,25 @@ class CachePolicy:
         """Entries to keep [layers, n_keep, kv_heads] (indices into ``slots``), or None to keep all."""
         return None
 
+    def evicts_in_place(self) -> bool:
+        """Whether a one-entry drop may go through ``eviction_key`` (entries then lose their order)."""
+        return type(self).eviction_key is not CachePolicy.eviction_key
+
+    def drop_rule(self) -> tuple[bool, int] | None:
+        """How a one-entry drop ranks entries, for the paged path's in-graph drop: (rank by the
+        ``score`` field rather than by position, positions below this are never dropped), or
+        None if the policy has no such rule. Positions from ``first_protected`` on are kept."""
+        return None
+
+    def first_protected(self, n_seen: int) -> int:
+        """The first position of the window a drop never touches (the recent tokens)."""
+        return n_seen
+
+    def eviction_key(self, seqs: list[Sequence], slots: torch.Tensor) -> torch.Tensor:
+        """Rank of every stored entry [layers, B, W, kv_heads] (lowest is evicted first) for
+        sequences whose entries sit at ``slots`` [B, W]."""
+        raise NotImplementedError
+
     def device_bytes(self, stored_tokens: int) -> int:
         """K/V bytes resident on the device for ``stored_tokens`` stored entries (persistent part)."""
         return 0 if self.kv_on_host else stored_tokens * self.cfg.kv_bytes_per_token
@@ -126,26 +153,26 @@ class CachePolicy:
         if step.decode is not None:
             sub = [t[0, :nd].unsqueeze(1) for t in tensors]  # [B,1,...]
             parts.append(self.attend_batch(layer, *sub, step.decode)[:, 0])
-        if step.prefill is not None:
-            rows = step.prefill.write_rows
-            bp, tp = step.prefill_shape
-
-            def pad(t: torch.Tensor) -> torch.Tensor:
-                full = t.new_zeros(bp * tp, *t.shape[2:])
-                full[rows] = t[0, nd:]
-                return full.view(bp, tp, *t.shape[2:])
-
-            out = self.attend_batch(layer, *(pad(t) for t in tensors), step.prefill)
-            parts.append(out.flatten(0, 1)[rows])
+        start = nd
+        for meta in step.prefill:
+            n = meta.write_slots.shape[0]
+            sub = [t[:, start : start + n] for t in tensors]  # [1,T,...]
+            parts.append(self.attend_batch(layer, *sub, meta)[0])
+            start += n
+        if len(parts) == 1:
+            return parts[0].unsqueeze(0)
         return torch.cat(parts, 0).unsqueeze(0)
 
     def attend_batch(self, layer: int, q, k, v, x, k_raw, batch: BatchMeta) -> torch.Tensor:
         """Store the new K/V and return attention output [B,T,H,D] for ``layer``."""
-        rows_k, rows_v = k.flatten(0, 1)[batch.write_rows], v.flatten(0, 1)[batch.write_rows]
-        self.store.write(layer, batch.write_slots, rows_k, rows_v)
+        self.store.write(layer, batch.write_slots, k.flatten(0, 1), v.flatten(0, 1))
         self.on_write(layer, batch, k_raw)
-        if batch.is_prefill:  # attention over the prompt itself; nothing needs fetching
-            kk, vv, mask = k.transpose(1, 2), v.transpose(1, 2), batch.prefill_mask
+        if batch.block_table is not None:  # decode through the paged kernel
+            out = self.paged_decode(layer, q[:, 0], batch).unsqueeze(1)
+            self.after_attention(layer, x, batch)
+            return out
+        if batch.is_prefill:  # causal attention over the prompt itself; nothing needs fetching
+            kk, vv, mask = k.transpose(1, 2), v.transpose(1, 2), None
         else:
             kk, vv, mask = self.context(layer, k, v, batch)
         out, probs = attention(q, kk, vv, mask, self.scale, self.wants_probs)
@@ -153,6 +180,30 @@ class CachePolicy:
             self.observe(layer, probs, batch)
         self.after_attention(layer, x, batch)
         return out
+
+    def uses_paged_decode(self) -> bool:
+        """Whether decode can run through the paged kernel (and so under CUDA graphs): the K/V
+        live on the device, attention reads every stored entry, and scores (if the policy
+        wants them) come from the kernel's log-sum-exp."""
+        if self.kv_on_host or type(self).context is not CachePolicy.context:
+            return False
+        return not self.wants_probs or type(self).observe_paged is not CachePolicy.observe_paged
+
+    def paged_decode(self, layer: int, q: torch.Tensor, batch: BatchMeta) -> torch.Tensor:
+        """Decode attention [B,H,D] straight from the paged store; scores through observe_paged."""
+        from backends.kvcache.kernels import ops
+
+        out, lse = ops().paged_decode_attention(
+            q, self.store.k[layer], self.store.v[layer], batch.block_table, batch.seq_lens, self.scale,
+            batch.block_size,
+        )
+        if self.wants_probs:
+            self.observe_paged(layer, q, lse, batch)
+        return out
+
+    def observe_paged(self, layer: int, q: torch.Tensor, lse: torch.Tensor, batch: BatchMeta) -> None:
+        """Paged-decode counterpart of ``observe``: q [B,H,D] and the log-sum-exp [B,H]."""
+        raise NotImplementedError
 
     def on_write(self, layer: int, batch: BatchMeta, k_raw: torch.Tensor) -> None:
         """Hook after the new tokens' K/V are stored (side fields)."""

@@ -59,26 +59,42 @@ class H2OPolicy(CachePolicy):
         return self.budgets(n_seen)[0]
 
     def on_write(self, layer, batch: BatchMeta, k_raw):
-        pos = batch.positions.flatten()[batch.write_rows].to(self.store.device)
+        pos = batch.positions.flatten().to(self.store.device)
         slots = batch.write_slots
         self.store.fields["pos"][layer][slots] = pos.unsqueeze(-1)
-        self.store.fields["score"][layer][slots] = 0.0
+        self.store.fields["score"][layer].index_fill_(0, slots, 0.0)
 
     def observe(self, layer, probs, batch):
         per_kv = probs.float().sum(dim=2)  # [B,KVH,T,L]: summed over the query heads of a group
-        if batch.is_prefill:  # column sums over all prompt queries
-            cols = per_kv.sum(dim=2).transpose(1, 2).flatten(0, 1)[batch.write_rows]  # [N,KVH]
+        if batch.is_prefill:  # column sums over the prompt's own queries (one sequence)
+            cols = per_kv.sum(dim=2).transpose(1, 2).flatten(0, 1)  # [N,KVH]
             self.store.fields["score"][layer].index_copy_(0, batch.write_slots, cols)
         else:
             vals = per_kv[:, :, 0].transpose(1, 2)  # [B,L,KVH]; padded columns are exactly 0
             self.store.fields["score"][layer].index_put_((batch.slot_idx,), vals, accumulate=True)
 
-    def select_keep(self, seq, slots):
-        n, stored = seq.num_seen, seq.num_stored
-        total, recent = self.budgets(n)
-        if stored <= total:
-            return None
-        score = self.store.fields["score"][:, slots]  # [L, stored, KVH]
+    def observe_paged(self, layer, q, lse, batch):
+        from backends.kvcache.kernels import ops
+
+        ops().add_column_scores(q, self.store.k[layer], batch.block_table, batch.seq_lens, lse,
+                                self.store.fields["score"][layer], self.scale, batch.block_size)
+
+    def drop_rule(self):
+        return True, 0
+
+    def first_protected(self, n_seen):
+        return n_seen - self.budgets(n_seen)[1]
+
+    def eviction_key(self, seqs, slots):
+        # the recent window is never evicted; the others go by accumulated attention
+        first_recent = torch.tensor([self.first_protected(s.num_seen) for s in seqs], device=slots.device)
+        score = self.store.fields["score"][:, slots]  # [L, B, W, KVH]
         pos = self.store.fields["pos"][:, slots]
-        key = torch.where(pos >= n - recent, torch.inf, score)
+        return torch.where(pos >= first_recent.view(1, -1, 1, 1), torch.inf, score)
+
+    def select_keep(self, seq, slots):
+        total = self.budgets(seq.num_seen)[0]
+        if seq.num_stored <= total:
+            return None
+        key = self.eviction_key([seq], slots.unsqueeze(0))[:, 0]  # [L, stored, KVH]
         return key.topk(total, dim=1).indices.sort(dim=1).values

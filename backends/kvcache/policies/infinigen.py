@@ -204,9 +204,9 @@ class InfiniGenPolicy(CachePolicy):
     def on_write(self, layer, batch, k_raw):
         if layer not in self.speculated:
             return
-        rows = k_raw.flatten(0, 1)[batch.write_rows].flatten(1)  # [N, KVH*D]
+        rows = k_raw.flatten(0, 1).flatten(1)  # [N, KVH*D]
         if self.rope:
-            pos = batch.positions.flatten()[batch.write_rows]
+            pos = batch.positions.flatten()
             part = self._rotate(rows[:, self.k_cols[layer]], pos, self.k_freq[layer])
         else:
             part = rows @ self.k_skew[layer]

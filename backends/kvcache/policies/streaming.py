@@ -1,7 +1,8 @@
 """``streaming`` (StreamingLLM): keep the first ``sink_tokens`` entries plus a recent window.
 
 The window is ``window`` tokens, or, when ``window`` is not given, ``kv_budget`` x tokens seen
-minus the sinks. Cached keys keep the positions they were computed at (no re-rotation).
+minus the sinks. Cached keys keep the positions they were computed at (no re-rotation). Each
+entry's position is tracked, so the oldest non-sink entry can be dropped in place.
 """
 
 from __future__ import annotations
@@ -37,11 +38,24 @@ class StreamingPolicy(CachePolicy):
         sink, window = self._sizes(n_seen)
         return min(n_seen, sink + window)
 
+    def bind(self, store):
+        super().bind(store)
+        store.add_field("pos", (self.cfg.num_kv_heads,), torch.int64)
+
+    def on_write(self, layer, batch, k_raw):
+        self.store.fields["pos"][layer][batch.write_slots] = batch.positions.flatten().unsqueeze(-1)
+
+    def drop_rule(self):
+        return False, int(self.params["sink_tokens"])
+
+    def eviction_key(self, seqs, slots):
+        # sinks are never evicted; the others oldest first
+        pos = self.store.fields["pos"][:, slots]  # [L, B, W, KVH]
+        return torch.where(pos < int(self.params["sink_tokens"]), torch.inf, pos.double())
+
     def select_keep(self, seq, slots):
-        stored = seq.num_stored
         sink, window = self._sizes(seq.num_seen)
-        if stored <= sink + window:
+        if seq.num_stored <= sink + window:
             return None
-        # entries are in position order (this policy only ever drops a middle range)
-        idx = torch.cat([torch.arange(sink), torch.arange(stored - window, stored)]).to(slots.device)
-        return idx.view(1, -1, 1).expand(self.cfg.num_layers, -1, self.cfg.num_kv_heads)
+        key = self.eviction_key([seq], slots.unsqueeze(0))[:, 0]  # [L, stored, KVH]
+        return key.topk(min(seq.num_stored, sink + window), dim=1).indices.sort(dim=1).values

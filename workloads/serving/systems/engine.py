@@ -9,11 +9,11 @@ HTTP client that measures vLLM.
 from __future__ import annotations
 
 import gc
-import socket
 import uuid
 from typing import Any
 
 from backends.kvcache.policies import POLICIES
+from backends.kvcache.vllm.server import free_port
 from workloads.serving.params import ServingParams
 from workloads.serving.systems.registry import SYSTEMS
 from workloads.serving.transports.base import Transport
@@ -109,12 +109,6 @@ class EngineSystem:
         gc.collect()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServedEngineSystem:
     """One ``LLMEngine`` behind Ray Serve's OpenAI-compatible ``/v1/completions`` (HTTP only)."""
 
@@ -138,7 +132,7 @@ class ServedEngineSystem:
         kv_bytes_per_token = ModelConfig.from_hf(hf, config.torch_dtype.itemsize).kv_bytes_per_token
         self._block_size = int(config.block_size)
         self.app_name = f"orch-{self.name}-{uuid.uuid4().hex[:8]}"
-        self.base_url = deploy(config, port=_free_port(), name=self.app_name)
+        self.base_url = deploy(config, port=free_port(), name=self.app_name)
         self._sampler = PrometheusStepSampler(f"{self.base_url}/metrics", kv_bytes_per_token)
 
     def transport(self, kind: str) -> Transport:

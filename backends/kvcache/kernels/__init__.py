@@ -1,0 +1,49 @@
+"""The engine's GPU kernels (Triton) behind plain functions, and when they can be used.
+
+On a GPU the kernels are compiled; on a CPU-only host they run in Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before this package was first used (that is how CI tests them
+against the reference attention). Everywhere else the engine keeps its PyTorch reference path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether Triton kernels can run on ``device`` here (compiled on CUDA, interpreted on CPU)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on a GPU with Triton installed, else 'torch'; a named one is checked."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    if name == "triton" and not triton_usable(device):
+        raise ValueError(
+            f"attention_backend 'triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+            f"device is {device.type}"
+        )
+    return name
+
+
+def ops() -> ModuleType:
+    """The Triton kernel module (imported on first use, after the interpreter choice is made)."""
+    from backends.kvcache.kernels import triton_kernels
+
+    return triton_kernels
+
+
+__all__ = ["BACKENDS", "ops", "resolve_backend", "triton_usable"]

@@ -1,0 +1,294 @@
+"""Triton kernels of the GPU engine: paged decode attention (reads the block table directly,
+GQA-aware, split over the sequence for small batches), heavy-hitter column scores from the
+same pass's log-sum-exp, RMSNorm and RoPE in one launch each.
+
+Import this module only through ``backends.kvcache.kernels``: on a host without a GPU the
+kernels run in Triton's interpreter, which must be chosen (``TRITON_INTERPRET=1``) before the
+kernels are defined.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PAGE_TOKENS_PER_TILE = 64  # keys per inner-loop tile (4 pages of 16)
+MIN_QUERY_ROWS = 16  # tl.dot needs at least 16 rows: a KV head's query group is padded to this
+
+
+@triton.jit
+def _paged_decode(
+    Q, K, V, BT, LENS, OUT, LSE,
+    scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    length = tl.load(LENS + b)
+    per = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+    start = sp * per
+    end = tl.minimum(start + per, length)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    heads = kvh * G + g
+    row_ok = g < G
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    denom = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        ok = offs < end
+        blk = tl.load(BT + b * stride_bt + offs // PAGE, mask=ok, other=0)
+        slot = blk.to(tl.int64) * PAGE + offs % PAGE
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    safe = tl.where(denom > 0, denom, 1.0)
+    out = acc / safe[:, None]
+    lse = tl.where(denom > 0, m + tl.log(safe), float("-inf"))
+    o_ptr = OUT + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + d[None, :]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b * stride_lb + heads * stride_lh + sp, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits(
+    OP, LSEP, OUT, LSE, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    lse = tl.load(LSEP + b * stride_lb + h * stride_lh + s)
+    top = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0)
+    parts = tl.load(OP + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :])
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / total
+    tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+    tl.store(LSE + b * H + h, top + tl.log(total))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Sequence splits per (sequence, KV head) so a small batch still fills the GPU."""
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one by one: splitting only adds work
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = 1
+    while batch * kv_heads * splits < 2 * sms and splits < 16:
+        splits *= 2
+    return splits
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float, page: int, splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query token per sequence. q [B,H,D]; caches [slots,KVH,D]; block_table [B,W] int32;
+    seq_lens [B] int32 (>= 1). Returns out [B,H,D] and the log-sum-exp [B,H] (float32)."""
+    b, h, d = q.shape
+    kvh = k_cache.shape[1]
+    group = h // kvh
+    g_pad = max(MIN_QUERY_ROWS, triton.next_power_of_2(group))
+    splits = splits or num_splits(b, kvh, q.device)
+    lse = torch.empty(b, h, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    if splits == 1:
+        o_part, lse_part = out.unsqueeze(2), lse.unsqueeze(2)
+    else:
+        o_part = torch.empty(b, h, splits, d, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(b, h, splits, device=q.device, dtype=torch.float32)
+    _paged_decode[(b, kvh, splits)](
+        q, k_cache, v_cache, block_table, seq_lens, o_part, lse_part,
+        scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+        v_cache.stride(1), block_table.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        G=group, G_PAD=g_pad, D=d, PAGE=page, BLOCK_N=PAGE_TOKENS_PER_TILE, SPLITS=splits,
+        PRECISION=_precision(q.dtype), num_warps=4,
+    )
+    if splits > 1:
+        _combine_splits[(b, h)](
+            o_part, lse_part, out, lse, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+            lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), H=h, D=d, SPLITS=splits,
+        )
+    return out, lse
+
+
+@triton.jit
+def _column_scores(
+    Q, K, BT, LENS, LSE, SCORE,
+    scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_bt, stride_lb, stride_ss,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    chunk = tl.program_id(2)
+    length = tl.load(LENS + b)
+    if chunk * BLOCK_N < length:
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        heads = kvh * G + g
+        row_ok = g < G
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + b * stride_lb + heads, mask=row_ok, other=float("inf"))
+        offs = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = offs < length
+        blk = tl.load(BT + b * stride_bt + offs // PAGE, mask=ok, other=0)
+        slot = blk.to(tl.int64) * PAGE + offs % PAGE
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(row_ok[:, None], p, 0.0)
+        col = tl.sum(p, 0)
+        ptr = SCORE + slot * stride_ss + kvh
+        tl.store(ptr, tl.load(ptr, mask=ok, other=0.0) + col, mask=ok)
+
+
+def add_column_scores(
+    q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+    lse: torch.Tensor, score: torch.Tensor, scale: float, page: int,
+) -> None:
+    """score[slot, kv_head] += the attention probability each cached key got, summed over the
+    query heads of its group (H2O's accumulated attention), from the decode pass's log-sum-exp."""
+    b, h, d = q.shape
+    kvh = k_cache.shape[1]
+    group = h // kvh
+    chunks = triton.cdiv(block_table.shape[1] * page, PAGE_TOKENS_PER_TILE)
+    _column_scores[(b, kvh, chunks)](
+        q, k_cache, block_table, seq_lens, lse, score,
+        scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_table.stride(0),
+        lse.stride(0), score.stride(0),
+        G=group, G_PAD=max(MIN_QUERY_ROWS, triton.next_power_of_2(group)), D=d, PAGE=page,
+        BLOCK_N=PAGE_TOKENS_PER_TILE, PRECISION=_precision(q.dtype), num_warps=4,
+    )
+
+
+@triton.jit
+def _rms_norm(X, W, Y, stride_x, stride_y, n, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, 0) / n + eps)
+    y = (x * r).to(Y.dtype.element_ty).to(tl.float32)  # rounded to the model dtype, then scaled
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (w * y).to(Y.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the last dimension in one launch (float32 statistics, as the reference)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    y = torch.empty_like(x2)
+    n = shape[-1]
+    _rms_norm[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), n, eps,
+                              BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4)
+    return y.view(shape)
+
+
+@triton.jit
+def _rope(X, COS, SIN, Y, stride_xn, stride_xh, stride_yn, stride_yh, stride_cn, HALF: tl.constexpr):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    x1 = tl.load(X + n * stride_xn + h * stride_xh + i).to(tl.float32)
+    x2 = tl.load(X + n * stride_xn + h * stride_xh + HALF + i).to(tl.float32)
+    c1 = tl.load(COS + n * stride_cn + i).to(tl.float32)
+    c2 = tl.load(COS + n * stride_cn + HALF + i).to(tl.float32)
+    s1 = tl.load(SIN + n * stride_cn + i).to(tl.float32)
+    s2 = tl.load(SIN + n * stride_cn + HALF + i).to(tl.float32)
+    ty = Y.dtype.element_ty
+    # rounded after each product, as x * cos + rotate_half(x) * sin rounds in the model dtype
+    y1 = (x1 * c1).to(ty).to(tl.float32) + (-(x2 * s1)).to(ty).to(tl.float32)
+    y2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
+    tl.store(Y + n * stride_yn + h * stride_yh + i, y1.to(ty))
+    tl.store(Y + n * stride_yn + h * stride_yh + HALF + i, y2.to(ty))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [N, heads, D] (any strides in N and heads) with cos/sin [N, D]."""
+    n, heads, d = x.shape
+    y = torch.empty(n, heads, d, device=x.device, dtype=x.dtype)
+    _rope[(n, heads)](x, cos, sin, y, x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0),
+                      HALF=d // 2, num_warps=1)
+    return y
+
+
+@triton.jit
+def _drop_one(
+    BT, LENS, DROP, FIRST_RECENT, K, V, SCORE, POS, sink,
+    stride_bt, stride_kl, stride_ks, stride_kh, stride_fl, stride_fs,
+    KVH: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BY_SCORE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    layer = (tl.program_id(1) // KVH).to(tl.int64)  # layer offsets pass 2^31 elements on large models
+    h = tl.program_id(1) % KVH
+    if tl.load(DROP + b) != 0:
+        length = tl.load(LENS + b)
+        first_recent = tl.load(FIRST_RECENT + b)
+        best = float("inf")
+        best_idx = length - 1  # nothing evictable: the last entry "moves" onto itself
+        for n0 in range(0, length, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            ok = offs < length
+            blk = tl.load(BT + b * stride_bt + offs // PAGE, mask=ok, other=0)
+            slot = blk.to(tl.int64) * PAGE + offs % PAGE
+            field = layer * stride_fl + slot * stride_fs + h
+            pos = tl.load(POS + field, mask=ok, other=0)
+            if BY_SCORE:
+                val = tl.load(SCORE + field, mask=ok, other=0.0)
+            else:
+                val = pos.to(tl.float32)
+            key = tl.where(ok & (pos < first_recent) & (pos >= sink), val, float("inf"))
+            low = tl.min(key, 0)
+            idx = n0 + tl.argmin(key, 0)
+            better = low < best
+            best_idx = tl.where(better, idx, best_idx)
+            best = tl.where(better, low, best)
+        last = length - 1
+        src = tl.load(BT + b * stride_bt + last // PAGE).to(tl.int64) * PAGE + last % PAGE
+        dst = tl.load(BT + b * stride_bt + best_idx // PAGE).to(tl.int64) * PAGE + best_idx % PAGE
+        d = tl.arange(0, D)
+        base = layer * stride_kl + h * stride_kh + d
+        tl.store(K + base + dst * stride_ks, tl.load(K + base + src * stride_ks))
+        tl.store(V + base + dst * stride_ks, tl.load(V + base + src * stride_ks))
+        fsrc = layer * stride_fl + src * stride_fs + h
+        fdst = layer * stride_fl + dst * stride_fs + h
+        tl.store(POS + fdst, tl.load(POS + fsrc))
+        if BY_SCORE:
+            tl.store(SCORE + fdst, tl.load(SCORE + fsrc))
+
+
+def drop_one_in_place(
+    k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor | None, block_table: torch.Tensor,
+    lens: torch.Tensor, drop: torch.Tensor, first_recent: torch.Tensor, sink: int, page: int,
+) -> None:
+    """For each sequence b with drop[b] != 0 and each layer and KV head: the entry with the
+    lowest key (score, or position when ``score`` is None) among those at positions in
+    [sink, first_recent[b]) is overwritten by the sequence's last entry (index lens[b] - 1).
+    k, v [L, slots, KVH, D]; pos, score [L, slots, KVH]."""
+    layers, _, kvh, d = k.shape
+    by_score = score is not None
+    _drop_one[(lens.shape[0], layers * kvh)](
+        block_table, lens, drop, first_recent, k, v, score if by_score else pos, pos, sink,
+        block_table.stride(0), k.stride(0), k.stride(1), k.stride(2), pos.stride(0), pos.stride(1),
+        KVH=kvh, D=d, PAGE=page, BLOCK_N=PAGE_TOKENS_PER_TILE, BY_SCORE=by_score, num_warps=1,
+    )

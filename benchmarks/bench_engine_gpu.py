@@ -1,0 +1,207 @@
+"""The GPU half of ``bench_engine`` (``--device cuda``): decode tokens/s and memory-bandwidth
+utilisation (MBU) of our engine against transformers' static cache, measured in one run.
+
+Per model shape (dummy bf16 weights), batch size and policy: ``batch`` requests of
+``prompt_len`` tokens each generate ``output_len`` tokens; decode tok/s counts the tokens of
+pure-decode steps (every request admitted, nothing prefilling) over those steps' time.
+MBU = (weight bytes + K/V bytes the step reads) / step time / the device-to-device copy
+bandwidth measured at the start of the same run (bytes read + written). Each configuration
+runs ``repeats`` times; the median is reported with the spread (max - min) / median.
+Imports only ``backends.kvcache`` (and transformers), so it runs on a bare GPU host.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from backends.kvcache import EngineConfig, LLMEngine
+from backends.kvcache.presets import PRESETS
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), median of 20 copies."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(23):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times[3:])
+
+
+@dataclass
+class Row:
+    model: str
+    system: str
+    batch: int
+    decode_tok_s: float
+    spread: float
+    step_ms: float
+    mbu: float
+    runs: list[float]
+
+
+def engine_decode(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, int, float, int]:
+    """(seconds, tokens, K/V bytes read, steps) over the pure-decode steps of one batch."""
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, new_tokens)
+    seconds, tokens, kv_read, steps = 0.0, 0, 0, 0
+    per_token = engine.model_config.kv_bytes_per_token
+    while engine.has_unfinished():
+        pure = not engine.scheduler.waiting and len(engine.scheduler.running) == len(prompts)
+        stored = engine.stored_tokens()
+        t0 = time.perf_counter()
+        out = engine.step()
+        dt = time.perf_counter() - t0
+        if pure:
+            seconds += dt
+            tokens += sum(len(o.new_token_ids) for o in out)
+            kv_read += (stored + len(prompts)) * per_token
+            steps += 1
+    return seconds, tokens, kv_read, steps
+
+
+def bench_engine_config(model: str, policy: str, params: dict, batches: list[int], args, bw: float,
+                        vocab: int) -> list[Row]:
+    """Every batch size for one engine (built once, graphs captured in a warm-up)."""
+    max_len = args.prompt_len + args.output_len + 16
+    blocks = max(batches) * -(-max_len // 16) + 16
+    engine = LLMEngine(EngineConfig(model=model, weights="dummy", dtype="bfloat16", device="cuda", policy=policy,
+                                    policy_params=params, max_num_seqs=max(batches), max_model_len=max_len,
+                                    kv_cache_blocks=blocks, max_num_batched_tokens=16384,
+                                    cuda_graphs=not args.eager))
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    label = policy if not params else f"{policy} {params.get('kv_budget')}"
+    for b in batches:
+        prompts = torch.randint(100, vocab, (b, args.prompt_len), generator=gen).tolist()
+        engine_decode(engine, prompts, 4)  # warm-up: compiles kernels, captures this bucket's graph
+        runs, step_ms, mbus = [], [], []
+        for _ in range(args.repeats):
+            s, n, kv, steps = engine_decode(engine, prompts, args.output_len)
+            runs.append(n / s)
+            step_ms.append(1e3 * s / steps)
+            mbus.append((engine.weight_bytes * steps + kv) / s / bw)
+        med = statistics.median(runs)
+        rows.append(Row(model, f"engine {label}", b, med, (max(runs) - min(runs)) / med,
+                        statistics.median(step_ms), statistics.median(mbus), runs))
+        print(f"  {model:10s} {rows[-1].system:22s} batch {b:3d}: {med:9.1f} tok/s  step {rows[-1].step_ms:6.2f} ms  "
+              f"MBU {rows[-1].mbu:5.1%}  spread {rows[-1].spread:4.1%}", flush=True)
+    if args.profile and policy == "full":
+        profile(engine, model, vocab, args)
+    del engine
+    gc.collect()  # the runner's graphs and closures form cycles: free the engine's memory now
+    torch.cuda.empty_cache()
+    return rows
+
+
+def profile(engine: LLMEngine, model: str, vocab: int, args) -> None:
+    """A torch profiler table over 10 pure-decode steps at batch 1."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    prompt = torch.randint(100, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
+    engine.add_request("p", prompt[0], 40)
+    for _ in range(20):
+        engine.step()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    out = Path(args.profile) / f"profile_{model}_full_b1.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    print(f"  profile written to {out}")
+
+
+def hf_static(model: str, batches: list[int], args, bw: float) -> list[Row]:
+    """transformers' generate() with its static cache (eager: no torch.compile), same shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    hf_cfg = AutoConfig.for_model(**PRESETS[model])
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    vocab = hf_cfg.vocab_size
+    cfg = PRESETS[model]
+    kv_tok = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * (
+        cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]) * 2
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+
+    def run(ids, n):
+        g = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                             cache_implementation="static", disable_compile=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = m.generate(ids, attention_mask=torch.ones_like(ids), generation_config=g)
+        torch.cuda.synchronize()
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - t0
+
+    for b in batches:
+        ids = torch.randint(100, vocab, (b, args.prompt_len), generator=gen).cuda()
+        run(ids, 2)
+        runs, steps_ms, mbus = [], [], []
+        pre = min(run(ids, 1) for _ in range(3))
+        for _ in range(min(args.repeats, 2)):  # transformers is slow: two runs give its spread
+            total = run(ids, args.output_len)
+            dec = total - pre
+            steps = args.output_len - 1
+            runs.append(b * steps / dec)
+            steps_ms.append(1e3 * dec / steps)
+            kv = sum(b * (args.prompt_len + i) for i in range(1, args.output_len)) * kv_tok
+            mbus.append((weight_bytes * steps + kv) / dec / bw)
+        med = statistics.median(runs)
+        rows.append(Row(model, "transformers static", b, med, (max(runs) - min(runs)) / med,
+                        statistics.median(steps_ms), statistics.median(mbus), runs))
+        print(f"  {model:10s} {'transformers static':22s} batch {b:3d}: {med:9.1f} tok/s  "
+              f"step {rows[-1].step_ms:6.2f} ms  MBU {rows[-1].mbu:5.1%}  spread {rows[-1].spread:4.1%}", flush=True)
+    return rows
+
+
+def run_gpu(args) -> None:
+    """The whole GPU benchmark; prints a table and writes JSON when asked."""
+    device = torch.device("cuda")
+    bw = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device)
+    print(f"# bench_engine --device cuda: {name}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
+          f"prompt {args.prompt_len}, new tokens {args.output_len}, repeats {args.repeats}, "
+          f"{'eager' if args.eager else 'CUDA graphs'}", flush=True)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    rows: list[Row] = []
+    for model in args.models.split(","):
+        vocab = PRESETS[model]["vocab_size"]
+        for policy in args.policies.split(","):
+            params = {} if policy == "full" else {"kv_budget": args.budget}
+            rows += bench_engine_config(model, policy, params, batches, args, bw, vocab)
+        if not args.no_transformers:
+            rows += hf_static(model, batches, args, bw)
+            gc.collect()
+            torch.cuda.empty_cache()
+    print("\n| model | system | batch | decode tok/s | step ms | MBU | spread | vs transformers static |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {(r.model, r.batch): r.decode_tok_s for r in rows if r.system == "transformers static"}
+    for r in rows:
+        ratio = f"{r.decode_tok_s / base[(r.model, r.batch)]:.2f}x" if (r.model, r.batch) in base else "-"
+        print(f"| {r.model} | {r.system} | {r.batch} | {r.decode_tok_s:.1f} | {r.step_ms:.2f} | {r.mbu:.1%} | "
+              f"{r.spread:.1%} | {ratio} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"gpu": name, "copy_bandwidth": bw, "torch": torch.__version__,
+                                               "rows": [asdict(r) for r in rows]}, indent=1))

@@ -1,0 +1,98 @@
+"""The GPU engine's Triton kernels against the reference attention. On a host without a GPU
+they run in Triton's interpreter (TRITON_INTERPRET=1, set here before the kernels are built);
+on a GPU they are compiled. Inputs are fresh random data; pages are scattered."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: it reads the choice once
+    os.environ["TRITON_INTERPRET"] = "1"
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+from backends.kvcache.kernels import ops  # noqa: E402
+from backends.kvcache.models.llama import RMSNorm, rotate_half  # noqa: E402
+from backends.kvcache.policies.base import attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PAGE = 16
+
+
+def paged_case(heads: int, kv_heads: int, dim: int, lens: list[int], seed: int):
+    """Random q, caches scattered over shuffled pages, block table and lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = sum(-(-n // PAGE) for n in lens) + 3
+    kc = torch.randn(pages * PAGE, kv_heads, dim, generator=gen)
+    vc = torch.randn(pages * PAGE, kv_heads, dim, generator=gen)
+    order = (torch.randperm(pages - 1, generator=gen) + 1).tolist()
+    width = max(-(-n // PAGE) for n in lens) + 1
+    table = torch.zeros(len(lens), width, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        k = -(-n // PAGE)
+        table[b, :k] = torch.tensor(order[:k])
+        order = order[k:]
+    q = torch.randn(len(lens), heads, dim, generator=gen)
+    return q, kc, vc, table, torch.tensor(lens, dtype=torch.int32)
+
+
+def reference(q, kc, vc, table, lens, scale):
+    """Gather every sequence's entries and run the reference masked attention."""
+    width = int(lens.max())
+    slots = (table.long().unsqueeze(-1) * PAGE + torch.arange(PAGE)).flatten(1)[:, :width]
+    valid = torch.arange(width)[None] < lens.long()[:, None]
+    kk, vv = kc[slots].transpose(1, 2), vc[slots].transpose(1, 2)
+    out, probs = attention(q.unsqueeze(1), kk, vv, valid[:, None, None, None, :], scale, True)
+    return out[:, 0], probs[:, :, :, 0], slots, valid
+
+
+def to(dev, *ts):
+    return [t.to(dev) for t in ts]
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (4, 4, 32)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_paged_decode_matches_reference(heads, kv_heads, dim, splits):
+    q, kc, vc, table, lens = paged_case(heads, kv_heads, dim, [1, 17, 70, 130], seed=heads + splits)
+    scale = dim**-0.5
+    want, probs, slots, valid = reference(q, kc, vc, table, lens, scale)
+    out, lse = ops().paged_decode_attention(*to(DEVICE, q, kc, vc, table, lens), scale, PAGE, splits=splits)
+    err = (out.cpu() - want).norm() / want.norm()
+    assert err < 1e-3, err  # the GPU's tf32-free fp32 path; the interpreter is exact to rounding
+    # log-sum-exp of the scaled scores over each sequence's entries
+    kk = kc[slots].repeat_interleave(heads // kv_heads, 2)  # [B,L,H,D]
+    s = torch.einsum("bhd,blhd->bhl", q, kk) * scale
+    s = s.masked_fill(~valid[:, None], float("-inf"))
+    assert torch.allclose(lse.cpu(), torch.logsumexp(s, -1), atol=1e-4)
+
+
+def test_column_scores_are_h2o_accumulated_attention():
+    heads, kv_heads, dim = 8, 2, 64
+    q, kc, vc, table, lens = paged_case(heads, kv_heads, dim, [5, 40, 99], seed=7)
+    scale = dim**-0.5
+    _, probs, slots, valid = reference(q, kc, vc, table, lens, scale)  # probs [B,KVH,G,L]
+    start = torch.rand(kc.shape[0], kv_heads)  # scores accumulate on top of what is there
+    want = start.clone()
+    want.index_put_((slots,), (probs.sum(2).transpose(1, 2) * valid[..., None]), accumulate=True)
+    qd, kd, vd, td, ld = to(DEVICE, q, kc, vc, table, lens)
+    _, lse = ops().paged_decode_attention(qd, kd, vd, td, ld, scale, PAGE)
+    score = start.to(DEVICE)
+    ops().add_column_scores(qd, kd, td, ld, lse, score, scale, PAGE)
+    assert torch.allclose(score.cpu(), want, atol=1e-5)
+
+
+def test_rms_norm_and_rope_match_the_model_code():
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(7, 96, generator=gen), torch.randn(96, generator=gen)
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = w
+    assert torch.allclose(ops().rms_norm(x.to(DEVICE), w.to(DEVICE), 1e-5).cpu(), norm(x), atol=1e-5)
+    qkv = torch.randn(7, 6, 32, generator=gen)
+    cos, sin = torch.randn(7, 32, generator=gen), torch.randn(7, 32, generator=gen)
+    view = qkv[:, 1:5]  # a strided view, as split_qkv hands it over
+    want = view * cos[:, None] + rotate_half(view) * sin[:, None]
+    got = ops().rope(*to(DEVICE, view, cos, sin))
+    assert torch.allclose(got.cpu(), want, atol=1e-5)
