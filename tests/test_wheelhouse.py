@@ -40,7 +40,7 @@ def _record_mismatches(wheel: Path) -> list[str]:
     """Members whose RECORD hash or size is wrong, plus members RECORD misses."""
     with zipfile.ZipFile(wheel) as archive:
         names = [n for n in archive.namelist() if not n.endswith("/")]
-        (record_name,) = [n for n in names if n.endswith(".dist-info/RECORD")]
+        (record_name,) = [n for n in names if n.count("/") == 1 and n.endswith(".dist-info/RECORD")]
         rows = {row[0]: row for row in csv.reader(io.StringIO(archive.read(record_name).decode()))}
         bad = [n for n in names if n not in rows]
         for name, (_, digest, size) in ((n, rows[n]) for n in names if n in rows and n != record_name):
