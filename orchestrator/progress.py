@@ -38,11 +38,12 @@ def _clock(seconds: float | None) -> str:
 
 
 def status_line(counts: dict[str, int], elapsed_s: float, eta_s: float | None) -> str:
-    """'done 3 | running 2 | failed 0 | queued 7 | elapsed 00:12 | eta 00:30'."""
-    failed = counts.get("failed", 0) + counts.get("timeout", 0) + counts.get("cancelled", 0)
+    """'done 3 | running 2 | failed 0 | queued 7 | elapsed 00:12 | eta 00:30' (timeout, cancelled when any)."""
+    # Cancelled or timed-out trials are not failures of the system under test: name them apart.
+    others = "".join(f" | {state} {counts[state]}" for state in ("timeout", "cancelled") if counts.get(state))
     return (
-        f"done {counts.get('done', 0)} | running {counts.get('running', 0)} | failed {failed} | "
-        f"queued {counts.get('queued', 0)} | elapsed {_clock(elapsed_s)} | eta {_clock(eta_s)}"
+        f"done {counts.get('done', 0)} | running {counts.get('running', 0)} | failed {counts.get('failed', 0)}"
+        f"{others} | queued {counts.get('queued', 0)} | elapsed {_clock(elapsed_s)} | eta {_clock(eta_s)}"
     )
 
 
