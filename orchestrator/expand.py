@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +51,13 @@ def trial_id_for(kind: str, params: dict[str, Any], repeat: int) -> str:
 
 
 def normalise_numbers(value: Any) -> Any:
-    """Whole floats become ints, recursively, so 20 and 20.0 hash alike."""
+    """Whole floats become ints, recursively, so 20 and 20.0 hash alike; infinities are spelled 'inf'."""
     if isinstance(value, dict):
         return {k: normalise_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
         return [normalise_numbers(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"  # JSON has no infinity; kinds read the string back
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value

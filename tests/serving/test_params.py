@@ -77,3 +77,21 @@ def test_every_policy_is_a_backend_and_its_lossy_flag_sets_the_quality_default()
     for name, policy in POLICIES.items():
         assert ServingParams.model_validate({"backend": name, "weights": "real"}).quality_enabled() == policy.lossy
     assert {name for name, policy in POLICIES.items() if policy.lossy} == {"h2o", "infinigen", "streaming"}
+
+
+def test_an_infinite_request_rate_is_spelled_inf_and_survives_strict_expansion(tmp_path) -> None:
+    """'inf' (the documented spelling) expands to an infinite rate; its trial id is stable."""
+    import math
+
+    from orchestrator.expand import expand, validate_params
+    from orchestrator.spec import load_spec
+    from workloads.registry import resolve_kind
+
+    grid = tmp_path / "inf.yaml"
+    grid.write_text("experiment: inf\nkind: serving\nbase: {model: smollm2-135m}\n"
+                    "grid: {load.request_rate: [inf, 2]}\n")
+    kind = resolve_kind("serving")
+    first, second = expand(load_spec(grid), kind), expand(load_spec(grid), kind)
+    rates = sorted(validate_params(kind, t.params).load.request_rate for t in first)
+    assert rates == [2.0, math.inf]
+    assert [t.trial_id for t in first] == [t.trial_id for t in second]

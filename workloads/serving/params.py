@@ -113,6 +113,12 @@ class LoadParams(Section):
     ignore_eos: bool = True
     seed: int = 0
 
+    @field_validator("request_rate", mode="before")
+    @classmethod
+    def _infinite_rate(cls, value: Any) -> Any:
+        """An infinite rate is spelled 'inf' in a grid (strict parsing takes no other string)."""
+        return math.inf if value == "inf" else value
+
     @model_validator(mode="after")
     def _trace_needs_path(self) -> LoadParams:
         if self.arrival == "trace" and not self.trace:
