@@ -97,6 +97,24 @@ def test_vllm_and_our_engine_on_cpu_with_no_block_size_take_their_own_defaults()
         server_config(explicit, model_folder(explicit))
 
 
+
+def test_cuda_graphs_are_the_default_on_a_gpu_and_eager_on_cpu_for_both_engines() -> None:
+    raw = {"model": "tiny-llama", "engine": {"max_num_seqs": 4, "max_model_len": 256}}
+
+    def vllm_flags(device: str, **engine: object) -> list[str]:
+        params = ServingParams.model_validate(
+            {**raw, "device": device, "backend": "vllm", "engine": {**raw["engine"], **engine}})
+        return engine_flags(server_config(params, model_folder(params)))
+
+    assert "--enforce-eager" not in vllm_flags("cuda")  # vLLM's own default on a GPU
+    assert "--enforce-eager" in vllm_flags("cpu")
+    assert "--enforce-eager" in vllm_flags("cuda", cuda_graphs=False)
+    full = ServingParams.model_validate({**raw, "device": "cuda", "backend": "full"})
+    assert engine_config(full).cuda_graphs is True
+    eager = ServingParams.model_validate({**raw, "device": "cuda", "backend": "full",
+                                          "engine": {**raw["engine"], "cuda_graphs": False}})
+    assert engine_config(eager).cuda_graphs is False
+
 @pytest.mark.slow
 @pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="needs .venv-vllm (make vllm-env)")
 def test_vllm_parses_the_engine_flags_of_every_shipped_vllm_trial() -> None:

@@ -88,6 +88,8 @@ class EngineParams(Section):
     max_num_seqs: int = Field(default=32, ge=1)
     block_size: int | None = Field(default=None, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
+    # Decode under CUDA graphs (ours and vLLM's): None = on for a GPU, off on CPU; false = eager.
+    cuda_graphs: bool | None = None
     # vllm only.
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     enable_prefix_caching: bool = False

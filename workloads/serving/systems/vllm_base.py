@@ -61,6 +61,8 @@ def server_config(params: ServingParams, folder: ModelFolder) -> VLLMServerConfi
         kv_cache_bytes=kv_bytes,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         enable_prefix_caching=engine.enable_prefix_caching,
+        # vLLM's own default on a GPU is CUDA graphs; on CPU eager skips minutes of compile warm-up.
+        enforce_eager=not engine.cuda_graphs if engine.cuda_graphs is not None else params.device == "cpu",
         seed=params.seed,
         startup_timeout_s=params.backend.startup_timeout_s,
         extra_args=tuple(params.backend.extra_args),
