@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from backends.network.ports import free_port
 from orchestrator.expand import Trial
 from orchestrator.spec import SpecError
 from workloads.kind import TrialKind
@@ -41,13 +42,6 @@ def port_is_free(port: int, host: str = LOOPBACK) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port nothing listens on (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def connect(options: ClusterOptions) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from backends.network.ports import free_port
 from orchestrator.jobs import submission_id
 from orchestrator.store import ExperimentStore
 from tests.conftest import REPO
@@ -21,23 +21,17 @@ from tests.core.helpers import orch, write_grid
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A Ray head node started with `ray start --block` in its own session (stopped by PID group)."""
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     temp = tmp_path_factory.mktemp("ray")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--temp-dir={temp}", "--include-dashboard=true",
          # the job agent's port: Ray's default (52365) may be held by another Ray on this machine
-         f"--dashboard-agent-listen-port={_free_port()}"],
+         f"--dashboard-agent-listen-port={free_port()}"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         # job drivers run `orch` from the PATH the head was started with
         env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from backends.network.ports import free_port
 from tests.conftest import REPO
 from tests.serving.conftest import TINY_LLAMA
 
@@ -27,12 +27,6 @@ NUM_REQUESTS = 16
 RATES = (8.0, 16.0)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(PROMETHEUS is None, reason="Debian package `prometheus` (make system-deps)")]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _query(port: int, expr: str) -> dict[tuple, float]:
@@ -61,7 +55,7 @@ def test_prometheus_finds_orch_metrics_during_a_grid(workdir: Path) -> None:
     sd["files"] = [str(ray_tmp / "ray" / Path(sd["files"][0]).name)]
     sd["refresh_interval"] = "1s"
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     prometheus = subprocess.Popen(
         [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{port}"],

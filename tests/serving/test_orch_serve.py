@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from backends.kvcache.vllm.server import free_port
+from backends.network.ports import free_port
 from tests.conftest import REPO
 from tests.support.procs import stop_group
 

@@ -10,7 +10,7 @@ import pytest
 
 from backends.kvcache.config import EngineConfig
 from backends.kvcache.vllm.model_folder import dummy_folder
-from backends.kvcache.vllm.server import free_port
+from backends.network.ports import free_port
 from tests.vllm.bench_client import BenchLoad
 from tests.vllm.crosscheck import assert_client_agrees_with_vllm_bench
 from tests.vllm.shapes import TINY_SHAPE

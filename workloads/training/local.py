@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +15,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from backends.network import interface_counters
-from workloads.training.loop import WorkerEnv, load_rank_state, run_worker
-from workloads.training.params import TrainingParams
+from backends.network.ports import free_port
+from workloads.training.loop import WorkerEnv, load_rank_state
 
 
 class LocalEnv(WorkerEnv):
@@ -56,12 +55,6 @@ class LocalEnv(WorkerEnv):
         tmp.rename(folder / f"rank{self.rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(
     rank: int, world_size: int, port: int, outdir: str, threads: int, fn: Callable[..., Any], args: tuple
 ) -> None:
@@ -79,18 +72,6 @@ def spawn_gloo_group(world_size: int, fn: Callable[..., Any], *args: Any, thread
     127.0.0.1; returns their results in rank order (``fn`` must be importable by name)."""
     with tempfile.TemporaryDirectory() as outdir:
         mp.start_processes(
-            _entry, args=(world_size, _free_port(), outdir, threads, fn, args), nprocs=world_size, start_method="spawn"
+            _entry, args=(world_size, free_port(), outdir, threads, fn, args), nprocs=world_size, start_method="spawn"
         )
         return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
-
-
-def _train(rank: int, world_size: int, params_json: str, checkpoint_dir: str) -> dict[str, Any]:
-    params = TrainingParams.model_validate_json(params_json)
-    return run_worker(params, LocalEnv(rank, world_size, Path(checkpoint_dir)))
-
-
-def run_local(params: TrainingParams, checkpoint_dir: Path, threads_per_worker: int = 1) -> list[dict[str, Any]]:
-    """Train with ``params.num_workers`` local gloo processes; returns each rank's final state."""
-    return spawn_gloo_group(
-        params.num_workers, _train, params.model_dump_json(), str(checkpoint_dir), threads=threads_per_worker
-    )

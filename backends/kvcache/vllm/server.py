@@ -16,7 +16,6 @@ import ctypes
 import os
 import re
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from backends.kvcache.vllm.procs import group_pids
+from backends.network.ports import free_port
 
 DEFAULT_PYTHON = ".venv-vllm/bin/python"
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -83,13 +83,6 @@ def resolve_python(python: str) -> Path:
     if path.is_absolute() or path.exists():
         return path
     return REPO_ROOT / path
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def engine_flags(config: VLLMServerConfig) -> list[str]:

@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from backends.kvcache.policies import POLICIES
-from backends.kvcache.vllm.server import free_port
+from backends.network.ports import free_port
 from workloads.serving.params import ServingParams
 from workloads.serving.systems.registry import SYSTEMS
 from workloads.serving.transports.base import Transport
