@@ -308,19 +308,38 @@ class EngineServer:
 
 
 def build_app(config: EngineConfig, name: str = "orch", num_cpus: float = 0.0,
-              torch_threads: int | None = None) -> serve.Application:
-    """The Serve application for one engine configuration (not yet running)."""
-    options = {"num_cpus": num_cpus}
+              torch_threads: int | None = None, actor_options: dict | None = None) -> serve.Application:
+    """The Serve application for one engine configuration (not yet running); ``actor_options``
+    are more Ray actor options for its replica (placement, environment)."""
+    options = {"num_cpus": num_cpus, **(actor_options or {})}
     return EngineServer.options(ray_actor_options=options).bind(asdict(config), name, torch_threads)
 
 
+def _start_serve(host: str, port: int, attempts: int = 5) -> Any:
+    """Serve's client, starting Serve if needed. Trials that start at the same moment race to
+    create its controller; the loser finds it there on the next attempt."""
+    from ray.exceptions import ActorAlreadyExistsError
+    from ray.serve._private.api import serve_start  # public serve.start() does not say the proxy's address
+
+    for attempt in range(attempts):
+        try:
+            return serve_start(http_options={"host": host, "port": port})
+        except ActorAlreadyExistsError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
 def deploy(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "orch",
-           num_cpus: float = 0.0, torch_threads: int | None = None) -> str:
-    """Run the engine as Serve application ``name`` on http://host:port; returns that base URL.
+           num_cpus: float = 0.0, torch_threads: int | None = None, route_prefix: str = "/",
+           actor_options: dict | None = None) -> str:
+    """Run the engine as Serve application ``name`` under ``route_prefix``; returns its base URL.
 
     Starts a local Ray (loopback only) when none is connected. The served model name is ``name``.
-    Serve has one HTTP proxy per cluster: a second ``deploy`` shares the first one's host and port,
-    so give each application its own ``name`` (its routes live under ``/`` only for the first).
+    Serve has one HTTP proxy per cluster: when Serve already runs, ``host``/``port`` are those it
+    was started with (the URL returned says which), so applications deployed side by side (the
+    trials of a grid) each need their own ``name`` and ``route_prefix``.
     """
     import os
 
@@ -331,9 +350,9 @@ def deploy(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, name
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # address="local": always a new cluster, never one that another process on this host started.
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(config, name, num_cpus, torch_threads), name=name, route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
+    proxy = _start_serve(host, port).http_config
+    serve.run(build_app(config, name, num_cpus, torch_threads, actor_options), name=name, route_prefix=route_prefix, blocking=False)
+    return f"http://{proxy.host}:{proxy.port}{route_prefix.rstrip('/')}"
 
 
 def undeploy(name: str = "orch") -> None:

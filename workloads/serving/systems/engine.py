@@ -110,6 +110,20 @@ class EngineSystem:
         gc.collect()
 
 
+def replica_placement(device: str) -> dict[str, Any]:
+    """Ray options that put a served engine's replica on the trial's own accelerator: the trial's
+    placement group already holds the GPU, so the replica asks for none, runs on this node and
+    sees the devices the trial was given. Nothing on CPU."""
+    import os
+
+    import ray
+
+    if not device.startswith("cuda") or not ray.is_initialized():
+        return {}
+    return {"resources": {f"node:{ray.util.get_node_ip_address()}": 0.001},
+            "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}}}
+
+
 class ServedEngineSystem:
     """One ``LLMEngine`` behind Ray Serve's OpenAI-compatible ``/v1/completions`` (HTTP only)."""
 
@@ -133,7 +147,9 @@ class ServedEngineSystem:
         kv_bytes_per_token = ModelConfig.from_hf(hf, config.torch_dtype.itemsize).kv_bytes_per_token
         self._block_size = int(config.block_size)
         self.app_name = f"orch-{self.name}-{uuid.uuid4().hex[:8]}"
-        self.base_url = deploy(config, port=free_port(), name=self.app_name)
+        # its own route: the trials of a grid share the cluster's one Serve proxy
+        self.base_url = deploy(config, port=free_port(), name=self.app_name, route_prefix=f"/{self.app_name}",
+                               actor_options=replica_placement(config.device))
         self._sampler = PrometheusStepSampler(f"{self.base_url}/metrics", kv_bytes_per_token)
 
     def transport(self, kind: str) -> Transport:
