@@ -198,6 +198,18 @@ class EngineServer:
     def engine_stats(self) -> dict:
         return {**asdict(self.loop.stats), "steps": self.loop.steps}
 
+    # The engine's own memory peaks (in-step ones included, which a /metrics scrape between
+    # steps misses), so a trial over HTTP reports the same memory figures as one in process.
+    @app.post("/v1/engine_peaks/reset")
+    def reset_peaks(self) -> dict:
+        self.loop.engine.reset_peaks()
+        return {}
+
+    @app.get("/v1/engine_peaks")
+    def peaks(self) -> dict:
+        engine = self.loop.engine
+        return {"peak_kv_bytes": int(engine.peak_kv_bytes()), "peak_device_bytes": int(engine.peak_device_bytes())}
+
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt, add_special_tokens=False))

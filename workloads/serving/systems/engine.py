@@ -12,6 +12,8 @@ import gc
 import uuid
 from typing import Any
 
+import httpx
+
 from backends.kvcache.policies import POLICIES
 from backends.network.ports import free_port
 from workloads.serving.params import ServingParams
@@ -165,6 +167,16 @@ class ServedEngineSystem:
     def block_size(self) -> int:
         """Tokens per KV block of the served engine."""
         return self._block_size
+
+    def reset_peaks(self) -> None:
+        """Start a new peak-measurement window in the served engine."""
+        httpx.post(f"{self.base_url}/v1/engine_peaks/reset", timeout=30, trust_env=False).raise_for_status()
+
+    def memory_peaks(self) -> dict[str, int]:
+        """The served engine's own peak K/V and device bytes since the last reset."""
+        response = httpx.get(f"{self.base_url}/v1/engine_peaks", timeout=30, trust_env=False)
+        response.raise_for_status()
+        return {key: int(value) for key, value in response.json().items()}
 
     def close(self) -> None:
         """Stop sampling and delete the Serve application (idempotent)."""
