@@ -4,13 +4,12 @@ completions streamed and not, sampling honoured and seeded, unsupported paramete
 
 from __future__ import annotations
 
+import openai  # a test extra (pyproject.toml)
 import pytest
 import torch
 
 from backends.kvcache.openai_api import ChatCompletionRequest, CompletionRequest, parse_request
 from backends.kvcache.sampling import SamplingParams, sample
-
-openai = pytest.importorskip("openai")  # a test extra (pyproject.toml)
 
 APP = "orch"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
