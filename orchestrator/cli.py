@@ -397,7 +397,7 @@ def serve(source: str, trial_id: str, results: Path, host: str, port: int) -> No
     """Serve the configuration of TRIAL_ID (from experiment or grid file SOURCE) until Ctrl-C.
 
     For serving trials: our engine with the trial's model and cache policy behind Ray Serve,
-    with an OpenAI-compatible streaming /v1/completions on http://HOST:PORT.
+    with OpenAI-compatible /v1/completions and /v1/chat/completions on http://HOST:PORT.
     """
     from workloads.registry import resolve_kind
 
@@ -415,7 +415,7 @@ def serve(source: str, trial_id: str, results: Path, host: str, port: int) -> No
         url = kind.serve(params, host, port)
     except NotImplementedError as exc:
         _fail(str(exc))
-    click.echo(f"serving {trial_id} at {url}/v1/completions (Ctrl-C stops)", )
+    click.echo(f"serving {trial_id} at {url}/v1/completions and {url}/v1/chat/completions (Ctrl-C stops)")
     try:
         while True:
             time.sleep(3600)
