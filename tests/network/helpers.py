@@ -54,8 +54,34 @@ def ping(address: str, port: int, count: int) -> None:
         print(sorted(rtts)[len(rtts) // 2], flush=True)
 
 
+def udp_count(port: int, quiet_s: float) -> None:
+    """Count datagrams until none came for ``quiet_s`` after the first; print the count."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
+        sock.bind(("0.0.0.0", port))
+        print("ready", flush=True)
+        sock.recv(2048)
+        count = 1
+        sock.settimeout(quiet_s)
+        try:
+            while sock.recv(2048):
+                count += 1
+        except TimeoutError:
+            pass
+        print(count, flush=True)
+
+
+def udp_send(address: str, port: int, count: int) -> None:
+    """Send ``count`` 100-byte datagrams, paced in bursts of 100 so no socket buffer overflows."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(count):
+            sock.sendto(b"d" * 100, (address, port))
+            if i % 100 == 99:
+                time.sleep(0.002)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    {"sink": sink, "send": send, "echo": echo, "ping": ping}[role](
+    {"sink": sink, "send": send, "echo": echo, "ping": ping, "udp_count": udp_count, "udp_send": udp_send}[role](
         *[int(a) if a.isdigit() else a for a in args]
     )
