@@ -15,6 +15,7 @@ its namespaces); packets still queued then are dropped with the namespace.
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import select
 import socket
@@ -27,7 +28,7 @@ NETLINK_NO_ENOBUFS = 5
 SOL_NETLINK = 270
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_CONFIG, NFQNL_MSG_VERDICT_BATCH = 0, 2, 3
-NFQA_PACKET_HDR, NFQA_VERDICT_HDR = 1, 2
+NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_TIMESTAMP = 1, 2, 4
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
 NFQNL_CFG_CMD_BIND = 1
 NFQNL_COPY_META = 1
@@ -40,6 +41,8 @@ NFGEN_HEADER = struct.Struct("!BBH")
 NLATTR_HEADER = struct.Struct("=HH")
 QUEUE_MAXLEN = 1 << 16  # packets held at most; beyond it the kernel drops (as a full netem queue does)
 RECV_BUFFER = 8 << 20
+PR_SET_TIMERSLACK = 29
+SO_TIMESTAMP = 29  # Linux; the socket module does not export it
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -73,6 +76,10 @@ class DelayLine:
         self.sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
         self.sock.bind((0, 0))
         self.held: collections.deque[tuple[float, int]] = collections.deque()  # (due, packet id)
+        # Any socket asking for receive timestamps makes the kernel stamp every arriving packet,
+        # and the queue passes the stamp on (NFQA_TIMESTAMP); wall clock, as the stamps are.
+        self.stamps = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.stamps.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
 
     def bind(self) -> None:
         """Bind the queue: ids and metadata only, GSO packets whole, a deep queue."""
@@ -97,7 +104,7 @@ class DelayLine:
                 size = self.sock.recv_into(buffer, len(buffer), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
-            due = time.monotonic() + self.delay_s
+            due = time.time() + self.delay_s
             view, offset = memoryview(buffer)[:size], 0
             while offset + NLMSG_HEADER.size <= size:
                 length, kind, _, _, _ = NLMSG_HEADER.unpack_from(view, offset)
@@ -105,12 +112,16 @@ class DelayLine:
                     break
                 if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
                     attrs = _attrs(view[offset + NLMSG_HEADER.size + NFGEN_HEADER.size: offset + length])
-                    self.held.append((due, struct.unpack_from("!I", attrs[NFQA_PACKET_HDR])[0]))
+                    packet_due = due
+                    if NFQA_TIMESTAMP in attrs:  # the kernel's arrival time: our wake-up lag is not added
+                        sec, usec = struct.unpack_from("!QQ", attrs[NFQA_TIMESTAMP])
+                        packet_due = min(due, sec + usec / 1e6 + self.delay_s)
+                    self.held.append((packet_due, struct.unpack_from("!I", attrs[NFQA_PACKET_HDR])[0]))
                 offset += (length + 3) & ~3
 
     def _release_due(self) -> None:
         last = None
-        now = time.monotonic()
+        now = time.time()
         while self.held and self.held[0][0] <= now:
             last = self.held.popleft()[1]
         if last is not None:
@@ -121,7 +132,7 @@ class DelayLine:
         """Forever: wait for packets or the next due time, release what is due."""
         buffer = bytearray(1 << 20)
         while True:  # select, not poll: its timeout has microseconds, poll's whole milliseconds
-            timeout = None if not self.held else self.held[0][0] - time.monotonic()
+            timeout = None if not self.held else self.held[0][0] - time.time()
             if timeout is None or timeout > 0:
                 select.select([self.sock], [], [], timeout)
             self._receive(buffer)
@@ -131,6 +142,8 @@ class DelayLine:
 def main() -> None:
     """``python -m backends.network.delayline QUEUE DELAY_MS``."""
     queue, delay_ms = int(sys.argv[1]), float(sys.argv[2])
+    # Wake-ups exactly when due: the default 50 us of timer slack would add to every delay.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
     line = DelayLine(queue, delay_ms / 1000)
     line.bind()
     print("ready", flush=True)

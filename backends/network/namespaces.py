@@ -263,6 +263,13 @@ class EmulatedNetwork:
             start_new_session=True, env=self._env(),
         )
 
+    @staticmethod
+    def _raise_tcp_buffers(host: Host, buffer: int) -> None:
+        """Let TCP's windows in ``host`` grow to ``buffer`` bytes (never lowers a larger maximum)."""
+        for key in ("net.ipv4.tcp_wmem", "net.ipv4.tcp_rmem"):
+            low, default, high = _run(*host.exec_args(), "sysctl", "-n", key).stdout.split()
+            _run(*host.exec_args(), "sysctl", "-q", "-w", f"{key}={low} {default} {max(int(high), buffer)}")
+
     def _impair_with_netfilter(self, host: Host) -> None:
         """Loss and delay for packets arriving at ``host``: iptables rules and, for delay, its delay line."""
         for rule in self.shape.netfilter_rules():
@@ -300,6 +307,8 @@ class EmulatedNetwork:
                  "dev", host.interface)
             _run("ip", "-n", host.namespace, "link", "set", host.interface, "up")
             _run("ip", "-n", host.namespace, "link", "set", "lo", "up")
+            if (buffer := self.shape.tcp_buffer_bytes()) is not None:
+                self._raise_tcp_buffers(host, buffer)
             netfilter = _uses_netfilter(self.shape)
             for args in self.shape.egress(netem=not netfilter):
                 _add_qdisc(["tc", "-n", host.namespace, "qdisc", "add", "dev", host.interface, *args])
@@ -308,6 +317,11 @@ class EmulatedNetwork:
             if netfilter:
                 self._impair_with_netfilter(host)
             self.hosts.append(host)
+
+    @property
+    def delay_line_pids(self) -> list[int]:
+        """Process ids of the hosts' delay lines (netfilter mode; empty with netem or no latency)."""
+        return [line.pid for line in self._delay_lines]
 
     def close(self) -> None:
         """Tear everything down (idempotent) and dismiss the guard."""

@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass
 
 MTU_BYTES = 1500
+UNSHAPED_BYTES_PER_S = 1.25e9  # an unshaped link is sized as 10 Gb/s (queues, buffers)
+DEFAULT_TCP_BUFFER_BYTES = 4 << 20  # the kernel's default tcp_wmem maximum
 HOST_INTERFACE = "eth0"  # a host's interface inside its namespace
 DELAY_QUEUE = 0  # the netfilter queue a host's delay line serves (one per namespace)
 TBF_QUEUE_S = 0.1  # tbf holds up to 100 ms of traffic at the rate before dropping
@@ -61,7 +63,7 @@ class LinkShape:
         the link is impaired), then tbf under it."""
         commands: list[list[str]] = []
         if netem and self.impaired:
-            rate = self.rate_bytes_per_s or 1.25e9  # unshaped: size the queue as for 10 Gb/s
+            rate = self.rate_bytes_per_s or UNSHAPED_BYTES_PER_S
             packets = max(1000, math.ceil(2 * rate * self.latency_ms / 1000 / MTU_BYTES))
             netem = ["root", "handle", "1:", "netem", "limit", str(packets)]
             if self.latency_ms > 0:
@@ -78,6 +80,14 @@ class LinkShape:
     def ingress(self) -> list[list[str]]:
         """tc arguments for the bridge side (traffic towards the host): the rate only."""
         return [] if self.bandwidth_gbit is None else [["root", "handle", "1:", *self._tbf()]]
+
+    def tcp_buffer_bytes(self) -> int | None:
+        """The hosts' largest TCP send/receive buffer, when the kernel's default (4 MiB) is below
+        twice the round trip's bandwidth-delay product: a host tuned for its link, so that TCP's
+        window, not the emulation, never caps a long fat link's throughput."""
+        rate = self.rate_bytes_per_s or UNSHAPED_BYTES_PER_S
+        needed = math.ceil(2 * rate * 2 * self.latency_ms / 1000)
+        return needed if needed > DEFAULT_TCP_BUFFER_BYTES else None
 
     def netfilter_rules(self) -> list[list[str]]:
         """iptables arguments (after ``iptables``) that impair packets arriving at the host, when

@@ -17,6 +17,7 @@ from backends.network.namespaces import kernel_has_netem, leftovers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+PROBE = str(ROOT / "backends" / "network" / "probe.py")  # measurement programs run inside hosts
 RATE_GBIT = 0.1  # 100 Mbit/s: a transfer of a few MB takes a fraction of a second
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -37,9 +38,9 @@ def test_a_timed_transfer_finds_the_configured_bandwidth(latency_ms: float) -> N
     nbytes = 12_000_000
     with EmulatedNetwork(2, LinkShape(bandwidth_gbit=RATE_GBIT, latency_ms=latency_ms)) as net:
         a, b = net.hosts
-        sink = _in(b, str(HERE / "helpers.py"), "sink", "5001")
+        sink = _in(b, PROBE, "sink", "5001")
         _ready(sink)
-        sender = _in(a, str(HERE / "helpers.py"), "send", b.address, "5001", str(nbytes))
+        sender = _in(a, PROBE, "send", b.address, "5001", str(nbytes))
         seconds = float(sender.communicate(timeout=60)[0])
         sink.wait(timeout=10)
     # The timer also spans the last byte's trip and the answer's trip back: two one-way latencies.
@@ -73,9 +74,9 @@ def test_latency_is_the_configured_one_way_delay(bandwidth_gbit: float | None) -
     latency_ms = 5.0
     with EmulatedNetwork(2, LinkShape(bandwidth_gbit=bandwidth_gbit, latency_ms=latency_ms)) as net:
         a, b = net.hosts
-        echo = _in(b, str(HERE / "helpers.py"), "echo", "5002")
+        echo = _in(b, PROBE, "echo", "5002")
         _ready(echo)
-        rtt = float(_in(a, str(HERE / "helpers.py"), "ping", b.address, "5002", "50").communicate(timeout=60)[0])
+        rtt = float(_in(a, PROBE, "ping", b.address, "5002", "50").communicate(timeout=60)[0])
         echo.kill()
     assert abs(rtt / 2 * 1000 - latency_ms) <= 1.0, rtt
 
@@ -84,9 +85,9 @@ def test_loss_drops_the_configured_share_of_packets() -> None:
     loss_pct, sent = 20.0, 10_000
     with EmulatedNetwork(2, LinkShape(loss_pct=loss_pct)) as net:
         a, b = net.hosts
-        counter = _in(b, str(HERE / "helpers.py"), "udp_count", "5004", "1")
+        counter = _in(b, PROBE, "udp_count", "5004", "1")
         _ready(counter)
-        assert _in(a, str(HERE / "helpers.py"), "udp_send", b.address, "5004", str(sent)).wait(timeout=60) == 0
+        assert _in(a, PROBE, "udp_send", b.address, "5004", str(sent)).wait(timeout=60) == 0
         received = int(counter.communicate(timeout=30)[0])
     # Binomial: the standard deviation of the lost share is 0.4 %; 2 % is five of them.
     assert abs((1 - received / sent) * 100 - loss_pct) <= 2.0, received
@@ -166,7 +167,7 @@ def test_the_sweep_removes_networks_of_dead_owners_and_keeps_live_ones() -> None
 def test_with_a_gateway_the_machine_reaches_a_host() -> None:
     with EmulatedNetwork(["head"], subnet="10.214.0.0/24", gateway=True) as net:
         assert net.gateway_address == "10.214.0.254"
-        server = _in(net.hosts[0], str(HERE / "helpers.py"), "echo", "5003")
+        server = _in(net.hosts[0], PROBE, "echo", "5003")
         _ready(server)
         import socket
 

@@ -1,4 +1,7 @@
-"""Programs the network tests run inside emulated hosts (``python helpers.py ROLE ...``)."""
+"""Measurement programs run inside emulated hosts (``python probe.py ROLE ARGS...``): a TCP sink and
+timed sender (bandwidth), a one-byte TCP echo and ping (latency), a UDP counter and sender (loss).
+Plain sockets, no imports from the project: tests and ``benchmarks/bench_network.py`` start them
+with ``ip netns exec``."""
 
 from __future__ import annotations
 
