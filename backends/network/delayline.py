@@ -42,6 +42,7 @@ NLATTR_HEADER = struct.Struct("=HH")
 QUEUE_MAXLEN = 1 << 16  # packets held at most; beyond it the kernel drops (as a full netem queue does)
 RECV_BUFFER = 8 << 20
 PR_SET_TIMERSLACK = 29
+REALTIME_PRIORITY = 10
 SO_TIMESTAMP = 29  # Linux; the socket module does not export it
 
 
@@ -142,8 +143,14 @@ class DelayLine:
 def main() -> None:
     """``python -m backends.network.delayline QUEUE DELAY_MS``."""
     queue, delay_ms = int(sys.argv[1]), float(sys.argv[2])
-    # Wake-ups exactly when due: the default 50 us of timer slack would add to every delay.
+    # Wake-ups exactly when due: the default 50 us of timer slack would add to every delay, and on
+    # a busy machine a normal process waits for a core for milliseconds. The delay line is the
+    # network's hardware: real-time priority (it sleeps in select between packets).
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+    except PermissionError:
+        pass  # no CAP_SYS_NICE (some containers): the delay is then only as exact as the load allows
     line = DelayLine(queue, delay_ms / 1000)
     line.bind()
     print("ready", flush=True)

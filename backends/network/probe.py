@@ -1,13 +1,18 @@
 """Measurement programs run inside emulated hosts (``python probe.py ROLE ARGS...``): a TCP sink and
-timed sender (bandwidth), a one-byte TCP echo and ping (latency), a UDP counter and sender (loss).
+timed sender (bandwidth), a one-byte TCP echo and ping and an ICMP ping (latency), a UDP counter
+and sender (loss).
 Plain sockets, no imports from the project: tests and ``benchmarks/bench_network.py`` start them
 with ``ip netns exec``."""
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 import sys
 import time
+
+ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_IDENT = 8, 0, 0x6F72
 
 
 def sink(port: int) -> None:
@@ -57,6 +62,38 @@ def ping(address: str, port: int, count: int) -> None:
         print(sorted(rtts)[len(rtts) // 2], flush=True)
 
 
+def _checksum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+
+
+def icmp_ping(address: str, count: int) -> None:
+    """Print the median round trip of ``count`` ICMP echoes, in seconds. The remote kernel answers
+    (no program there to wait for a core), and this program runs at real-time priority, so a
+    busy machine's scheduling delays stay out of the link's round trip. (Not the kernel's receive
+    stamps: they are taken on arrival at the interface, before an ingress delay line holds the
+    packet.)"""
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        sock.settimeout(5)
+        rtts = []
+        for seq in range(count):
+            body = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ICMP_IDENT, seq) + b"orchprobe"
+            body = body[:2] + struct.pack("!H", _checksum(body)) + body[4:]
+            start = time.perf_counter()
+            sock.sendto(body, (address, 0))
+            while True:
+                data = sock.recv(2048)
+                kind, _, _, ident, got = struct.unpack_from("!BBHHH", data, (data[0] & 0x0F) * 4)
+                if kind == ICMP_ECHO_REPLY and ident == ICMP_IDENT and got == seq:
+                    break
+            rtts.append(time.perf_counter() - start)
+            time.sleep(0.01)
+        print(sorted(rtts)[len(rtts) // 2], flush=True)
+
+
 def udp_count(port: int, quiet_s: float) -> None:
     """Count datagrams until none came for ``quiet_s`` after the first; print the count."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -85,6 +122,7 @@ def udp_send(address: str, port: int, count: int) -> None:
 
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    {"sink": sink, "send": send, "echo": echo, "ping": ping, "udp_count": udp_count, "udp_send": udp_send}[role](
+    {"sink": sink, "send": send, "echo": echo, "ping": ping, "icmp_ping": icmp_ping, "udp_count": udp_count,
+     "udp_send": udp_send}[role](
         *[int(a) if a.isdigit() else a for a in args]
     )
