@@ -315,6 +315,14 @@ class EmulatedNetwork:
         """Process ids of the hosts' delay lines (netfilter mode; empty with netem or no latency)."""
         return [line.pid for line in self._delay_lines]
 
+    def check_links(self) -> None:
+        """NetworkError if a host's delay line has exited: that host's traffic would stop for good."""
+        for host, line in zip(self.hosts, self._delay_lines, strict=False):
+            if line.poll() is not None:
+                detail = line.stderr.read().strip().splitlines() if line.stderr else []
+                raise NetworkError(f"the delay line of {host.namespace} exited ({line.returncode}): "
+                                   f"{detail[-1] if detail else 'no message'}")
+
     def close(self) -> None:
         """Tear everything down (idempotent) and dismiss the guard."""
         teardown(self.token)  # kills the delay lines too: they run in the namespaces

@@ -92,6 +92,18 @@ def test_loss_drops_the_configured_share_of_packets() -> None:
     assert abs((1 - received / sent) * 100 - loss_pct) <= 2.0, received
 
 
+@pytest.mark.skipif(kernel_has_netem(), reason="with netem the kernel delays: there is no delay line to lose")
+def test_a_dead_delay_line_is_reported_not_waited_on() -> None:
+    with EmulatedNetwork(2, LinkShape(latency_ms=1.0)) as net:
+        net.check_links()  # both alive
+        os.kill(net.delay_line_pids[1], signal.SIGKILL)
+        deadline = time.time() + 5
+        with pytest.raises(NetworkError, match=f"delay line of {net.hosts[1].namespace} exited"):
+            while time.time() < deadline:
+                net.check_links()
+                time.sleep(0.05)
+
+
 def test_without_netem_or_iptables_delay_is_refused_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ns_module, "kernel_has_netem", lambda: False)
     real_which = ns_module.shutil.which
