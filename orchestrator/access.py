@@ -81,6 +81,11 @@ def is_private(host: str) -> bool:
     return all(a.is_loopback or a.is_private or a.is_link_local for a in _host_addresses(host))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` resolves to loopback only."""
+    return all(a.is_loopback for a in _host_addresses(host))
+
+
 def is_this_machine(host: str) -> bool:
     """Whether ``host`` is loopback or one of this machine's own addresses (it can be bound here)."""
     for addr in _host_addresses(host):

@@ -150,9 +150,10 @@ def submit(
     if dry_run:
         _print_trials(spec, trials)
         return
+    address = address or os.environ.get("RAY_ADDRESS")
+    set_ray_env(address)  # before Ray is imported
     from orchestrator import jobs
 
-    address = address or os.environ.get("RAY_ADDRESS")
     if jobs.is_job_address(address):
         target = jobs.target(address, token_file, allow_insecure)
         jobs.check_placeable(target, kind, trials)

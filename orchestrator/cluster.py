@@ -33,10 +33,26 @@ class ClusterOptions:
     allow_insecure: bool = False  # plain gRPC to an address that is not private
 
 
-def set_ray_env() -> None:
-    """Default Ray's environment (user settings win)."""
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def set_ray_env(address: str | None = None) -> None:
+    """Default Ray's environment (user settings win), before Ray is imported.
+
+    A driver joining a cluster at a non-loopback ``address`` must use its interface address
+    (at ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray pins it to 127.0.0.1 and it cannot attach to
+    its node's raylet), so there the loopback rule is lifted.
+    """
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address not in ("local", "auto"):
+        try:
+            remote = not access.is_loopback(access.parse_address(address).host)
+        except access.AccessError:
+            return  # connect() reports the bad address
+        if remote:
+            os.environ[LOOPBACK_ONLY_ENV] = "1"
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
