@@ -202,7 +202,7 @@ def test_the_token_goes_only_to_its_own_cluster(cluster: Cluster) -> None:
     assert seen == "authorization=None"
 
 
-# A dashboard stand-in on another host: prints the Authorization header of the first request, answers 401.
+# A dashboard stand-in on another host: prints each request's Authorization header, answers 401.
 _RECORDER = """
 import http.server
 class Recorder(http.server.BaseHTTPRequestHandler):
@@ -214,7 +214,7 @@ class Recorder(http.server.BaseHTTPRequestHandler):
         pass
 server = http.server.HTTPServer(("0.0.0.0", 8266), Recorder)
 print("ready", flush=True)
-server.handle_request()
+server.serve_forever()
 """
 
 
@@ -245,7 +245,7 @@ def test_a_grid_through_the_jobs_api_survives_a_worker_host_cut_off(cluster: Clu
         deadline = time.time() + 150
         while time.time() < deadline:  # both workers run a trial
             manifest = store.load_manifest() or {"trials": {}}
-            if sum(e["state"] == "running" and e.get("start_s") for e in manifest["trials"].values()) == 2:
+            if sum(e["state"] == "running" and bool(e.get("start_s")) for e in manifest["trials"].values()) == 2:
                 break
             time.sleep(0.3)
         else:
