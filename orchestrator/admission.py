@@ -22,7 +22,7 @@ from orchestrator.placement import (
     describe_nodes,
     fits,
     node_totals,
-    ray_resources,
+    trial_needs,
 )
 from workloads.kind import TrialKind
 
@@ -74,11 +74,7 @@ class Admission:
     def needs(self, trial: Trial) -> TrialNeeds:
         """The trial's actor and worker bundles, in Ray's resource names."""
         if trial.trial_id not in self._needs:
-            params = self.kind.params_model.model_validate(trial.params)
-            self._needs[trial.trial_id] = TrialNeeds(
-                actor=ray_resources(self.kind.actor_resources(params, trial.resources)),
-                workers=[ray_resources(b) for b in self.kind.worker_bundles(params, trial.resources)],
-            )
+            self._needs[trial.trial_id] = trial_needs(self.kind, trial)
         return self._needs[trial.trial_id]
 
     def check_placeable(self, trials: Iterable[Trial]) -> None:
