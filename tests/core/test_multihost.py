@@ -17,11 +17,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from backends.network import EmulatedNetwork
 from backends.network.namespaces import leftovers
@@ -276,3 +278,76 @@ def test_a_grid_through_the_jobs_api_survives_a_worker_host_cut_off(cluster: Clu
     runs = mlflow_trial_runs(results, "lose-host")
     assert sorted(r.data.tags["orch.trial_id"] for r in runs) == ids
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+TRAIN_STEPS, TRAIN_EVERY = 120, 20
+
+
+def _namespace_of(pid: int) -> str:
+    """The network namespace a process runs in (`ip netns identify`), '' if none or gone."""
+    result = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+def _registered_checkpoint(storage: Path) -> bool:
+    """Ray Train has recorded a checkpoint of the run under ``storage`` (not merely uploaded files)."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):  # being written
+            pass
+    return False
+
+
+def _kill_rank1_after_a_checkpoint(store: ExperimentStore, storage: Path, seen: dict, stop: threading.Event) -> None:
+    """Once Ray Train has registered a checkpoint: note each rank's host, SIGKILL rank 1's worker."""
+    while not stop.is_set():
+        pids = {int(p.name[4:-4]): p for p in store.path.glob("work/*/pids/rank*.pid")}
+        if _registered_checkpoint(storage) and set(pids) == {0, 1}:
+            numbers = {rank: int(path.read_text()) for rank, path in pids.items()}
+            seen["hosts"] = {rank: _namespace_of(pid) for rank, pid in numbers.items()}
+            os.kill(numbers[1], signal.SIGKILL)
+            seen["killed"] = numbers[1]
+            return
+        time.sleep(0.05)
+
+
+def test_a_two_host_training_trial_resumes_from_its_checkpoint_after_a_worker_is_killed(cluster: Cluster,
+                                                                                         tmp_path: Path) -> None:
+    """One Ray Train worker per worker host, checkpoints on storage every host mounts; rank 1 killed mid-run."""
+    results, storage = tmp_path / "remote", tmp_path / "shared-storage"
+    grid = tmp_path / "train.yaml"
+    grid.write_text(yaml.safe_dump({
+        "experiment": "train-2hosts", "kind": "training", "retries": 0,
+        "base": {"workload": "lstm", "compressor": {"name": "a2sgd"}, "num_workers": 2, "max_failures": 2,
+                 "model": {"embed": 16, "hidden": 16, "layers": 1, "dropout": 0.0, "vocab_size": 300},
+                 "optim": {"name": "sgd", "lr": 5.0, "clip": 0.25}, "steps": TRAIN_STEPS, "batch_size": 4,
+                 "bptt": 8, "eval_every": TRAIN_STEPS, "eval_batches": 2, "checkpoint_every": TRAIN_EVERY,
+                 "storage_path": str(storage), "seed": 0},
+        "resources": {"num_cpus": 1, "pool": 1},  # per Train worker: one per worker host
+    }))
+    store = ExperimentStore(results, "train-2hosts")
+    seen: dict = {}
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_rank1_after_a_checkpoint, args=(store, storage, seen, stop), daemon=True)
+    killer.start()
+    try:
+        result = cluster.orch("submit", str(grid), "--address", cluster.jobs_address, "--remote-results",
+                              str(results), timeout=300)
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "killed" in seen, "rank 1's worker was never killed"
+    worker_hosts = {cluster.hosts[name].namespace for name in WORKERS}
+    assert set(seen["hosts"].values()) == worker_hosts, seen  # one worker on each worker host
+    (entry,) = store.load_manifest()["trials"].values()
+    assert entry["state"] == "done" and entry["attempts"] == 1  # Ray Train restarted it, not a trial retry
+    summary = store.read_table("train_summary").to_pylist()[0]
+    assert summary["restarts"] >= 1 and summary["num_workers"] == 2 and summary["steps"] == TRAIN_STEPS
+    assert summary["resumed_from_step"] % TRAIN_EVERY == 0 and 0 < summary["resumed_from_step"] < TRAIN_STEPS
+    steps = store.read_table("train_steps").to_pylist()
+    for rank in (0, 1):  # every step recorded once per rank
+        assert sorted(r["step"] for r in steps if r["rank"] == rank) == list(range(1, TRAIN_STEPS + 1))
+    assert {r["attempt"] for r in steps} >= {0, 1}

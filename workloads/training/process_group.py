@@ -6,7 +6,9 @@ network during every training trial, also on an embedded single-host Ray whose o
 kept on 127.0.0.1. When every worker's node address is a loopback address (the embedded
 default), the group is formed instead through a ``FileStore`` in the trial's folder (nothing
 listens for the rendezvous) and gloo / NCCL are told to use the loopback interface. On a real
-cluster Ray Train's own setup runs unchanged.
+cluster Ray Train's own setup runs, with gloo on the interface that carries the node's Ray
+address: the host name may resolve to 127.0.0.1 (many /etc/hosts do), and gloo would then
+bind to loopback, which the other hosts cannot reach.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+import psutil
 import ray
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
@@ -32,6 +35,15 @@ def _use_loopback() -> None:
     os.environ["NCCL_SOCKET_IFNAME"] = LOOPBACK_INTERFACE
 
 
+def _use_node_interface() -> None:
+    """gloo on the interface holding this node's Ray address, unless the user chose one."""
+    address = _node_address()
+    for name, entries in psutil.net_if_addrs().items():
+        if any(entry.address == address for entry in entries):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+            return
+
+
 class _LoopbackTorchBackend(_TorchBackend):
     """Ray Train's torch backend, with the loopback-only rendezvous on a single-host cluster."""
 
@@ -39,6 +51,7 @@ class _LoopbackTorchBackend(_TorchBackend):
         """Form the process group over a FileStore and loopback sockets when every node is loopback."""
         addresses = worker_group.execute(_node_address)
         if not all(ipaddress.ip_address(a).is_loopback for a in addresses):
+            worker_group.execute(_use_node_interface)
             super().on_start(worker_group, backend_config)
             return
         os.makedirs(backend_config.store_dir, exist_ok=True)
