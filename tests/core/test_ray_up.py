@@ -198,4 +198,7 @@ def test_ray_up_submit_and_ray_down_over_ssh(tmp_path: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
         for state in Path("/tmp/ray").glob(f"cluster-{name}.*"):  # the local provider's node state on this side
             state.unlink(missing_ok=True)
+        for cache in Path("/tmp").glob("ray-config-*"):  # `ray down`'s cached copy of this config
+            if name in cache.read_text(errors="replace"):
+                cache.unlink(missing_ok=True)
     assert not leftovers(net.token), "the namespace hosts were not torn down"
