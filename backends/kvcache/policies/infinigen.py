@@ -187,8 +187,10 @@ class InfiniGenPolicy(CachePolicy):
             return
         new = torch.zeros(self.cfg.num_layers, slots, self.key_heads * self.rank, device=self.device,
                           dtype=self.store.dtype)
+        self.store.memory.alloc(new)
         if self.partial is not None:
             new[:, : self.partial.shape[1]] = self.partial
+            self.store.memory.free(self.partial)
         self.partial = new
 
     def device_bytes(self, stored_tokens: int) -> int:
@@ -256,9 +258,9 @@ class InfiniGenPolicy(CachePolicy):
         slot_idx = batch.slot_idx.to(self.device)
         sel = slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width).to(self.store.device)
         heads = torch.arange(kvh, device=self.store.device).view(1, kvh, 1)
-        kk = self.store.k[layer][sel, heads].to(self.device, non_blocking=True)  # [B,KVH,K,D]
-        vv = self.store.v[layer][sel, heads].to(self.device, non_blocking=True)
-        self.count_fetch(n_tokens * self.token_layer_bytes())
+        kk = self.store.to_device(self.store.k[layer][sel, heads], self.device)  # [B,KVH,K,D]
+        vv = self.store.to_device(self.store.v[layer][sel, heads], self.device)
+        self.count_fetch(kk.numel() * kk.element_size() + vv.numel() * vv.element_size())
         kk = torch.cat([kk, k_new.transpose(1, 2).to(kk.dtype)], dim=2)
         vv = torch.cat([vv, v_new.transpose(1, 2).to(vv.dtype)], dim=2)
         mask = torch.cat([ok, torch.ones(b, kvh, 1, dtype=torch.bool, device=self.device)], dim=2)
