@@ -49,11 +49,23 @@ class DeviceMemory:
 
 
 class Transfers:
-    """Bytes of host<->device copies issued."""
+    """Bytes of host<->device copies issued. Copies whose size only the device knows (rows
+    selected on the GPU) are summed on the device and read when the total is asked for."""
 
     def __init__(self) -> None:
-        self.h2d = 0
+        self.h2d_host = 0
         self.d2h = 0
+        self._h2d_device: torch.Tensor | None = None
+
+    def add_h2d_device(self, nbytes: torch.Tensor) -> None:
+        """Add a device-side byte count (no host sync)."""
+        self._h2d_device = nbytes if self._h2d_device is None else self._h2d_device + nbytes
+
+    @property
+    def h2d(self) -> int:
+        """Host-to-device bytes so far."""
+        extra = int(self._h2d_device) if self._h2d_device is not None else 0
+        return self.h2d_host + extra
 
 
 class PagedKVStore:
@@ -181,7 +193,7 @@ class PagedKVStore:
 
     def to_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Copy host rows ``t`` to ``device`` (counted as host-to-device bytes)."""
-        self.transfers.h2d += t.numel() * t.element_size()
+        self.transfers.h2d_host += t.numel() * t.element_size()
         return t.to(device, non_blocking=True)
 
     def compact(self, seq_slots: torch.Tensor, keep: torch.Tensor) -> None:

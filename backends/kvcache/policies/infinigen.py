@@ -180,6 +180,8 @@ class InfiniGenPolicy(CachePolicy):
     def bind(self, store):
         super().bind(store)
         self._grow_partial()
+        self.uva = self._probe_uva()  # GPU: selected rows are gathered from host memory in place
+        self.stream = torch.cuda.Stream(self.device) if self.uva else None
 
     def _grow_partial(self) -> None:
         slots = self.store.k.shape[1]
@@ -237,29 +239,75 @@ class InfiniGenPolicy(CachePolicy):
         # (what the layer's output depends on), in log space so alpha reads as on scores
         per_kv = torch.softmax(scores, dim=-1).sum(dim=2).log()  # [B,KVH,L]
         top = per_kv.amax(dim=-1, keepdim=True)
-        count = (per_kv >= top - self.alpha).sum(-1).amax(-1)  # [B]: same count for all heads
-        cap = torch.tensor([max(1, math.ceil(self.budget * n)) for n in batch.stored_before], device=self.device)
-        keep = torch.minimum(torch.minimum(count, cap), batch.prev_len)
-        width = int(keep.max()) if b else 0
-        width = max(width, 1)
+        # tokens per KV head: the mean over heads of those within alpha of the head's best (as
+        # the original computes it), the budget a ceiling on it
+        count = (per_kv >= top - self.alpha).sum(-1).float().mean(-1).ceil().long()  # [B]
+        caps = [max(1, math.ceil(self.budget * n)) for n in batch.stored_before]
+        keep = torch.minimum(torch.minimum(count, torch.tensor(caps, device=self.device)), batch.prev_len)
+        width = max(1, min(max(caps, default=1), scores.shape[-1]))  # known here: no host sync
         ranked = per_kv.topk(width, dim=-1).indices  # [B,KVH,K] best first
         ok = torch.arange(width, device=self.device) < keep[:, None, None]
         sentinel = per_kv.shape[-1]
         idx, _ = torch.where(ok, ranked, sentinel).sort(dim=-1)  # ascending = original order
         ok = idx < sentinel
         idx = idx.clamp(max=sentinel - 1)
-        self.selection[nxt] = (idx, ok, int(keep.sum()))
+        fetched = self._prefetch(nxt, slot_idx, idx, ok, keep) if self.uva else None
+        self.selection[nxt] = (idx, ok, fetched)
+
+    def _probe_uva(self) -> bool:
+        """Whether the GPU can read the pinned host store in place (mapped pinned memory)."""
+        if self.device.type != "cuda" or not self.store.pin_memory:
+            return False
+        from backends.kvcache.kernels import ops
+
+        src = torch.arange(64, dtype=self.store.dtype).view(4, 16).pin_memory()
+        idx = torch.tensor([2, 0, 3], device=self.device)
+        ok = torch.tensor([True, False, True], device=self.device)
+        try:
+            out = ops().gather_rows(src, idx, ok, torch.empty(3, 16, dtype=src.dtype, device=self.device))
+            return bool(torch.equal(out.cpu(), torch.stack([src[2], torch.zeros(16, dtype=src.dtype), src[3]])))
+        except Exception:  # noqa: BLE001  (a driver without mapped pinned memory: fall back to host gathers)
+            return False
+
+    def _prefetch(self, layer, slot_idx, idx, ok, keep):
+        """Gather layer ``layer``'s selected K/V straight from pinned host memory on the side
+        stream (ordered after the speculation by an event); returns (k, v, ready event)."""
+        from backends.kvcache.kernels import ops
+
+        b, kvh, width = idx.shape
+        heads = torch.arange(kvh, device=self.device).view(1, kvh, 1)
+        rows = (slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width) * kvh + heads).flatten()
+        d = self.cfg.head_dim
+        spec_done = torch.cuda.Event()
+        spec_done.record()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(spec_done)
+            kk = torch.empty(b, kvh, width, d, dtype=self.store.dtype, device=self.device)
+            vv = torch.empty_like(kk)
+            flat_ok = ok.flatten()
+            ops().gather_rows(self.store.k[layer].view(-1, d), rows, flat_ok, kk.view(-1, d))
+            ops().gather_rows(self.store.v[layer].view(-1, d), rows, flat_ok, vv.view(-1, d))
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self.store.transfers.add_h2d_device(keep.sum() * (kvh * 2 * d * self.store.k.element_size()))
+        return kk, vv, ready
 
     def context(self, layer, k_new, v_new, batch):
         if layer not in self.selection:
             return self.fetch_all(layer, k_new, v_new, batch)
-        idx, ok, n_tokens = self.selection.pop(layer)
+        idx, ok, fetched = self.selection.pop(layer)
         b, kvh, width = idx.shape
-        slot_idx = batch.slot_idx.to(self.device)
-        sel = slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width).to(self.store.device)
-        heads = torch.arange(kvh, device=self.store.device).view(1, kvh, 1)
-        kk = self.store.to_device(self.store.k[layer][sel, heads], self.device)  # [B,KVH,K,D]
-        vv = self.store.to_device(self.store.v[layer][sel, heads], self.device)
+        if fetched is not None:
+            kk, vv, ready = fetched
+            torch.cuda.current_stream().wait_event(ready)
+            kk.record_stream(torch.cuda.current_stream())
+            vv.record_stream(torch.cuda.current_stream())
+        else:
+            slot_idx = batch.slot_idx.to(self.device)
+            sel = slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width).to(self.store.device)
+            heads = torch.arange(kvh, device=self.store.device).view(1, kvh, 1)
+            kk = self.store.to_device(self.store.k[layer][sel, heads], self.device)  # [B,KVH,K,D]
+            vv = self.store.to_device(self.store.v[layer][sel, heads], self.device)
         self.count_fetch(kk.numel() * kk.element_size() + vv.numel() * vv.element_size())
         kk = torch.cat([kk, k_new.transpose(1, 2).to(kk.dtype)], dim=2)
         vv = torch.cat([vv, v_new.transpose(1, 2).to(vv.dtype)], dim=2)

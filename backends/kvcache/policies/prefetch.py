@@ -62,7 +62,7 @@ class LayerPrefetcher:
         else:
             kb[:n].copy_(store.k[layer, :n])
             vb[:n].copy_(store.v[layer, :n])
-        store.transfers.h2d += 2 * n * kb[0].numel() * kb.element_size()
+        store.transfers.h2d_host += 2 * n * kb[0].numel() * kb.element_size()
         self.layer = layer
 
     def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
