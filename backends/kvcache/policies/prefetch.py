@@ -45,6 +45,10 @@ class LayerPrefetcher:
         """A new step: copy layer 0's used slots."""
         self._ensure_buffers()
         self.slots = self.store.used_slots(block_tables)
+        if self.cuda:  # the last step's layers may still read either buffer
+            for buf in range(2):
+                self.free[buf] = torch.cuda.Event()
+                self.free[buf].record(torch.cuda.current_stream())
         self._issue(0)
 
     def _issue(self, layer: int) -> None:
