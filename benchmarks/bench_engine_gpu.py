@@ -116,6 +116,8 @@ def bench_engine_config(model: str, policy: str, params: dict, batches: list[int
     gen = torch.Generator().manual_seed(0)
     rows = []
     label = policy if not params else f"{policy} {params.get('kv_budget')}"
+    if getattr(engine.policy, "uva", False):
+        label += " (in-place host reads)"
     for b in batches:
         prompts = torch.randint(100, vocab, (b, args.prompt_len), generator=gen).tolist()
         engine_decode(engine, prompts, 4)  # warm-up: compiles kernels, captures this bucket's graph

@@ -65,7 +65,8 @@ def attention(
         return out.transpose(1, 2), None
     if mask is None:
         mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril()
-    if not want_probs:  # fused kernel; the mask goes per query head
+    # one query row on a GPU: two batched products below; SDPA would build a plan per masked shape
+    if not want_probs and not (q.is_cuda and t == 1):  # fused kernel; the mask goes per query head
         m = mask.expand(b, kvh, 1, t, length)
         m = m[:, :1, 0] if mask.shape[1] == 1 else m.expand(b, kvh, g, t, length).reshape(b, h, t, length)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=m, scale=scale, enable_gqa=g > 1)
@@ -75,7 +76,7 @@ def attention(
     scores = (scores.float() * scale).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs.view(b, kvh, g * t, length), v).view(b, kvh, g, t, d)
-    return out.permute(0, 3, 1, 2, 4).reshape(b, t, h, d), probs
+    return out.permute(0, 3, 1, 2, 4).reshape(b, t, h, d), probs if want_probs else None
 
 
 class CachePolicy:
