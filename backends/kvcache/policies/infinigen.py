@@ -204,6 +204,11 @@ class InfiniGenPolicy(CachePolicy):
         super().begin_step(step)
         self.selection.clear()
         self._grow_partial()
+        self.step_meta = None  # per step, not per layer: the decode slots on the device and the caps
+        if step.decode is not None and step.decode.slot_idx is not None:
+            caps = [max(1, math.ceil(self.budget * n)) for n in step.decode.stored_before]
+            self.step_meta = (step.decode.slot_idx.to(self.device), torch.tensor(caps, device=self.device),
+                              max(caps, default=1))
 
     def on_write(self, layer, batch, k_raw):
         if layer not in self.speculated:
@@ -229,7 +234,7 @@ class InfiniGenPolicy(CachePolicy):
             q = self._rotate(q, batch.positions[:, 0], self.q_freq[nxt])
         kh = self.key_heads
         q = q.view(b, kh, cfg.num_heads // kh, r)
-        slot_idx = batch.slot_idx.to(self.device)
+        slot_idx, caps, max_cap = self.step_meta
         keys = self.partial[nxt][slot_idx].view(b, -1, kh, r)  # [B,L,key_heads,r]
         scores = torch.einsum("bkgr,blkr->bkgl", q.float(), keys.float()) * self.scale
         scores = scores.reshape(b, cfg.num_kv_heads, -1, scores.shape[-1])  # [B,KVH,group,L]
@@ -242,9 +247,8 @@ class InfiniGenPolicy(CachePolicy):
         # tokens per KV head: the mean over heads of those within alpha of the head's best (as
         # the original computes it), the budget a ceiling on it
         count = (per_kv >= top - self.alpha).sum(-1).float().mean(-1).ceil().long()  # [B]
-        caps = [max(1, math.ceil(self.budget * n)) for n in batch.stored_before]
-        keep = torch.minimum(torch.minimum(count, torch.tensor(caps, device=self.device)), batch.prev_len)
-        width = max(1, min(max(caps, default=1), scores.shape[-1]))  # known here: no host sync
+        keep = torch.minimum(torch.minimum(count, caps), batch.prev_len)
+        width = max(1, min(max_cap, scores.shape[-1]))  # known here: no host sync
         ranked = per_kv.topk(width, dim=-1).indices  # [B,KVH,K] best first
         ok = torch.arange(width, device=self.device) < keep[:, None, None]
         sentinel = per_kv.shape[-1]
@@ -303,7 +307,7 @@ class InfiniGenPolicy(CachePolicy):
             kk.record_stream(torch.cuda.current_stream())
             vv.record_stream(torch.cuda.current_stream())
         else:
-            slot_idx = batch.slot_idx.to(self.device)
+            slot_idx = self.step_meta[0]
             sel = slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width).to(self.store.device)
             heads = torch.arange(kvh, device=self.store.device).view(1, kvh, 1)
             kk = self.store.to_device(self.store.k[layer][sel, heads], self.device)  # [B,KVH,K,D]
