@@ -23,7 +23,8 @@ weight divides it out and applies the next layer's (RMSNorm has no bias, so this
 next layer's input exactly up to what the layer in between adds).
 
 A KV head ranks tokens by its query heads' summed softmax over the speculated scores, in log
-space. Tokens within ``alpha`` of the maximum are kept, at most ``kv_budget`` x stored tokens,
+space. Tokens within ``alpha`` of the maximum are kept, at most ``kv_budget`` x stored tokens (or
+``kv_budget_tokens``; all of them up to ``min_tokens``),
 the same count for every KV head of a sequence. The first and last layers are not
 speculated: they fetch everything, as in the original.
 """
@@ -206,9 +207,11 @@ class InfiniGenPolicy(CachePolicy):
         self._grow_partial()
         self.step_meta = None  # per step, not per layer: the decode slots on the device and the caps
         if step.decode is not None and step.decode.slot_idx is not None:
-            caps = [max(1, math.ceil(self.budget * n)) for n in step.decode.stored_before]
+            stored = step.decode.stored_before
+            caps = [self.token_budget(n, math.ceil(self.budget * n)) for n in stored]
+            floors = [min(n, int(self.params["min_tokens"])) for n in stored]
             self.step_meta = (step.decode.slot_idx.to(self.device), torch.tensor(caps, device=self.device),
-                              max(caps, default=1))
+                              torch.tensor(floors, device=self.device), max(caps + floors, default=1))
 
     def on_write(self, layer, batch, k_raw):
         if layer not in self.speculated:
@@ -234,7 +237,7 @@ class InfiniGenPolicy(CachePolicy):
             q = self._rotate(q, batch.positions[:, 0], self.q_freq[nxt])
         kh = self.key_heads
         q = q.view(b, kh, cfg.num_heads // kh, r)
-        slot_idx, caps, max_cap = self.step_meta
+        slot_idx, caps, floors, max_cap = self.step_meta
         keys = self.partial[nxt][slot_idx].view(b, -1, kh, r)  # [B,L,key_heads,r]
         scores = torch.einsum("bkgr,blkr->bkgl", q.float(), keys.float()) * self.scale
         scores = scores.reshape(b, cfg.num_kv_heads, -1, scores.shape[-1])  # [B,KVH,group,L]
@@ -245,9 +248,9 @@ class InfiniGenPolicy(CachePolicy):
         per_kv = torch.softmax(scores, dim=-1).sum(dim=2).log()  # [B,KVH,L]
         top = per_kv.amax(dim=-1, keepdim=True)
         # tokens per KV head: the mean over heads of those within alpha of the head's best (as
-        # the original computes it), the budget a ceiling on it
+        # the original computes it), the budget a ceiling on it and ``min_tokens`` a floor
         count = (per_kv >= top - self.alpha).sum(-1).float().mean(-1).ceil().long()  # [B]
-        keep = torch.minimum(torch.minimum(count, caps), batch.prev_len)
+        keep = torch.minimum(torch.maximum(torch.minimum(count, caps), floors), batch.prev_len)
         width = max(1, min(max_cap, scores.shape[-1]))  # known here: no host sync
         ranked = per_kv.topk(width, dim=-1).indices  # [B,KVH,K] best first
         ok = torch.arange(width, device=self.device) < keep[:, None, None]
