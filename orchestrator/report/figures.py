@@ -239,6 +239,50 @@ class Bars(FigureSpec):
         return fig
 
 
+@dataclass(frozen=True)
+class Tradeoff(FigureSpec):
+    """One summary metric against another, a line per series through the values of an axis.
+
+    Each point is one value of ``along`` (say the KV budget), labelled with it, so the figure
+    shows what a setting buys and what it costs (quality against memory or throughput).
+    ``y`` lists candidate metrics: the first one with values is drawn.
+    """
+
+    name: str
+    title: str
+    table: str
+    along: str
+    x: Metric
+    x_label: str
+    y: tuple[Metric, ...]
+    x_scale: float = 1.0
+
+    def draw(self, data: ExperimentData) -> Figure | None:
+        """Drawn when ``along`` varies and both metrics have values."""
+        frame = data.table(self.table)
+        if frame is None or self.along not in data.varying or self.x.column not in frame.columns:
+            return None
+        y = next((m for m in self.y if m.column in frame.columns and frame[m.column].notna().any()), None)
+        if y is None or not frame[self.x.column].notna().any():
+            return None
+        series = [a for a in data.varying if a != self.along]
+        fig, ax = _new_figure(self.title, self.x_label, y.label or y.column, False)
+        for index, (label, rows) in enumerate(_groups(frame, series)):
+            values = rows[[self.along, self.x.column, y.column]].dropna()
+            if values.empty:
+                continue
+            means = values.astype({self.x.column: float, y.column: float}).groupby(self.along, sort=True).mean()
+            xs = means[self.x.column] / self.x_scale
+            ax.plot(xs, means[y.column], color=f"C{index % 10}", marker=MARKERS[index % len(MARKERS)],
+                    label=label or y.column)
+            for along, x_value, y_value in zip(means.index, xs, means[y.column], strict=True):
+                ax.annotate(format(along, "g") if isinstance(along, float) else str(along), (x_value, y_value),
+                            textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+        return fig
+
+
 def _latency(metric: str, label: str) -> Against:
     return Against(
         name=f"{metric}_vs_rate", title=f"{label} vs request rate", table="serving_summary", x="request_rate",
@@ -246,6 +290,10 @@ def _latency(metric: str, label: str) -> Against:
         y_label=f"{label} (ms)",
     )
 
+
+# The quality a trade-off figure shows: needle retrieval when the load had needles, else agreement.
+_QUALITY = (Metric("needle_accuracy", "needle accuracy (fraction answered exactly)"),
+            Metric("token_agreement", "greedy-token agreement with the full cache"))
 
 SERVING_FIGURES: tuple[FigureSpec, ...] = (
     _latency("ttft", "TTFT"),
@@ -265,6 +313,14 @@ SERVING_FIGURES: tuple[FigureSpec, ...] = (
             x_label="KV budget (fraction of the full cache)",
             metrics=(Metric("ppl_ratio", "perplexity ratio"), Metric("token_agreement", "greedy-token agreement")),
             y_label="vs the full cache (ratio)"),
+    Against(name="needle_vs_budget", title="Needle retrieval vs KV budget", table="serving_summary", x="kv_budget",
+            x_label="KV budget (fraction of the full cache)", metrics=(Metric("needle_accuracy"),),
+            y_label="needle accuracy (fraction answered exactly)"),
+    Tradeoff(name="quality_vs_memory", title="Quality vs peak KV memory (points: KV budget)", table="serving_summary",
+             along="kv_budget", x=Metric("peak_kv_bytes"), x_label="peak KV (MiB)", x_scale=MIB, y=_QUALITY),
+    Tradeoff(name="quality_vs_throughput", title="Quality vs output throughput (points: KV budget)",
+             table="serving_summary", along="kv_budget", x=Metric("output_throughput"),
+             x_label="output throughput (tokens/s)", y=_QUALITY),
     Against(name="memory_vs_model", title="Memory vs model", table="serving_summary", x="model", x_label="model",
             metrics=(Metric("peak_device_bytes", "device peak"), Metric("peak_kv_bytes", "KV peak")),
             y_label="memory (MiB)", scale=MIB),
