@@ -147,7 +147,8 @@ class LoadParams(Section):
             raise ValueError("load.arrival 'trace' needs load.trace (path to a JSONL file)")
         if self.arrival != "trace" and self.trace:
             raise ValueError("load.trace is only read when load.arrival is 'trace'")
-        if self.prompt_source != "needle" and self.needle.model_fields_set:
+        # Defaults written out (a canonical round trip) are fine; a setting that would be ignored is not.
+        if self.prompt_source != "needle" and self.needle != NeedleParams():
             raise ValueError("load.needle is only read when load.prompt_source is 'needle'")
         if self.arrival == "gamma" and math.isinf(self.burstiness):
             raise ValueError("load.burstiness must be finite for 'gamma'; use arrival 'constant'")
