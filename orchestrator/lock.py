@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from backends.procs import start_ticks
 from orchestrator.spec import SpecError
 
 LOCK_NAME = "driver.lock"
@@ -23,16 +24,6 @@ LOCK_NAME = "driver.lock"
 
 class DriverRunningError(SpecError):
     """Another driver runs this experiment; ``str(err)`` names it in one line."""
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """When a process started (clock ticks since boot, from /proc), or None where that cannot be read."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 @dataclass(frozen=True)
@@ -48,13 +39,13 @@ class Driver:
     def this_process(cls) -> Driver:
         """The calling process."""
         pid = os.getpid()
-        return cls(host=socket.gethostname(), pid=pid, start_ticks=process_start_ticks(pid), started_at=time.time())
+        return cls(host=socket.gethostname(), pid=pid, start_ticks=start_ticks(pid), started_at=time.time())
 
     def is_alive(self) -> bool:
         """Whether this driver still runs (a driver on another host is assumed to)."""
         if self.host != socket.gethostname():
             return True
-        ticks = process_start_ticks(self.pid)
+        ticks = start_ticks(self.pid)
         if ticks is None:
             try:
                 os.kill(self.pid, 0)

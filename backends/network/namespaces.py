@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.network.shaping import LinkShape
+from backends.procs import start_ticks
 
 NETNS_DIR = Path("/run/netns")
 SYS_CLASS_NET = Path("/sys/class/net")
@@ -104,18 +105,9 @@ def check_support(shape: LinkShape) -> None:
         _run("ip", "netns", "del", probe, check=False)
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks (tells a live owner from a reused pid)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def _owner_alive(owner: str) -> bool:
     pid, _, ticks = owner.partition(":")
-    return pid.isdigit() and ticks.isdigit() and _start_ticks(int(pid)) == int(ticks)
+    return pid.isdigit() and ticks.isdigit() and start_ticks(int(pid)) == int(ticks)
 
 
 def _namespaces(token: str) -> list[str]:
@@ -230,7 +222,7 @@ class EmulatedNetwork:
         )
 
     def _build(self) -> None:
-        owner = f"{os.getpid()}:{_start_ticks(os.getpid())}"
+        owner = f"{os.getpid()}:{start_ticks(os.getpid())}"
         _run("ip", "link", "add", self.bridge, "type", "bridge")
         _run("ip", "link", "set", "dev", self.bridge, "alias", f"orchnet owner={owner}")
         _run("ip", "link", "set", self.bridge, "up")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from backends.procs import start_ticks
 from orchestrator.cli import main
-from orchestrator.lock import Driver, DriverLock, process_start_ticks
+from orchestrator.lock import Driver, DriverLock
 from orchestrator.manifest import Manifest
 from orchestrator.store import ExperimentStore
 from tests.core.helpers import write_grid
@@ -43,7 +44,7 @@ def _manifest(results: Path, experiment: str) -> None:
 def test_second_submit_and_sync_are_refused_naming_the_running_driver(tmp_path: Path, other_driver) -> None:
     results = tmp_path / "r"
     grid = write_grid(tmp_path, experiment="busy")
-    driver = _lock_for(results, "busy", other_driver.pid, process_start_ticks(other_driver.pid))
+    driver = _lock_for(results, "busy", other_driver.pid, start_ticks(other_driver.pid))
     _manifest(results, "busy")
     submitted = CliRunner().invoke(main, ["submit", str(grid), "--results", str(results)])
     assert submitted.exit_code == 2
@@ -68,12 +69,12 @@ def test_cancel_signals_the_driver_only_while_its_pid_is_the_same_process(tmp_pa
     results = tmp_path / "r"
     _manifest(results, "exp")
     # the recorded start time differs: the pid now belongs to another process
-    _lock_for(results, "exp", other_driver.pid, process_start_ticks(other_driver.pid) + 1)
+    _lock_for(results, "exp", other_driver.pid, start_ticks(other_driver.pid) + 1)
     refused = CliRunner().invoke(main, ["cancel", "exp", "--results", str(results)])
     assert refused.exit_code == 2 and "is no longer running" in refused.output
     time.sleep(0.2)
     assert other_driver.poll() is None  # not signalled
-    _lock_for(results, "exp", other_driver.pid, process_start_ticks(other_driver.pid))
+    _lock_for(results, "exp", other_driver.pid, start_ticks(other_driver.pid))
     cancelled = CliRunner().invoke(main, ["cancel", "exp", "--results", str(results)])
     assert cancelled.exit_code == 0, cancelled.output
     assert other_driver.wait(10) == -signal.SIGINT

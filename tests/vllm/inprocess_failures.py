@@ -10,8 +10,8 @@ import time
 from multiprocessing import resource_tracker
 
 from backends.kvcache.vllm.async_engine import AsyncEngineHost
-from backends.kvcache.vllm.procs import descendants
 from backends.kvcache.vllm.server import VLLMServerConfig, VLLMStartupError
+from backends.procs import descendants
 
 
 def _leftovers(before: set[int], within_s: float) -> list[int]:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from backends.kvcache.vllm.model_folder import complete_hf_config, dummy_folder, kv_bytes_per_token
-from backends.kvcache.vllm.procs import group_pids, read_stat
 from backends.kvcache.vllm.server import (
     SUPERVISOR,
     VLLMServer,
@@ -22,6 +21,7 @@ from backends.kvcache.vllm.server import (
     VLLMStartupError,
     serve_command,
 )
+from backends.procs import group_pids, read_stat
 from tests.vllm.shapes import TINY_SHAPE
 
 

@@ -11,7 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from backends.kvcache.vllm.procs import descendants, read_stat
+from backends.procs import descendants, read_stat
 
 
 def _alive(pid: int) -> bool:
@@ -33,7 +33,7 @@ def _owner(tmp_path: Path, then: str) -> tuple[subprocess.Popen, int, int, list[
     script.write_text(textwrap.dedent(f"""
         import subprocess, sys, time
         sys.path.insert(0, {str(Path.cwd())!r})
-        from backends.kvcache.vllm.procs import descendants
+        from backends.procs import descendants
         from backends.kvcache.vllm.reaper import Reaper
         old = subprocess.Popen(["sleep", "300"])
         reaper = Reaper.start()

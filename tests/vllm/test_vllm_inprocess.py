@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backends.kvcache.vllm.procs import all_stats, read_stat
+from backends.procs import all_stats, read_stat
 from orchestrator.store import ExperimentStore
 from tests.conftest import REPO
 from tests.vllm.shapes import TINY_SHAPE

@@ -35,7 +35,6 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from backends.kvcache.vllm.procs import descendants
 from backends.kvcache.vllm.reaper import Reaper
 from backends.kvcache.vllm.server import (
     VLLM_SETTINGS,
@@ -46,6 +45,7 @@ from backends.kvcache.vllm.server import (
     kv_env_overrides,
     log_tail,
 )
+from backends.procs import descendants
 
 
 def engine_args(config: VLLMServerConfig) -> AsyncEngineArgs:

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 if __package__:  # imported as backends.kvcache.vllm.reaper
-    from backends.kvcache.vllm.procs import ProcStat, all_stats, descendants, read_stat
-else:  # run as a script: the sibling file
+    from backends.procs import ProcStat, all_stats, descendants, read_stat
+else:  # run as a script by another environment's Python, which may not have orch: backends/procs.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from procs import ProcStat, all_stats, descendants, read_stat
 
 POLL_S = 0.5

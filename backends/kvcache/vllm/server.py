@@ -26,8 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from backends.kvcache.vllm.procs import group_pids
 from backends.network.ports import free_port
+from backends.procs import group_pids
 
 DEFAULT_PYTHON = ".venv-vllm/bin/python"
 REPO_ROOT = Path(__file__).resolve().parents[3]

@@ -15,10 +15,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 if __package__:  # imported as backends.kvcache.vllm.supervise
-    from backends.kvcache.vllm.procs import group_pids
-else:  # run as a script by the vLLM environment's Python, which may not have orch: the sibling file
+    from backends.procs import group_pids
+else:  # run as a script by another environment's Python, which may not have orch: backends/procs.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from procs import group_pids
 
 POLL_S = 0.5

@@ -1,5 +1,8 @@
-"""Reading the process table from /proc (stdlib only: also imported by scripts that run under
-another environment's Python, ``supervise.py`` and ``reaper.py``)."""
+"""Reading the process table from /proc: the one place that parses ``/proc/<pid>/stat``.
+
+Stdlib only: imported by the driver lock, the network guard, and scripts that run under another
+environment's Python (vLLM's ``supervise.py`` and ``reaper.py``).
+"""
 
 from __future__ import annotations
 
@@ -27,10 +30,17 @@ def read_stat(pid: int) -> ProcStat | None:
     """One process's stat, or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+            # The command name may hold spaces and parentheses: count fields after the last ')'.
+            fields = f.read().rsplit(")", 1)[1].split()  # state ppid pgrp ...
     except (OSError, IndexError):
         return None
     return ProcStat(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[19]))
+
+
+def start_ticks(pid: int) -> int | None:
+    """When a process started (clock ticks since boot), or None when it is gone or /proc is unreadable."""
+    stat = read_stat(pid)
+    return None if stat is None else stat.start_ticks
 
 
 def all_stats() -> list[ProcStat]:
