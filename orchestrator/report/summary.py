@@ -136,6 +136,8 @@ BUDGET_METRICS = {
     "ppl_ratio": ("perplexity ratio", 1.0),
     "token_agreement": ("token agreement", 1.0),
     "peak_kv_bytes": ("peak KV (MiB)", float(2**20)),
+    # Between steps: what the policy keeps (the in-step peak also holds a prefill's whole KV).
+    "peak_kv_bytes_steps": ("peak KV between steps (MiB)", float(2**20)),
     "output_throughput": ("output tokens/s", 1.0),
 }
 

@@ -157,6 +157,7 @@ def test_quality_next_to_memory_and_throughput_per_budget(tmp_path: Path) -> Non
     row = table[(table["backend"] == "h2o") & (table["input_len"] == 2048) & (table["kv_budget"] == 0.2)].iloc[0]
     assert row["needle accuracy"] == pytest.approx(needle_accuracy("h2o", 0.2, 2048))
     assert row["peak KV (MiB)"] == pytest.approx(1.6) and row["output tokens/s"] == pytest.approx(500.0)
+    assert row["peak KV between steps (MiB)"] == pytest.approx(0.8)
     assert "perplexity ratio" not in table.columns  # not measured: no empty column
     html = page.to_html(page.build(data))
     assert "Quality, memory and throughput per KV budget" in html and 'id="fig-quality_vs_memory"' in html
