@@ -45,7 +45,7 @@ demo: setup vllm-env
 
 test: setup vllm-env
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=30
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

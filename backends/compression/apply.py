@@ -180,8 +180,9 @@ def build_applier(
         raise ValueError("flat mode needs a model that is not wrapped in DDP (it would all-reduce twice)")
     if not is_ddp:
         if compressor.hook_only:
-            # One worker: nothing to communicate, and PowerSGD's hook needs DDP; send plainly.
-            compressor = build_compressor(CompressionConfig(name="dense"), communicator.rank, seed)
+            # Never swapped for another compressor: a trial named powersgd must measure PowerSGD.
+            raise ValueError(f"compressor {compressor.name!r} runs only as a DDP hook: wrap the model in DDP "
+                             "(one worker too)")
         return FlatApplier(compressor, communicator)
     if compressor.native_hook:
         return NativeHookApplier(compressor, communicator, model)

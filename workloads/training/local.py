@@ -34,9 +34,9 @@ class LocalEnv(WorkerEnv):
         return None if self.interface is None else interface_counters(self.interface)
 
     def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
-        """Move to the device; DDP only for several workers, as Ray's prepare_model does."""
+        """Move to the device; DDP for hook mode, one worker included (see WorkerEnv.prepare_model)."""
         model = model.to(self.device)
-        return DistributedDataParallel(model) if ddp and self.world_size > 1 else model
+        return DistributedDataParallel(model) if ddp else model
 
     def load_state(self) -> dict[str, Any] | None:
         """The newest complete checkpoint's file for this rank."""

@@ -76,7 +76,11 @@ class WorkerEnv(ABC):
 
     @abstractmethod
     def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
-        """Move to the device; wrap in DDP when ``ddp`` and there is more than one worker."""
+        """Move to the device; wrap in DDP when ``ddp``, also for one worker.
+
+        A hook changes the gradient even with no peer (PowerSGD's low-rank approximation and its
+        error feedback), so a one-worker trial without DDP would silently measure dense.
+        """
 
     @abstractmethod
     def load_state(self) -> dict[str, Any] | None:

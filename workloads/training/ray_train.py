@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from workloads.training.loop import WorkerEnv, load_rank_state, run_worker
 from workloads.training.params import TrainingParams, worker_resources
@@ -37,10 +38,15 @@ class RayTrainEnv(WorkerEnv):
         self.device = device[0] if isinstance(device, list) else device
 
     def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
-        """Ray's prepare_model: DDP (only when several workers) for hook mode, none for flat mode."""
+        """Ray's prepare_model: DDP for hook mode (one worker too), none for flat mode."""
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None)
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None)
+        if ddp and not isinstance(model, DistributedDataParallel):
+            # Ray wraps only when there are several workers; see WorkerEnv.prepare_model.
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+        return model
 
     def load_state(self) -> dict[str, Any] | None:
         """This rank's file from the latest reported checkpoint."""
