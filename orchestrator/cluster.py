@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from backends.network.ports import free_port
+from orchestrator import access
 from orchestrator.expand import Trial
 from orchestrator.spec import SpecError
 from workloads.kind import TrialKind
@@ -26,12 +29,30 @@ class ClusterOptions:
     dashboard_port: int = DASHBOARD_PORT
     num_cpus: float | None = None
     num_gpus: float | None = None
+    token_file: str | None = None  # the cluster's token; default: access.token_for's rules
+    allow_insecure: bool = False  # plain gRPC to an address that is not private
 
 
-def set_ray_env() -> None:
-    """Default Ray's environment (user settings win)."""
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def set_ray_env(address: str | None = None) -> None:
+    """Default Ray's environment (user settings win), before Ray is imported.
+
+    A driver joining a cluster at a non-loopback ``address`` must use its interface address
+    (at ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray pins it to 127.0.0.1 and it cannot attach to
+    its node's raylet), so there the loopback rule is lifted.
+    """
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address not in ("local", "auto"):
+        try:
+            remote = not access.is_loopback(access.parse_address(address).host)
+        except access.AccessError:
+            return  # connect() reports the bad address
+        if remote:
+            os.environ[LOOPBACK_ONLY_ENV] = "1"
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
@@ -58,7 +79,7 @@ def connect(options: ClusterOptions) -> str:
         return "using the Ray this process is already connected to"
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        _join(address, options)
         return f"joined the Ray cluster at {address}"
     port = options.dashboard_port
     moved = options.dashboard and not port_is_free(port)
@@ -85,6 +106,58 @@ def connect(options: ClusterOptions) -> str:
         return (f"embedded Ray started beside another Ray on this machine (port {options.dashboard_port} is taken); "
                 f"{where}")
     return f"embedded Ray started; {where}"
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (Ray's C++ client logs its retries there) for a probe."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _probe_gcs(endpoint: access.Endpoint, token: tuple[str, str] | None) -> None:
+    """Ask the GCS for one key with our token: a refused token fails here in about a second."""
+    from ray._raylet import GcsClient
+
+    try:
+        with _quiet_stderr():
+            GcsClient(address=f"{endpoint.host}:{endpoint.port}").internal_kv_get(b"session_name", b"session",
+                                                                                timeout=access.PROBE_TIMEOUT_S)
+    except Exception as exc:  # auth, timeout and RPC errors all become one line
+        raise access.AccessError(access.describe_ray_error(endpoint, token, exc)) from None
+
+
+def use_token(token: tuple[str, str] | None) -> None:
+    """Make this process's Ray use ``token`` (token auth with it), or no token (auth off) when None."""
+    os.environ.update(access.ray_auth_env(token))
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    # Ray caches its config and token at first use (an earlier `import ray` may have read them).
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _join(address: str, options: ClusterOptions) -> None:
+    """Connect to an existing cluster: check the transport, reachability and token first, then ray.init."""
+    endpoint = access.parse_address(address)
+    access.check_transport(endpoint, options.allow_insecure)
+    access.check_reachable(endpoint)
+    token = access.token_for(endpoint, options.token_file)
+    use_token(token)
+    if endpoint.scheme == "gcs":
+        _probe_gcs(endpoint, token)
+    import ray
+
+    try:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    except Exception as exc:
+        raise access.AccessError(access.describe_ray_error(endpoint, token, exc)) from None
 
 
 def alive_nodes() -> list[dict[str, float]]:

@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import shlex
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from orchestrator.access import (
+    AccessError,
+    Endpoint,
+    auth_headers,
+    check_jobs_api,
+    check_reachable,
+    check_transport,
+    parse_address,
+    token_for,
+)
+from orchestrator.cluster import use_token
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 180
@@ -49,25 +61,44 @@ def submission_id(experiment: str, grid_text: str) -> str:
     return f"orch-{experiment}-{hashlib.sha256(grid_text.encode()).hexdigest()[:10]}"
 
 
-def _auth_headers() -> dict[str, str]:
-    """Ray's access token as a bearer header, when one is configured on this machine."""
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if not token and path.is_file():
-        token = path.read_text().strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
+@dataclass(frozen=True)
+class JobsTarget:
+    """A Jobs API that passed the access checks, with the headers (its own token) to send it."""
+
+    endpoint: Endpoint
+    headers: dict[str, str]
+
+    @property
+    def address(self) -> str:
+        """The address as the user gave it."""
+        return self.endpoint.address
 
 
-def _client(address: str) -> Any:
+def target(address: str, token_file: str | None = None, allow_insecure: bool = False) -> JobsTarget:
+    """Check the address (transport, reachability, token) and return the target; JobsError (one line) if refused."""
+    try:
+        endpoint = parse_address(address)
+        check_transport(endpoint, allow_insecure)
+        check_reachable(endpoint)
+        token = token_for(endpoint, token_file)
+        check_jobs_api(endpoint, token)
+    except AccessError as exc:
+        raise JobsError(str(exc)) from None
+    # Ray's client adds this machine's token by itself when RAY_AUTH_MODE=token: only ours may go.
+    use_token(token)
+    return JobsTarget(endpoint, auth_headers(token))
+
+
+def _client(target: JobsTarget) -> Any:
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address, headers=_auth_headers())
+    return JobSubmissionClient(target.address, headers=target.headers)
 
 
-def submit_job(address: str, grid: Path, experiment: str, remote_results: str, extra_args: list[str]) -> tuple[str, bool]:
+def submit_job(target: JobsTarget, grid: Path, experiment: str, remote_results: str, extra_args: list[str]) -> tuple[str, bool]:
     """Submit (or find) the job for ``grid``; returns (submission id, whether it was newly submitted)."""
-    with _jobs_api(address):
-        return _submit_job(_client(address), grid, experiment, remote_results, extra_args)
+    with _jobs_api(target.address):
+        return _submit_job(_client(target), grid, experiment, remote_results, extra_args)
 
 
 def _submit_job(client: Any, grid: Path, experiment: str, remote_results: str, extra_args: list[str]) -> tuple[str, bool]:
@@ -100,29 +131,29 @@ def _submit_job(client: Any, grid: Path, experiment: str, remote_results: str, e
             time.sleep(2)
 
 
-def follow_logs(address: str, job_id: str) -> str:
+def follow_logs(target: JobsTarget, job_id: str) -> str:
     """Print the job's logs as they come; returns its final status."""
 
     async def tail() -> None:
-        async for chunk in _client(address).tail_job_logs(job_id):
+        async for chunk in _client(target).tail_job_logs(job_id):
             print(chunk, end="", flush=True)
 
-    with _jobs_api(address):
+    with _jobs_api(target.address):
         asyncio.run(tail())
-    return job_status(address, job_id)
+    return job_status(target, job_id)
 
 
-def job_status(address: str, job_id: str) -> str:
+def job_status(target: JobsTarget, job_id: str) -> str:
     """PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED."""
-    with _jobs_api(address):
-        return str(_client(address).get_job_status(job_id).value)
+    with _jobs_api(target.address):
+        return str(_client(target).get_job_status(job_id).value)
 
 
-def list_jobs(address: str) -> list[dict[str, Any]]:
+def list_jobs(target: JobsTarget) -> list[dict[str, Any]]:
     """orch jobs on the cluster: id, experiment, status."""
     out = []
-    with _jobs_api(address):
-        jobs = _client(address).list_jobs()
+    with _jobs_api(target.address):
+        jobs = _client(target).list_jobs()
     for job in jobs:
         if job.submission_id and job.submission_id.startswith("orch-"):
             out.append({"id": job.submission_id, "experiment": (job.metadata or {}).get("orch.experiment"),
@@ -130,7 +161,29 @@ def list_jobs(address: str) -> list[dict[str, Any]]:
     return out
 
 
-def stop_job(address: str, job_id: str) -> bool:
+def stop_job(target: JobsTarget, job_id: str) -> bool:
     """Ask Ray to stop a job (its driver gets SIGTERM first, so running trials are recorded cancelled)."""
-    with _jobs_api(address):
-        return bool(_client(address).stop_job(job_id))
+    with _jobs_api(target.address):
+        return bool(_client(target).stop_job(job_id))
+
+
+def cluster_nodes(target: JobsTarget) -> list[tuple[str, dict[str, float]]]:
+    """(node address, total resources) of the cluster's alive nodes, from the dashboard's state API."""
+    import httpx
+
+    with _jobs_api(target.address):
+        response = httpx.get(f"{target.address.rstrip('/')}/api/v0/nodes", params={"detail": "1", "limit": "1000"},
+                             headers=target.headers, timeout=30)
+        response.raise_for_status()
+        rows = response.json()["data"]["result"]["result"]
+    return [(row.get("node_ip", "?"), {k: float(v) for k, v in (row.get("resources_total") or {}).items()
+                                       if not k.startswith("node:")})
+            for row in rows if row.get("state") == "ALIVE"]
+
+
+def check_placeable(target: JobsTarget, kind: Any, trials: list[Any]) -> None:
+    """Refuse, before submitting, a grid with a trial that no node of the cluster can hold (PlacementError)."""
+    from orchestrator.placement import check_placeable as check
+    from orchestrator.placement import trial_needs
+
+    check({trial.trial_id: trial_needs(kind, trial) for trial in trials}, cluster_nodes(target))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, TypedDict
 
+from orchestrator.expand import Trial
 from orchestrator.store import STATES, TERMINAL_STATES, ExperimentStore
 
 SAVE_EVERY_S = 0.5
@@ -101,6 +102,26 @@ class Manifest:
         return [(tid, e) for tid, e in self.trials.items() if e.get("state") in TERMINAL_STATES and not e.get("synced")]
 
     # -- changing --------------------------------------------------------------------------
+    def queue(self, trials: list[Trial], submission: int) -> list[Trial]:
+        """Enter every trial not yet done as ``queued`` for submission number ``submission``; returns those.
+
+        A trial that ran before keeps its attempt count and MLflow run (a rerun logs into the same run).
+        """
+        queued = []
+        for trial in trials:
+            previous = self.trials.get(trial.trial_id)
+            if previous is not None and previous.get("state") == "done":
+                continue
+            previous = previous or {}
+            self.trials[trial.trial_id] = {
+                "state": "queued", "attempts": previous.get("attempts", 0), "repeat": trial.repeat,
+                "params": trial.params, "axes": trial.axes, "node": None, "start_s": None, "end_s": None,
+                "error": None, "synced": False, "mlflow_run_id": previous.get("mlflow_run_id"),
+                "submission": submission,
+            }
+            queued.append(trial)
+        return queued
+
     def update(self, trial_id: str, **fields: Any) -> TrialEntry:
         """Change fields of one entry (saved at the next ``save``)."""
         entry = self.trials[trial_id]

@@ -78,6 +78,13 @@ class TrialNeeds:
         return " + ".join(parts) or "nothing"
 
 
+def trial_needs(kind: Any, trial: Trial) -> TrialNeeds:
+    """A trial's actor and worker bundles, in Ray's resource names, as its kind declares them."""
+    params = kind.params_model.model_validate(trial.params)
+    return TrialNeeds(actor=ray_resources(kind.actor_resources(params, trial.resources)),
+                      workers=[ray_resources(b) for b in kind.worker_bundles(params, trial.resources)])
+
+
 def node_totals() -> list[tuple[str, dict[str, float]]]:
     """(node address, total resources) of every alive node."""
     out = []

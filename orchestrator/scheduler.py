@@ -1,8 +1,8 @@
 """The driver's main loop: admit trials, start them once their resources are reserved, record outcomes.
 
 A trial is admitted when its footprint fits the cluster's free resources (by the driver's own
-books); it gets an idle runner actor of its shape or a new one in a placement group of its own
-(see ``placement.py``), and starts once the actor is up and its workers' bundles are reserved;
+books, ``admission.py``); it gets an idle runner actor of its shape or a new one in a placement
+group of its own (``placement.py``), and starts once the actor is up and its workers' bundles are reserved;
 its ``timeout_s`` counts from then. A trial that no node can hold is refused before anything
 runs; one that stops fitting (a node left) fails after ``placement_wait_s``. Results come back
 through the object store; only this process writes Parquet, the manifest and MLflow.
@@ -22,23 +22,11 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from orchestrator import provenance
+from orchestrator.admission import PLACEMENT_WAIT_S, Admission
 from orchestrator.expand import Trial, flatten, resolve_paths
 from orchestrator.live import LiveChannel
 from orchestrator.manifest import Manifest
-from orchestrator.placement import (
-    ActorPool,
-    Slot,
-    TrialNeeds,
-    add,
-    can_place,
-    check_placeable,
-    describe_nodes,
-    fits,
-    node_totals,
-    ray_resources,
-    release,
-    reserve,
-)
+from orchestrator.placement import ActorPool, Slot, TrialNeeds, release, reserve
 from orchestrator.progress import Progress, SilentProgress
 from orchestrator.runner import TrialJob, TrialResult, TrialRunner
 from orchestrator.spec import GridSpec
@@ -46,9 +34,6 @@ from orchestrator.store import ExperimentStore, ParamColumns, atomic_write_bytes
 from orchestrator.telemetry import Telemetry
 from orchestrator.tracking import BackgroundLogger, Tracker
 from workloads.kind import TrialKind
-
-# How long a trial may wait for resources that no node has any more (a node left) before it fails.
-PLACEMENT_WAIT_S = 120.0
 
 
 @dataclass
@@ -83,10 +68,9 @@ class Submission:
         self.tracker = tracker
         self.progress = progress or SilentProgress()
         self.grid_file = grid_file
-        self.refresh_s = refresh_s
-        self.placement_wait_s = placement_wait_s
         self.param_columns = ParamColumns.from_params([flatten(t.params) for t in trials])
         self.pool = ActorPool(ray.remote(TrialRunner), spec.kind)
+        self.admission = Admission(kind, self.pool, refresh_s, placement_wait_s)
         self.pending: deque[Trial] = deque()
         self.attempts: dict[str, int] = {}
         self.telemetry = Telemetry(spec.experiment)
@@ -95,11 +79,6 @@ class Submission:
         self.logger: BackgroundLogger | None = None
         self.live: LiveChannel | None = None
         self._durations: list[float] = []
-        self._needs: dict[str, TrialNeeds] = {}
-        self._capacity_cache: dict[str, float] = {}
-        self._nodes_cache: list[tuple[str, dict[str, float]]] = []
-        self._capacity_at = 0.0
-        self._unfit_since: dict[str, float] = {}
         self._cwd = Path.cwd()
         self._start = time.time()
 
@@ -123,27 +102,8 @@ class Submission:
             "parent_run_id": None,
         }
         self.manifest.submissions.append(self.submission)
-        index = len(self.manifest.submissions) - 1
-        for trial in self.trials.values():
-            entry = self.manifest.trials.get(trial.trial_id)
-            if entry is None or entry.get("state") != "done":
-                previous = entry or {}
-                self.manifest.trials[trial.trial_id] = {
-                    "state": "queued",
-                    "attempts": previous.get("attempts", 0),
-                    "repeat": trial.repeat,
-                    "params": trial.params,
-                    "axes": trial.axes,
-                    "node": None,
-                    "start_s": None,
-                    "end_s": None,
-                    "error": None,
-                    "synced": False,
-                    "mlflow_run_id": previous.get("mlflow_run_id"),
-                    "submission": index,
-                }
-                self.pending.append(trial)
-        self.pending = deque(sorted(self.pending, key=lambda t: (t.group_key, t.index)))
+        queued = self.manifest.queue(list(self.trials.values()), len(self.manifest.submissions) - 1)
+        self.pending = deque(sorted(queued, key=lambda t: (t.group_key, t.index)))
         self.manifest.save(force=True)
 
     # -- tracking --------------------------------------------------------------------------
@@ -168,80 +128,17 @@ class Submission:
                 self.manifest.update(trial_id, synced=run_id is not None, sync_error=error,
                                      mlflow_run_id=run_id or entry.get("mlflow_run_id"))
 
-    # -- resources ---------------------------------------------------------------------------
-    def _refresh_cluster(self) -> None:
-        """Re-read cluster and node totals every ``refresh_s`` (nodes come and go)."""
-        now = time.time()
-        if now - self._capacity_at >= self.refresh_s:
-            self._nodes_cache = node_totals()
-            self._capacity_cache = {}
-            for _address, resources in self._nodes_cache:
-                self._capacity_cache = add(self._capacity_cache, resources)
-            self._capacity_at = now
-
-    def _node_resources(self) -> list[dict[str, float]]:
-        self._refresh_cluster()
-        return [resources for _address, resources in self._nodes_cache]
-
-    def needs(self, trial: Trial) -> TrialNeeds:
-        """The trial's actor and worker bundles, in Ray's resource names."""
-        if trial.trial_id not in self._needs:
-            params = self.kind.params_model.model_validate(trial.params)
-            self._needs[trial.trial_id] = TrialNeeds(
-                actor=ray_resources(self.kind.actor_resources(params, trial.resources)),
-                workers=[ray_resources(b) for b in self.kind.worker_bundles(params, trial.resources)],
-            )
-        return self._needs[trial.trial_id]
-
-    def check_placeable(self) -> None:
-        """Raise PlacementError when some trial of the grid fits no node of the cluster."""
-        self._capacity_at = 0.0
-        self._refresh_cluster()
-        check_placeable({t.trial_id: self.needs(t) for t in self.trials.values()}, self._nodes_cache)
-
-    def _unplaceable_too_long(self, trial: Trial, since: float, now: float) -> str | None:
-        """The error for a trial no node can hold any more, once it has waited ``placement_wait_s``."""
-        needs = self.needs(trial)
-        if can_place(needs, self._node_resources()):
-            return None
-        if now - since < self.placement_wait_s:
-            return None
-        return (f"no node can hold {needs.describe()} any more (waited {self.placement_wait_s:g}s); "
-                f"{describe_nodes(self._nodes_cache)}")
-
     # -- admission ---------------------------------------------------------------------------
     def _admit(self) -> None:
-        self._refresh_cluster()
-        free = add(self._capacity_cache, self.pool.used(), -1.0)
-        now = time.time()
-        for trial in list(self.pending):
-            needs = self.needs(trial)
-            if not can_place(needs, self._node_resources()):
-                since = self._unfit_since.setdefault(trial.trial_id, now)
-                error = self._unplaceable_too_long(trial, since, now)
-                if error:
-                    self.pending.remove(trial)
-                    self._finish_without_result(trial, "failed", error)
-                continue
-            self._unfit_since.pop(trial.trial_id, None)
-            slot = self.pool.idle_slot(needs.shape, trial.group_key)
-            # Reusing an idle actor reuses what it reserves; a new actor needs the whole footprint.
-            extra = add(needs.total, dict(slot.shape) if slot is not None else {}, -1.0)
-            if slot is None and not fits(extra, free):
-                idle = self.pool.idle()
-                freed = free
-                for other in idle:
-                    freed = add(freed, dict(other.shape))
-                if not idle or not fits(extra, freed):
-                    continue
-                for other in idle:  # idle actors of other shapes give their reservations back
-                    self.pool.discard(other)
-                free = freed
-            if not fits(extra, free):
-                continue
+        def fail(trial: Trial, error: str) -> None:
             self.pending.remove(trial)
-            self._assign(trial, slot or self.pool.new_slot(needs.shape, now), needs)
-            free = add(free, extra, -1.0)
+            self._finish_without_result(trial, "failed", error)
+
+        def assign(trial: Trial, slot: Slot, needs: TrialNeeds) -> None:
+            self.pending.remove(trial)
+            self._assign(trial, slot, needs)
+
+        self.admission.admit(self.pending, assign, fail)
 
     def _assign(self, trial: Trial, slot: Slot, needs: TrialNeeds) -> None:
         """Give a trial its actor and reserve its workers; it starts once both are ready."""
@@ -266,7 +163,7 @@ class Submission:
         for slot in [s for s in self.pool.running() if s.ref is None]:
             trial = slot.trial
             assert trial is not None
-            error = self._unplaceable_too_long(trial, slot.waiting_since, now)
+            error = self.admission.unplaceable_error(trial, slot.waiting_since, now)
             if error:
                 self.pool.discard(slot)
                 self._finish_without_result(trial, "failed", error)
@@ -332,7 +229,7 @@ class Submission:
         trial = slot.trial
         assert trial is not None
         self.pool.discard(slot, kill=False)
-        self._capacity_at = 0.0  # the cluster may have lost a node: re-read its resources
+        self.admission.cluster.invalidate()  # the cluster may have lost a node: re-read its resources
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         if self.attempts.get(trial.trial_id, 0) <= self.spec.retries:
             self.manifest.update(trial.trial_id, state="queued", error=f"retrying after {reason}")
@@ -442,7 +339,7 @@ class Submission:
 
         Raises PlacementError, before anything is recorded, when a trial fits no node.
         """
-        self.check_placeable()
+        self.admission.check_placeable(self.trials.values())
         self._open_manifest()
         self._start_tracking()
         self.live = LiveChannel(self.spec.experiment)

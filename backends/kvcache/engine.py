@@ -13,6 +13,7 @@ from backends.kvcache.kv_store import PagedKVStore
 from backends.kvcache.loader import load_model
 from backends.kvcache.model_runner import ModelRunner
 from backends.kvcache.policies import make_policy
+from backends.kvcache.sampling import SamplingParams
 from backends.kvcache.scheduler import Scheduler
 from backends.kvcache.sequence import Sequence
 
@@ -97,9 +98,10 @@ class LLMEngine:
     # --- requests ------------------------------------------------------------------------
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], max_tokens: int, ignore_eos: bool = True,
-        _forced: list[int] | None = None,
+        _forced: list[int] | None = None, sampling: SamplingParams | None = None,
     ) -> None:
-        """Queue a request; problems become an error output at the next step, not an exception."""
+        """Queue a request (greedy unless ``sampling`` says otherwise); problems become an error
+        output at the next step, not an exception."""
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -107,6 +109,7 @@ class LLMEngine:
             ignore_eos=ignore_eos,
             eos_token_id=self.model_config.eos_token_id,
             forced_token_ids=_forced,
+            sampling=sampling,
         )
         error = self._check(seq)
         if request_id in self._seqs:

@@ -21,6 +21,7 @@ import torch
 from backends.kvcache.decode_buffers import DecodeBuffers, DecodeGraphs
 from backends.kvcache.kv_store import PagedKVStore
 from backends.kvcache.policies.base import BatchMeta, CachePolicy, StepBatch
+from backends.kvcache.sampling import sample
 from backends.kvcache.sequence import Sequence
 
 
@@ -168,7 +169,8 @@ class ModelRunner:
         tokens, logprobs = [], []
         for b, s in enumerate(seqs):
             if s.forced_token_ids is None:
-                tokens.append(greedy[b])
+                sampled = s.sampling is not None and not s.sampling.greedy
+                tokens.append(sample(logits[b], s.sampling) if sampled else greedy[b])
                 logprobs.append(None)
                 continue
             tok = s.forced_token_ids[len(s.output_token_ids)]

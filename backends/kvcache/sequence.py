@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from backends.kvcache.sampling import SamplingParams
+
 
 class SeqStatus(Enum):
     WAITING = "waiting"
@@ -25,6 +27,7 @@ class Sequence:
     num_seen: int = 0  # tokens whose K/V have been computed (the next position to feed)
     num_stored: int = 0  # K/V entries still held in the store (fewer than num_seen after eviction)
     forced_token_ids: list[int] | None = None  # teacher forcing (score())
+    sampling: SamplingParams | None = None  # None: greedy
     logprobs: list[float] = field(default_factory=list)
     error: str | None = None
     preempted: int = 0

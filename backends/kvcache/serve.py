@@ -7,7 +7,10 @@ queue, from which the handler streams server-sent events in the same format as v
 (one chunk per token, ``token_ids`` included, a final ``usage`` chunk when
 ``stream_options.include_usage`` is set). So the same client measures vLLM and our engine.
 
-Routes: ``POST /v1/completions`` (streaming or not; prompt as text or token ids; greedy),
+Routes: ``POST /v1/completions`` (streaming or not; prompt as text or token ids),
+``POST /v1/chat/completions`` (streaming or not; messages rendered with the model's chat
+template), both honouring ``temperature``, ``top_p`` and ``seed`` (backends/kvcache/sampling.py)
+and refusing any parameter they do not implement with a 400 naming it (openai_api.py);
 ``GET /v1/models``, ``GET /health``, and ``GET /metrics`` (Prometheus text with vLLM's metric
 names for running/waiting/KV usage/preemptions, plus ``orch:`` byte counters), so vLLM's
 tooling and our ``/metrics`` sampler read both servers alike. Bound to 127.0.0.1 by default.
@@ -33,6 +36,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 
 from backends.kvcache.config import EngineConfig
+from backends.kvcache.openai_api import ChatCompletionRequest, CompletionRequest, TextStream, parse_request
+from backends.kvcache.sampling import SamplingParams
 
 _IDLE_WAIT_S = 0.05
 
@@ -50,18 +55,20 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, ignore_eos: bool) -> asyncio.Queue:
+    def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, ignore_eos: bool,
+               sampling: SamplingParams | None = None) -> asyncio.Queue:
         """Queue a request (from an event loop); its outputs arrive on the returned queue."""
         out: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), out)
-        self._inbox.put((request_id, prompt_ids, max_tokens, ignore_eos))
+        self._inbox.put((request_id, prompt_ids, max_tokens, ignore_eos, sampling))
         return out
 
     def _admit(self, block: bool) -> None:
         try:
             item = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
             while True:
-                self.engine.add_request(*item)
+                request_id, prompt_ids, max_tokens, ignore_eos, sampling = item
+                self.engine.add_request(request_id, prompt_ids, max_tokens, ignore_eos, sampling=sampling)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -191,44 +198,66 @@ class EngineServer:
     def engine_stats(self) -> dict:
         return {**asdict(self.loop.stats), "steps": self.loop.steps}
 
-    def _prompt_ids(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
+    # The engine's own memory peaks (in-step ones included, which a /metrics scrape between
+    # steps misses), so a trial over HTTP reports the same memory figures as one in process.
+    @app.post("/v1/engine_peaks/reset")
+    def reset_peaks(self) -> dict:
+        self.loop.engine.reset_peaks()
+        return {}
+
+    @app.get("/v1/engine_peaks")
+    def peaks(self) -> dict:
+        engine = self.loop.engine
+        return {"peak_kv_bytes": int(engine.peak_kv_bytes()), "peak_device_bytes": int(engine.peak_device_bytes())}
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return prompt
-        raise ValueError("prompt must be a string or a list of token ids (one prompt per request)")
+        return prompt
+
+    def _chat_ids(self, req: ChatCompletionRequest) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.model_name!r} has no chat template; use /v1/completions")
+        text = self.tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    async def _start(self, prompt_ids: list[int], max_tokens: int, req: Any, prefix: str):
+        """Submit to the engine; returns (request id, first output, queue) or an error response."""
+        if req.model not in (None, self.model_name):
+            return _error(404, f"model {req.model!r} does not exist; this server has {self.model_name!r}")
+        request_id = f"{prefix}-{uuid.uuid4().hex[:16]}-{next(self._ids)}"
+        outputs = self.loop.submit(request_id, prompt_ids, max_tokens, req.ignore_eos, req.sampling())
+        first = await outputs.get()
+        if first.error:
+            return _error(400, first.error)
+        return request_id, first, outputs
+
+    @staticmethod
+    async def _all_tokens(first: Any, outputs: asyncio.Queue) -> list[int]:
+        token_ids, output = list(first.new_token_ids), first
+        while not output.finished:
+            output = await outputs.get()
+            token_ids += output.new_token_ids
+        return token_ids
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         try:
-            body = await request.json()
-            prompt_ids = self._prompt_ids(body.get("prompt"))
-            max_tokens = int(body.get("max_tokens") or 16)
-            if int(body.get("n") or 1) != 1:
-                raise ValueError("only n=1 is supported")
-        except (ValueError, TypeError) as exc:
+            req = parse_request(CompletionRequest, await request.json())
+            prompt_ids = self._prompt_ids(req.prompt_one())
+        except ValueError as exc:
             return _error(400, str(exc))
-        if body.get("model") not in (None, self.model_name):
-            return _error(404, f"model {body.get('model')!r} does not exist; this server has {self.model_name!r}")
-        request_id = f"cmpl-{uuid.uuid4().hex[:16]}-{next(self._ids)}"
-        outputs = self.loop.submit(request_id, prompt_ids, max_tokens, bool(body.get("ignore_eos", False)))
-        first = await outputs.get()
-        if first.error:
-            return _error(400, first.error)
-        stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
-        if stream:
+        max_tokens = req.max_tokens or 16  # OpenAI's default for completions
+        started = await self._start(prompt_ids, max_tokens, req, "cmpl")
+        if isinstance(started, JSONResponse):
+            return started
+        request_id, first, outputs = started
+        if req.stream:
             return StreamingResponse(
-                self._stream(request_id, first, outputs, len(prompt_ids), max_tokens, include_usage),
+                self._stream(request_id, first, outputs, len(prompt_ids), max_tokens, req.include_usage, chat=False),
                 media_type="text/event-stream",
             )
-        token_ids = list(first.new_token_ids)
-        output = first
-        while not output.finished:
-            output = await outputs.get()
-            token_ids += output.new_token_ids
+        token_ids = await self._all_tokens(first, outputs)
         return {
             "id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
             "choices": [{"index": 0, "text": self.tokenizer.decode(token_ids), "token_ids": token_ids,
@@ -236,44 +265,93 @@ class EngineServer:
             "usage": _usage(len(prompt_ids), len(token_ids)),
         }
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        try:
+            req = parse_request(ChatCompletionRequest, await request.json())
+            prompt_ids = self._chat_ids(req)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        max_tokens = req.max_new_tokens() or max(1, self.max_model_len - len(prompt_ids))
+        started = await self._start(prompt_ids, max_tokens, req, "chatcmpl")
+        if isinstance(started, JSONResponse):
+            return started
+        request_id, first, outputs = started
+        if req.stream:
+            return StreamingResponse(
+                self._stream(request_id, first, outputs, len(prompt_ids), max_tokens, req.include_usage, chat=True),
+                media_type="text/event-stream",
+            )
+        token_ids = await self._all_tokens(first, outputs)
+        return {
+            "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+            "choices": [{"index": 0, "finish_reason": _finish_reason(len(token_ids), max_tokens), "logprobs": None,
+                         "message": {"role": "assistant",
+                                     "content": self.tokenizer.decode(token_ids, skip_special_tokens=True)}}],
+            "usage": _usage(len(prompt_ids), len(token_ids)),
+        }
+
     async def _stream(self, request_id: str, first: Any, outputs: asyncio.Queue, prompt_len: int,
-                      max_tokens: int, include_usage: bool):
+                      max_tokens: int, include_usage: bool, chat: bool):
         created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": request_id, "object": kind, "created": created, "model": self.model_name}
+        text = TextStream(self.tokenizer, skip_special_tokens=chat)
         generated = 0
         output = first
+        if chat:  # the role comes first, alone, as OpenAI's API sends it
+            yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]})
         while True:
             if output.new_token_ids:
                 generated += len(output.new_token_ids)
                 reason = _finish_reason(generated, max_tokens) if output.finished else None
-                yield _sse({
-                    "id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": 0, "text": self.tokenizer.decode(output.new_token_ids),
-                                 "token_ids": list(output.new_token_ids), "logprobs": None,
-                                 "finish_reason": reason}],
-                })
+                piece = text.add(list(output.new_token_ids), final=output.finished)
+                choice: dict[str, Any] = {"index": 0, "token_ids": list(output.new_token_ids), "logprobs": None,
+                                          "finish_reason": reason}
+                choice.update({"delta": {"content": piece}} if chat else {"text": piece})
+                yield _sse({**head, "choices": [choice]})
             if output.finished:
                 break
             output = await outputs.get()
         if include_usage:
-            yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
-                        "choices": [], "usage": _usage(prompt_len, generated)})
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_len, generated)})
         yield "data: [DONE]\n\n"
 
 
 def build_app(config: EngineConfig, name: str = "orch", num_cpus: float = 0.0,
-              torch_threads: int | None = None) -> serve.Application:
-    """The Serve application for one engine configuration (not yet running)."""
-    options = {"num_cpus": num_cpus}
+              torch_threads: int | None = None, actor_options: dict | None = None) -> serve.Application:
+    """The Serve application for one engine configuration (not yet running); ``actor_options``
+    are more Ray actor options for its replica (placement, environment)."""
+    options = {"num_cpus": num_cpus, **(actor_options or {})}
     return EngineServer.options(ray_actor_options=options).bind(asdict(config), name, torch_threads)
 
 
+def _start_serve(host: str, port: int, attempts: int = 5) -> Any:
+    """Serve's client, starting Serve if needed. Trials that start at the same moment race to
+    create its controller; the loser finds it there on the next attempt."""
+    from ray.exceptions import ActorAlreadyExistsError
+    from ray.serve._private.api import serve_start  # public serve.start() does not say the proxy's address
+
+    for attempt in range(attempts):
+        try:
+            return serve_start(http_options={"host": host, "port": port})
+        except ActorAlreadyExistsError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
 def deploy(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "orch",
-           num_cpus: float = 0.0, torch_threads: int | None = None) -> str:
-    """Run the engine as Serve application ``name`` on http://host:port; returns that base URL.
+           num_cpus: float = 0.0, torch_threads: int | None = None, route_prefix: str = "/",
+           actor_options: dict | None = None) -> str:
+    """Run the engine as Serve application ``name`` under ``route_prefix``; returns its base URL.
 
     Starts a local Ray (loopback only) when none is connected. The served model name is ``name``.
-    Serve has one HTTP proxy per cluster: a second ``deploy`` shares the first one's host and port,
-    so give each application its own ``name`` (its routes live under ``/`` only for the first).
+    Serve has one HTTP proxy per cluster: when Serve already runs, ``host``/``port`` are those it
+    was started with (the URL returned says which), so applications deployed side by side (the
+    trials of a grid) each need their own ``name`` and ``route_prefix``.
     """
     import os
 
@@ -284,9 +362,9 @@ def deploy(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, name
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # address="local": always a new cluster, never one that another process on this host started.
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(config, name, num_cpus, torch_threads), name=name, route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
+    proxy = _start_serve(host, port).http_config
+    serve.run(build_app(config, name, num_cpus, torch_threads, actor_options), name=name, route_prefix=route_prefix, blocking=False)
+    return f"http://{proxy.host}:{proxy.port}{route_prefix.rstrip('/')}"
 
 
 def undeploy(name: str = "orch") -> None:

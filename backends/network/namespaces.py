@@ -13,11 +13,18 @@ Teardown is guaranteed three ways:
 - ``sweep_stale()`` (run by every new network) removes networks whose owner process is gone,
   named by the owner recorded in the bridge's alias.
 
-Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and iproute2's ``ip`` and ``tc``.
+Delay and loss use the kernel's netem qdisc where it exists and otherwise netfilter plus a
+delay-line process in each host's namespace (``shaping.py``, ``delayline.py``);
+``kernel_has_netem()`` is the one place that decides, once per process.
+
+Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN), iproute2's ``ip`` and ``tc``, and for delay or
+loss without netem, ``iptables``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import ipaddress
 import os
 import shutil
@@ -26,17 +33,17 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.network.shaping import LinkShape
+from backends.network.shaping import DELAY_QUEUE, HOST_INTERFACE, LinkShape
 from backends.procs import start_ticks
 
 NETNS_DIR = Path("/run/netns")
 SYS_CLASS_NET = Path("/sys/class/net")
 NAMESPACE_PREFIX = "orchnet-"
 BRIDGE_PREFIX = "onb"
-HOST_INTERFACE = "eth0"
 GUARD_DONE = b"done\n"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,14 +75,29 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def _add_qdisc(command: list[str]) -> None:
     result = _run(*command, check=False)
-    if result.returncode == 0:
-        return
-    if "netem" in command and "qdisc kind is unknown" in result.stderr:
-        raise NetworkError(
-            "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM), so latency_ms and loss_pct cannot be "
-            "emulated here; bandwidth_gbit alone can (tbf)"
-        )
-    raise NetworkError(f"`{' '.join(command)}` failed: {result.stderr.strip()}")
+    if result.returncode != 0:
+        raise NetworkError(f"`{' '.join(command)}` failed: {result.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def _probe_namespace() -> Iterator[str]:
+    """A throwaway namespace (loopback up) to try qdiscs and rules in."""
+    probe = f"{NAMESPACE_PREFIX}probe{os.getpid()}"
+    _run("ip", "netns", "add", probe)
+    try:
+        _run("ip", "-n", probe, "link", "set", "lo", "up")
+        yield probe
+    finally:
+        _run("ip", "netns", "del", probe, check=False)
+
+
+@functools.cache
+def kernel_has_netem() -> bool:
+    """Whether this kernel has the netem qdisc (probed once per process, in a throwaway namespace)."""
+    require_privileges()
+    with _probe_namespace() as probe:
+        return _run("tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+                    check=False).returncode == 0
 
 
 def require_privileges() -> None:
@@ -90,19 +112,27 @@ def require_privileges() -> None:
         )
 
 
+def _uses_netfilter(shape: LinkShape) -> bool:
+    return shape.impaired and not kernel_has_netem()
+
+
 def check_support(shape: LinkShape) -> None:
-    """NetworkError unless networks of this shape can be built here (privileges, tools, qdiscs)."""
+    """NetworkError unless networks of this shape can be built here (privileges, tools, qdiscs, rules)."""
     require_privileges()
-    if not shape.egress():
+    netfilter = _uses_netfilter(shape)
+    if netfilter and shutil.which("iptables") is None:
+        raise NetworkError(
+            "this kernel has no netem qdisc, so latency_ms and loss_pct are emulated with netfilter, which "
+            "needs iptables (apt-get install iptables)"
+        )
+    egress = shape.egress(netem=not netfilter)
+    if not egress and not netfilter:
         return
-    probe = f"{NAMESPACE_PREFIX}probe{os.getpid()}"
-    _run("ip", "netns", "add", probe)
-    try:
-        _run("ip", "-n", probe, "link", "set", "lo", "up")
-        for args in shape.egress():
+    with _probe_namespace() as probe:
+        for args in egress:
             _add_qdisc(["tc", "-n", probe, "qdisc", "add", "dev", "lo", *args])
-    finally:
-        _run("ip", "netns", "del", probe, check=False)
+        for rule in shape.netfilter_rules() if netfilter else []:
+            _run("ip", "netns", "exec", probe, "iptables", *rule)
 
 
 def _owner_alive(owner: str) -> bool:
@@ -188,6 +218,7 @@ class EmulatedNetwork:
         self.bridge = f"{BRIDGE_PREFIX}{self.token}"
         self.hosts: list[Host] = []
         self._guard: subprocess.Popen[bytes] | None = None
+        self._delay_lines: list[subprocess.Popen[str]] = []
 
     @property
     def gateway_address(self) -> str | None:
@@ -213,13 +244,40 @@ class EmulatedNetwork:
             raise
         return self.hosts
 
+    @staticmethod
+    def _env() -> dict[str, str]:
+        return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+
     def _start_guard(self) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
         self._guard = subprocess.Popen(
             [sys.executable, "-c", "from backends.network.namespaces import guard_main; guard_main()", self.token],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, env=env,
+            start_new_session=True, env=self._env(),
         )
+
+    @staticmethod
+    def _raise_tcp_buffers(host: Host, buffer: int) -> None:
+        """Let TCP's windows in ``host`` grow to ``buffer`` bytes (never lowers a larger maximum)."""
+        for key in ("net.ipv4.tcp_wmem", "net.ipv4.tcp_rmem"):
+            low, default, high = _run(*host.exec_args(), "sysctl", "-n", key).stdout.split()
+            _run(*host.exec_args(), "sysctl", "-q", "-w", f"{key}={low} {default} {max(int(high), buffer)}")
+
+    def _impair_with_netfilter(self, host: Host) -> None:
+        """Loss and delay for packets arriving at ``host``: iptables rules and, for delay, its delay line."""
+        for rule in self.shape.netfilter_rules():
+            _run(*host.exec_args(), "iptables", *rule)
+        if self.shape.latency_ms <= 0:
+            return
+        line = subprocess.Popen(
+            [*host.exec_args(), sys.executable, "-m", "backends.network.delayline", str(DELAY_QUEUE),
+             f"{self.shape.latency_ms:g}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self._env(), cwd=REPO_ROOT,
+        )
+        self._delay_lines.append(line)
+        assert line.stdout is not None and line.stderr is not None
+        if line.stdout.readline().strip() != "ready":
+            line.wait()
+            raise NetworkError(f"the delay line in {host.namespace} did not start: {line.stderr.read().strip()}")
 
     def _build(self) -> None:
         owner = f"{os.getpid()}:{start_ticks(os.getpid())}"
@@ -241,15 +299,37 @@ class EmulatedNetwork:
                  "dev", host.interface)
             _run("ip", "-n", host.namespace, "link", "set", host.interface, "up")
             _run("ip", "-n", host.namespace, "link", "set", "lo", "up")
-            for args in self.shape.egress():
+            if (buffer := self.shape.tcp_buffer_bytes()) is not None:
+                self._raise_tcp_buffers(host, buffer)
+            netfilter = _uses_netfilter(self.shape)
+            for args in self.shape.egress(netem=not netfilter):
                 _add_qdisc(["tc", "-n", host.namespace, "qdisc", "add", "dev", host.interface, *args])
             for args in self.shape.ingress():
                 _add_qdisc(["tc", "qdisc", "add", "dev", outer, *args])
+            if netfilter:
+                self._impair_with_netfilter(host)
             self.hosts.append(host)
+
+    @property
+    def delay_line_pids(self) -> list[int]:
+        """Process ids of the hosts' delay lines (netfilter mode; empty with netem or no latency)."""
+        return [line.pid for line in self._delay_lines]
+
+    def check_links(self) -> None:
+        """NetworkError if a host's delay line has exited: that host's traffic would stop for good."""
+        for host, line in zip(self.hosts, self._delay_lines, strict=False):
+            if line.poll() is not None:
+                detail = line.stderr.read().strip().splitlines() if line.stderr else []
+                raise NetworkError(f"the delay line of {host.namespace} exited ({line.returncode}): "
+                                   f"{detail[-1] if detail else 'no message'}")
 
     def close(self) -> None:
         """Tear everything down (idempotent) and dismiss the guard."""
-        teardown(self.token)
+        teardown(self.token)  # kills the delay lines too: they run in the namespaces
+        for line in self._delay_lines:
+            line.kill()
+            line.wait()
+        self._delay_lines = []
         if self._guard is not None:
             try:
                 assert self._guard.stdin is not None

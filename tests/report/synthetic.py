@@ -114,3 +114,36 @@ def budget_experiment(root: Path, name: str = "needles") -> ExperimentStore:
         trials.append((params, 0, {"serving_summary": summary}))
     _write(store, "serving", ["backend.name", "policy.kv_budget", "load.input_len"], trials, SERVING_TABLES)
     return store
+
+
+NETWORK_COMPRESSORS = ("dense", "topk", "qsgd", "a2sgd")
+
+
+def time_to_target_s(compressor: str, bandwidth_gbit: float, repeat: int) -> float | None:
+    """Synthetic: a2sgd 8/10/12 s in repeats 0/1/2, qsgd 20x those, dense 5x at 0.1 Gb/s (never in
+    repeat 2) and 5 / sqrt(10) x at 1 Gb/s, topk 30 s in every repeat."""
+    if compressor == "dense" and bandwidth_gbit == 0.1 and repeat == 2:
+        return None
+    if compressor == "topk":
+        return 30.0
+    factor = {"a2sgd": 1.0, "qsgd": 20.0, "dense": 5.0 * (0.1 / bandwidth_gbit) ** 0.5}[compressor]
+    return (8.0 + 2.0 * repeat) * factor
+
+
+def network_training_experiment(root: Path, name: str = "a2sgd-network", repeats: int = 3) -> ExperimentStore:
+    """compressor x network.bandwidth_gbit (0.1, 1), `repeats` repeats: summaries only, times from
+    `time_to_target_s`, payload 8 B for a2sgd and 1,000 B otherwise, wire 100 x payload for a2sgd."""
+    store = ExperimentStore(root, name)
+    trials = []
+    for compressor, bandwidth, repeat in itertools.product(NETWORK_COMPRESSORS, (0.1, 1.0), range(repeats)):
+        params = {"workload": "lstm", "compressor": {"name": compressor}, "seed": 0,
+                  "network": {"bandwidth_gbit": bandwidth, "latency_ms": 0.5}}
+        payload = 8.0 if compressor == "a2sgd" else 1000.0
+        summary = {"compressor": compressor, "workload": "lstm", "num_workers": 4, "steps": 100,
+                   "time_to_target_s": time_to_target_s(compressor, bandwidth, repeat), "step_time_s": 0.1 + 0.01 * repeat,
+                   "payload_bytes_per_worker_step": payload,
+                   "wire_bytes_per_worker_step": payload * (100.0 if compressor == "a2sgd" else 1.05),
+                   "final_divergence": 0.01 * (repeat + 1) if compressor == "a2sgd" else 0.0}
+        trials.append((params, repeat, {"train_summary": pa.Table.from_pylist([summary], schema=TRAINING_TABLES["train_summary"])}))
+    _write(store, "training", ["compressor.name", "network.bandwidth_gbit"], trials, TRAINING_TABLES)
+    return store

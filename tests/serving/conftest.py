@@ -40,3 +40,15 @@ def ctx(tmp_path: Path) -> TrialContext:
         experiment="test-serving", trial_id="t0", repeat=0, attempt=0, workdir=tmp_path,
         resources={"num_cpus": 1.0}, report=lambda record, step=None: reports.append(record),
     )
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (with its chat template), from the packaged GGUF."""
+    from transformers import AutoTokenizer
+
+    from backends.kvcache.loader import gguf_to_hf_folder, packaged_file
+    from backends.kvcache.presets import REAL_WEIGHTS
+
+    return AutoTokenizer.from_pretrained(str(gguf_to_hf_folder(packaged_file(*REAL_WEIGHTS["smollm2-135m"]),
+                                                                 "smollm2-135m")))

@@ -41,3 +41,5 @@ def test_engine_served_over_http_gives_the_same_tables(tiny_model: str, ctx, loc
     (summary,) = out.tables["serving_summary"].to_pylist()
     assert (summary["completed"], summary["failed"], summary["total_output_tokens"]) == (6, 0, 30)
     assert summary["ttft_ms_mean"] > 0 and summary["output_throughput"] > 0
+    # the served engine's own peaks, as in process (weights + K/V + activations > K/V > 0)
+    assert summary["peak_device_bytes"] > summary["peak_kv_bytes"] > 0

@@ -79,6 +79,13 @@ def test_shipped_grid_expands_and_each_backend_config_is_valid(grid: Path) -> No
     assert {kind for kind, _ in built} <= {"engine", "vllm"}
 
 
+@pytest.mark.parametrize("grid", [g for g in GRIDS if load_spec(g).kind == "serving"], ids=lambda p: p.name)
+def test_shipped_serving_grid_measures_every_backend_through_one_transport(grid: Path) -> None:
+    # latencies compare only on the same clock (docs/metrics.md, "Transport")
+    transports = {params.transport for params in serving_trials(grid)}
+    assert len(transports) == 1 and "auto" not in transports, transports
+
+
 def test_vllm_and_our_engine_on_cpu_with_no_block_size_take_their_own_defaults() -> None:
     raw = {"model": "tiny-llama", "device": "cpu", "engine": {"max_num_seqs": 4, "max_model_len": 256}}
     full = ServingParams.model_validate({**raw, "backend": "full"})

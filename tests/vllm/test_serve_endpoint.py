@@ -52,13 +52,13 @@ def test_health_models_and_metrics(endpoint: str) -> None:
 
 def test_completion_with_text_or_ids_and_errors(endpoint: str) -> None:
     by_ids = httpx.post(f"{endpoint}/v1/completions", json={"model": APP, "prompt": [5, 6, 7], "max_tokens": 4,
-                                                             "ignore_eos": True}).json()
+                                                             "temperature": 0, "ignore_eos": True}).json()
     (choice,) = by_ids["choices"]
     assert len(choice["token_ids"]) == 4 and choice["finish_reason"] == "length"
     assert by_ids["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     # The synthetic tokenizer maps "t<i>" to id i, so the text prompt is the same prompt.
     by_text = httpx.post(f"{endpoint}/v1/completions", json={"model": APP, "prompt": "t5 t6 t7", "max_tokens": 4,
-                                                              "ignore_eos": True}).json()
+                                                              "temperature": 0, "ignore_eos": True}).json()
     assert by_text["choices"][0]["token_ids"] == choice["token_ids"]  # greedy: same output
     too_long = httpx.post(f"{endpoint}/v1/completions", json={"model": APP, "prompt": [5] * 500, "max_tokens": 20})
     assert too_long.status_code == 400 and "max_model_len" in too_long.json()["error"]["message"]

@@ -42,9 +42,17 @@ def _start(net: EmulatedNetwork, spec: Path, log_dir: Path, attempt: int) -> lis
     return procs
 
 
-def _wait(procs: list[subprocess.Popen[bytes]]) -> int | None:
-    """None when every worker succeeded, else the rank of the first that failed (others are killed)."""
+def _wait(procs: list[subprocess.Popen[bytes]], net: EmulatedNetwork) -> int | None:
+    """None when every worker succeeded, else the rank of the first that failed (others are killed);
+    NetworkError (workers killed) when the network itself broke."""
     while True:
+        try:
+            net.check_links()
+        except Exception:
+            for p in procs:
+                p.kill()
+                p.wait()
+            raise
         codes = [p.poll() for p in procs]
         failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
@@ -75,7 +83,7 @@ def fit_emulated(params: TrainingParams, workdir: Path, resources: dict[str, flo
             "threads": max(1, int(resources.get("num_cpus", 1))), "workdir": str(workdir),
         }))
         for attempt in range(params.max_failures + 1):
-            failed = _wait(_start(net, spec, logs, attempt))
+            failed = _wait(_start(net, spec, logs, attempt), net)
             if failed is None:
                 break
             if attempt == params.max_failures:

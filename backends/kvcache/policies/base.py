@@ -110,6 +110,13 @@ class CachePolicy:
         """Entries a sequence keeps after eviction once it has seen ``n_seen`` tokens."""
         return n_seen
 
+    def token_budget(self, n_seen: int, from_ratio: int) -> int:
+        """Entries to keep of ``n_seen``: ``kv_budget_tokens`` if stated, else ``from_ratio``
+        (the policy's rounding of its fraction), never below ``min_tokens``, at least 1."""
+        stated = self.params.get("kv_budget_tokens")
+        kept = from_ratio if stated is None else int(stated)
+        return max(1, min(n_seen, max(kept, int(self.params.get("min_tokens") or 0))))
+
     def select_keep(self, seq: Sequence, slots: torch.Tensor) -> torch.Tensor | None:
         """Entries to keep [layers, n_keep, kv_heads] (indices into ``slots``), or None to keep all."""
         return None

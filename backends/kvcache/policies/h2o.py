@@ -9,6 +9,11 @@ most recent positions, and the ``total - recent`` others with the largest accumu
 attention. A token's accumulated attention is the sum, over every query that attended to it
 while it was cached and over the query heads sharing its KV head, of the softmax probability.
 ``kv_budget`` alone splits evenly into heavy and recent.
+
+Budgets as counts, as H2O's own serving code states them (a fixed heavy and recent size):
+``heavy_tokens`` + ``recent_tokens`` entries per layer and KV head, or ``kv_budget_tokens``
+split evenly (recent gets the odd one). ``min_tokens`` is a floor: while ``n <= min_tokens``
+nothing is evicted, and ``total`` never drops below it. Fractions and counts do not mix.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from backends.kvcache.policies.base import BatchMeta, CachePolicy
 from backends.kvcache.policies.registry import POLICIES, PolicyKnobs
@@ -26,6 +31,20 @@ class H2OKnobs(PolicyKnobs):
     kv_budget: float | None = Field(default=None, gt=0, le=1)  # None: 0.2 unless the ratios are given
     heavy_ratio: float | None = Field(default=None, ge=0, le=1)
     recent_ratio: float | None = Field(default=None, ge=0, le=1)
+    heavy_tokens: int | None = Field(default=None, ge=0)
+    recent_tokens: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> H2OKnobs:
+        given = {k for k in self.model_fields_set if getattr(self, k) is not None}
+        fractions = sorted(given & {"kv_budget", "heavy_ratio", "recent_ratio"})
+        counts = sorted(given & {"heavy_tokens", "recent_tokens"})
+        if "kv_budget_tokens" in given and counts:
+            raise ValueError(f"give kv_budget_tokens or {'/'.join(counts)}, not both")
+        if fractions and (counts or "kv_budget_tokens" in given):
+            raise ValueError(f"give the budget as fractions ({', '.join(fractions)}) or as token counts "
+                             f"({', '.join(counts or ['kv_budget_tokens'])}), not both")
+        return self
 
 
 @POLICIES.register
@@ -37,12 +56,20 @@ class H2OPolicy(CachePolicy):
 
     def __init__(self, params, model, cfg, device):
         super().__init__(params, model, cfg, device)
-        heavy, recent, budget = self.params["heavy_ratio"], self.params["recent_ratio"], self.params["kv_budget"]
+        p = self.params
+        heavy, recent, budget = p["heavy_ratio"], p["recent_ratio"], p["kv_budget"]
         if heavy is None and recent is None:
             budget = 0.2 if budget is None else float(budget)
             heavy = recent = budget / 2
         self.heavy = float(heavy if heavy is not None else 0.0)
         self.recent = float(recent if recent is not None else 0.0)
+        # counts (None: the fractions decide); kv_budget_tokens splits evenly, recent gets the odd one
+        self.counts: tuple[int, int] | None = None
+        if p["kv_budget_tokens"] is not None:
+            total = int(p["kv_budget_tokens"])
+            self.counts = (total // 2, total - total // 2)
+        elif p["heavy_tokens"] is not None or p["recent_tokens"] is not None:
+            self.counts = (int(p["heavy_tokens"] or 0), int(p["recent_tokens"] or 0))
 
     def bind(self, store):
         super().bind(store)
@@ -51,9 +78,14 @@ class H2OPolicy(CachePolicy):
 
     def budgets(self, n_seen: int) -> tuple[int, int]:
         """(total kept, recent kept) for a sequence that has seen ``n_seen`` tokens."""
-        total = max(1, min(n_seen, math.floor((self.heavy + self.recent) * n_seen + 1e-9)))
-        recent = min(total, max(1, math.floor(self.recent * n_seen + 1e-9)))
-        return total, recent
+        if self.counts is not None:
+            total, recent = sum(self.counts), self.counts[1]
+        else:
+            total = math.floor((self.heavy + self.recent) * n_seen + 1e-9)
+            recent = math.floor(self.recent * n_seen + 1e-9)
+        # the floor applies through the base (min_tokens); kv_budget_tokens is already in counts
+        total = max(1, min(n_seen, max(total, int(self.params["min_tokens"]))))
+        return total, min(total, max(1, recent))
 
     def kept_tokens(self, n_seen: int) -> int:
         return self.budgets(n_seen)[0]

@@ -23,7 +23,8 @@ weight divides it out and applies the next layer's (RMSNorm has no bias, so this
 next layer's input exactly up to what the layer in between adds).
 
 A KV head ranks tokens by its query heads' summed softmax over the speculated scores, in log
-space. Tokens within ``alpha`` of the maximum are kept, at most ``kv_budget`` x stored tokens,
+space. Tokens within ``alpha`` of the maximum are kept, at most ``kv_budget`` x stored tokens (or
+``kv_budget_tokens``; all of them up to ``min_tokens``),
 the same count for every KV head of a sequence. The first and last layers are not
 speculated: they fetch everything, as in the original.
 """
@@ -236,8 +237,10 @@ class InfiniGenPolicy(CachePolicy):
         per_kv = torch.softmax(scores, dim=-1).sum(dim=2).log()  # [B,KVH,L]
         top = per_kv.amax(dim=-1, keepdim=True)
         count = (per_kv >= top - self.alpha).sum(-1).amax(-1)  # [B]: same count for all heads
-        cap = torch.tensor([max(1, math.ceil(self.budget * n)) for n in batch.stored_before], device=self.device)
-        keep = torch.minimum(torch.minimum(count, cap), batch.prev_len)
+        cap = torch.tensor([self.token_budget(n, math.ceil(self.budget * n)) for n in batch.stored_before],
+                           device=self.device)
+        floor = torch.tensor([min(n, int(self.params["min_tokens"])) for n in batch.stored_before], device=self.device)
+        keep = torch.minimum(torch.maximum(torch.minimum(count, cap), floor), batch.prev_len)
         width = int(keep.max()) if b else 0
         width = max(width, 1)
         ranked = per_kv.topk(width, dim=-1).indices  # [B,KVH,K] best first

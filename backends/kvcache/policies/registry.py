@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from backends.registry import Registry
 
@@ -22,11 +22,22 @@ POLICIES: Registry[type[CachePolicy]] = Registry("cache policy")
 
 
 class PolicyKnobs(BaseModel):
-    """A policy's typed parameters; every policy takes ``kv_budget`` (fraction of tokens kept)."""
+    """A policy's typed parameters. Every policy takes a budget, as a fraction of the tokens a
+    sequence has seen (``kv_budget``) or as a count (``kv_budget_tokens``: entries kept per
+    sequence in each layer and KV head), and a floor (``min_tokens``): a sequence that has seen
+    at most that many tokens keeps them all, and a longer one never keeps fewer."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kv_budget: float = Field(default=1.0, gt=0, le=1)
+    kv_budget_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_budget_form(self) -> PolicyKnobs:
+        if self.kv_budget_tokens is not None and "kv_budget" in self.model_fields_set and self.kv_budget is not None:
+            raise ValueError("give kv_budget (a fraction) or kv_budget_tokens (a count), not both")
+        return self
 
     @classmethod
     def resolve(cls, policy: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -38,5 +49,6 @@ class PolicyKnobs(BaseModel):
             return cls(**given).model_dump()
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"policy {policy!r}: {where}: {first['msg']}") from None
+            where = "".join(f"{p}: " for p in first["loc"][:1])
+            message = first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"policy {policy!r}: {where}{message}") from None

@@ -1,7 +1,9 @@
 """``streaming`` (StreamingLLM): keep the first ``sink_tokens`` entries plus a recent window.
 
-The window is ``window`` tokens, or, when ``window`` is not given, ``kv_budget`` x tokens seen
-minus the sinks. Cached keys keep the positions they were computed at (no re-rotation). Each
+The window is ``window`` tokens, or, when ``window`` is not given, the budget (``kv_budget`` x
+tokens seen, or ``kv_budget_tokens``) minus the sinks; with ``min_tokens`` nothing is evicted
+until a sequence has seen that many tokens, and sinks + window never fall below it. Cached keys
+keep the positions they were computed at (no re-rotation). Each
 entry's position is tracked, so the oldest non-sink entry can be dropped in place.
 """
 
@@ -31,8 +33,10 @@ class StreamingPolicy(CachePolicy):
         sink = int(self.params["sink_tokens"])
         window = self.params["window"]
         if window is None:
-            window = max(1, math.floor(float(self.params["kv_budget"]) * n_seen) - sink)
-        return sink, int(window)
+            total = self.token_budget(n_seen, math.floor(float(self.params["kv_budget"]) * n_seen))
+        else:
+            total = max(sink + int(window), min(n_seen, int(self.params["min_tokens"])))
+        return sink, max(1, total - sink)
 
     def kept_tokens(self, n_seen: int) -> int:
         sink, window = self._sizes(n_seen)

@@ -12,6 +12,8 @@ import gc
 import uuid
 from typing import Any
 
+import httpx
+
 from backends.kvcache.policies import POLICIES
 from backends.network.ports import free_port
 from workloads.serving.params import ServingParams
@@ -110,6 +112,20 @@ class EngineSystem:
         gc.collect()
 
 
+def replica_placement(device: str) -> dict[str, Any]:
+    """Ray options that put a served engine's replica on the trial's own accelerator: the trial's
+    placement group already holds the GPU, so the replica asks for none, runs on this node and
+    sees the devices the trial was given. Nothing on CPU."""
+    import os
+
+    import ray
+
+    if not device.startswith("cuda") or not ray.is_initialized():
+        return {}
+    return {"resources": {f"node:{ray.util.get_node_ip_address()}": 0.001},
+            "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}}}
+
+
 class ServedEngineSystem:
     """One ``LLMEngine`` behind Ray Serve's OpenAI-compatible ``/v1/completions`` (HTTP only)."""
 
@@ -133,7 +149,9 @@ class ServedEngineSystem:
         kv_bytes_per_token = ModelConfig.from_hf(hf, config.torch_dtype.itemsize).kv_bytes_per_token
         self._block_size = int(config.block_size)
         self.app_name = f"orch-{self.name}-{uuid.uuid4().hex[:8]}"
-        self.base_url = deploy(config, port=free_port(), name=self.app_name)
+        # its own route: the trials of a grid share the cluster's one Serve proxy
+        self.base_url = deploy(config, port=free_port(), name=self.app_name, route_prefix=f"/{self.app_name}",
+                               actor_options=replica_placement(config.device))
         self._sampler = PrometheusStepSampler(f"{self.base_url}/metrics", kv_bytes_per_token)
 
     def transport(self, kind: str) -> Transport:
@@ -149,6 +167,16 @@ class ServedEngineSystem:
     def block_size(self) -> int:
         """Tokens per KV block of the served engine."""
         return self._block_size
+
+    def reset_peaks(self) -> None:
+        """Start a new peak-measurement window in the served engine."""
+        httpx.post(f"{self.base_url}/v1/engine_peaks/reset", timeout=30, trust_env=False).raise_for_status()
+
+    def memory_peaks(self) -> dict[str, int]:
+        """The served engine's own peak K/V and device bytes since the last reset."""
+        response = httpx.get(f"{self.base_url}/v1/engine_peaks", timeout=30, trust_env=False)
+        response.raise_for_status()
+        return {key: int(value) for key, value in response.json().items()}
 
     def close(self) -> None:
         """Stop sampling and delete the Serve application (idempotent)."""

@@ -1,0 +1,278 @@
+"""A real multi-host Ray cluster: a head and two workers, each in its own network namespace.
+
+Each host has its own address on a bridge (backends/network), its own Ray node started with
+`ray start` and custom resources; the test process is outside the namespaces and reaches the
+head through the bridge's gateway address, as a laptop reaches a cluster. Token auth is on,
+as cluster.yaml sets it up: one token, generated once, in each node's ~/.ray/auth_token and in
+the submitter's ~/.orch/tokens/HEAD. Everything is torn down at the end, also on failure (the
+namespace helper kills every process left in the namespaces and removes them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from backends.network import EmulatedNetwork
+from backends.network.namespaces import leftovers
+from orchestrator import access
+from orchestrator.store import ExperimentStore
+from tests.conftest import REPO
+from tests.core.helpers import ORCH, mlflow_trial_runs, parquet_trial_ids, write_grid
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
+
+RAY = str(Path(sys.executable).parent / "ray")
+GCS_PORT, DASHBOARD_PORT = 6379, 8265  # each namespace has its own ports: no clash with other Rays here
+WORKERS = {"w1": 1, "w2": 1}  # host -> CPUs
+FAST_HEALTH = json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 4})
+
+
+class Cluster:
+    """The running namespace cluster: hosts, node processes, the submitter's environment."""
+
+    def __init__(self, net: EmulatedNetwork, root: Path) -> None:
+        self.net = net
+        self.hosts = {h.name: h for h in net.hosts}
+        self.root = root
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Ray's socket paths must stay under 108 bytes: its session folders live in a short folder.
+        self.ray_temp = Path(tempfile.mkdtemp(prefix="omh", dir="/tmp"))
+        self.node_home = root / "node-home"  # what cluster.yaml's file_mounts give every node
+        self.client_env = dict(os.environ, HOME=str(root / "client-home"), ORCH_TOKENS_DIR=str(root / "tokens"))
+        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "ORCH_TOKEN_FILE"):
+            self.client_env.pop(key, None)
+
+    @property
+    def head(self) -> str:
+        """The head's address."""
+        return self.hosts["head"].address
+
+    @property
+    def jobs_address(self) -> str:
+        """The head's Jobs API."""
+        return f"http://{self.head}:{DASHBOARD_PORT}"
+
+    def node_env(self) -> dict[str, str]:
+        """A node's environment: its own HOME with the token, `orch` on the PATH, Ray's interface rules."""
+        env = dict(os.environ, HOME=str(self.node_home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        # At 0, `ray start --address` refuses to join a head that is not on loopback.
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+            env.pop(key, None)
+        return env
+
+    def start(self, name: str, *args: str, env: dict[str, str]) -> None:
+        """`ray start --block` inside host ``name``, in a session of its own."""
+        host = self.hosts[name]
+        temp = self.ray_temp / name
+        self.procs[name] = subprocess.Popen(
+            [*host.exec_args(), RAY, "start", "--block", f"--node-ip-address={host.address}", f"--temp-dir={temp}",
+             "--disable-usage-stats", *args],
+            cwd=REPO, env=env, stdout=(self.root / f"{name}.log").open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def nodes(self) -> list[dict]:
+        """The state API's alive nodes (node_id, node_ip, resources_total), asked with the token."""
+        token = (self.root / "tokens" / self.head).read_text().strip()
+        response = httpx.get(f"{self.jobs_address}/api/v0/nodes", params={"detail": "1"}, timeout=10,
+                             headers={"Authorization": f"Bearer {token}"})
+        response.raise_for_status()
+        return [n for n in response.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def node_ids(self) -> dict[str, str]:
+        """host name -> Ray node id."""
+        by_ip = {n["node_ip"]: n["node_id"] for n in self.nodes()}
+        return {name: by_ip[host.address] for name, host in self.hosts.items() if host.address in by_ip}
+
+    def orch(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        """`orch` run from outside the namespaces, as the user's laptop."""
+        return subprocess.run([*ORCH, *args], cwd=REPO, env=self.client_env, capture_output=True, text=True,
+                              timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    cleanup: list[Path] = []
+    try:
+        with EmulatedNetwork(["head", "w1", "w2"], subnet="10.214.0.0/24", gateway=True) as net:
+            ray_cluster = Cluster(net, root)
+            cleanup.append(ray_cluster.ray_temp)
+            # The token, generated once on the submitter's machine, shipped to every node's ~/.ray/auth_token.
+            os.environ[access.TOKENS_DIR_ENV] = str(root / "tokens")
+            try:
+                token_path, _ = access.new_token(ray_cluster.head)
+            finally:
+                del os.environ[access.TOKENS_DIR_ENV]
+            (ray_cluster.node_home / ".ray").mkdir(parents=True)
+            shutil.copy(token_path, ray_cluster.node_home / ".ray" / "auth_token")
+            # The head as the issue's user started it: no RAY_AUTH_MODE, a token under ~/.ray turns auth on.
+            ray_cluster.start("head", "--head", f"--port={GCS_PORT}", "--num-cpus=0", "--resources={\"head_host\": 1}",
+                              f"--dashboard-host={ray_cluster.head}", f"--dashboard-port={DASHBOARD_PORT}",
+                              "--include-dashboard=true", f"--system-config={FAST_HEALTH}", env=ray_cluster.node_env())
+            for name, cpus in WORKERS.items():
+                # A joining node never turns auth on by itself: cluster.yaml sets RAY_AUTH_MODE=token on every node.
+                ray_cluster.start(name, f"--address={ray_cluster.head}:{GCS_PORT}", f"--num-cpus={cpus}",
+                                  f"--resources={{\"host_{name}\": 1, \"pool\": 1}}",
+                                  env=dict(ray_cluster.node_env(), RAY_AUTH_MODE="token"))
+            deadline = time.time() + 150
+            while True:
+                try:
+                    if len(ray_cluster.nodes()) == 3:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() > deadline or any(p.poll() is not None for p in ray_cluster.procs.values()):
+                    logs = {p.name: p.read_text()[-1500:] for p in root.glob("*.log")}
+                    pytest.fail(f"the namespace cluster did not come up: {logs}")
+                time.sleep(1)
+            yield ray_cluster
+    finally:  # after the namespaces' processes are gone (the network closes first)
+        for folder in cleanup:
+            shutil.rmtree(folder, ignore_errors=True)
+    assert not leftovers(net.token), "the namespace cluster was not torn down"
+
+
+def _error_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_bad_access_is_refused_with_one_line_each(cluster: Cluster, tmp_path: Path) -> None:
+    # no token for this cluster on the submitter's machine
+    bare = dict(cluster.client_env, ORCH_TOKENS_DIR=str(tmp_path / "none"))
+    result = subprocess.run([*ORCH, "status", "--address", cluster.jobs_address], cwd=REPO, env=bare,
+                            capture_output=True, text=True, timeout=60)
+    assert "requires a token and none is configured for " + cluster.head in _error_line(result)
+    # a wrong token, through the Jobs API and through the GCS
+    wrong = tmp_path / "wrong"
+    wrong.write_text("0" * 64)
+    for address in (cluster.jobs_address, f"{cluster.head}:{GCS_PORT}"):
+        grid = write_grid(tmp_path, experiment="refused")
+        result = cluster.orch("submit", str(grid), "--address", address, "--token-file", str(wrong))
+        assert f"the cluster at {address} refused the token from {wrong}" in _error_line(result)
+    # unreachable: a port nothing listens on, and an address no host has (checked in-process: no CLI start-up)
+    with pytest.raises(access.AccessError, match=r"cannot reach the Ray cluster at .*:9 \(connection refused\)"):
+        access.check_reachable(access.parse_address(f"http://{cluster.hosts['w2'].address}:9"))
+    begin = time.monotonic()
+    with pytest.raises(access.AccessError, match=r"10.214.0.77:6379 \((no answer within 5 s|no route to host)\)"):
+        access.check_reachable(access.parse_address("10.214.0.77:6379"))
+    assert time.monotonic() - begin < 10
+    # a grid no node can hold is refused before submission, naming each node's resources
+    grid = write_grid(tmp_path, experiment="too-big", resources={"num_cpus": 2})
+    line = _error_line(cluster.orch("submit", str(grid), "--address", cluster.jobs_address))
+    assert "needs CPU=2, which no node can hold" in line
+    for name in ("w1", "w2"):
+        assert f"node {cluster.hosts[name].address}: CPU=1 " in line and f"host_{name}=1" in line
+    token = (cluster.root / "tokens" / cluster.head).read_text().strip()
+    jobs = httpx.get(f"{cluster.jobs_address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert isinstance(jobs.json(), list)
+    assert not [j for j in jobs.json() if (j.get("metadata") or {}).get("orch.experiment") == "too-big"]
+
+
+def test_the_token_goes_only_to_its_own_cluster(cluster: Cluster) -> None:
+    """Another host's server sees no token, though the submitter holds the head's token and a local Ray token."""
+    home = Path(cluster.client_env["HOME"])
+    (home / ".ray").mkdir(parents=True, exist_ok=True)
+    (home / ".ray" / "auth_token").write_text("local-ray-token")
+    foreign = cluster.hosts["w1"]
+    recorder = subprocess.Popen([*foreign.exec_args(), sys.executable, "-c", _RECORDER], stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        assert recorder.stdout is not None and recorder.stdout.readline().strip() == "ready"
+        result = cluster.orch("status", "--address", f"http://{foreign.address}:8266")
+        assert f"requires a token and none is configured for {foreign.address}" in _error_line(result)
+        seen = recorder.stdout.readline().strip()
+    finally:
+        recorder.kill()
+        recorder.wait(10)
+    assert seen == "authorization=None"
+
+
+# A dashboard stand-in on another host: prints each request's Authorization header, answers 401.
+_RECORDER = """
+import http.server
+class Recorder(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        print(f"authorization={self.headers.get('Authorization')}", flush=True)
+        self.send_response(401)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("0.0.0.0", 8266), Recorder)
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_driver_on_the_head_uses_the_local_token_and_pins_trials_by_custom_resource(cluster: Cluster,
+                                                                                      tmp_path: Path) -> None:
+    """The issue's case: a head started with ~/.ray/auth_token present, `orch submit --address HEAD:6379` on it."""
+    results = tmp_path / "r"
+    grid = write_grid(tmp_path, experiment="pinned", grid={"x": [1, 2]}, resources={"num_cpus": 1, "host_w2": 1})
+    env = cluster.node_env()
+    result = subprocess.run([*cluster.hosts["head"].exec_args(), *ORCH, "submit", str(grid), "--address",
+                             f"{cluster.head}:{GCS_PORT}", "--results", str(results), "--no-dashboard"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = ExperimentStore(results, "pinned").load_manifest()
+    assert {e["node"] for e in manifest["trials"].values()} == {cluster.node_ids()["w2"]}
+
+
+def test_a_grid_through_the_jobs_api_survives_a_worker_host_cut_off(cluster: Cluster, tmp_path: Path) -> None:
+    results = tmp_path / "remote"
+    node_ids = cluster.node_ids()
+    grid = write_grid(tmp_path, experiment="lose-host", grid={"x": [1, 2, 3, 4]}, base={"sleep_s": 4.0},
+                      resources={"num_cpus": 1, "pool": 1}, retries=2)
+    submit = subprocess.Popen([*ORCH, "submit", str(grid), "--address", cluster.jobs_address, "--remote-results",
+                               str(results)], cwd=REPO, env=cluster.client_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    store = ExperimentStore(results, "lose-host")
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline:  # both workers run a trial
+            manifest = store.load_manifest() or {"trials": {}}
+            if sum(e["state"] == "running" and bool(e.get("start_s")) for e in manifest["trials"].values()) == 2:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("the grid never ran two trials at once")
+        time.sleep(1.5)  # inside their sleep now
+        w1 = cluster.hosts["w1"]
+        subprocess.run(["ip", "-n", w1.namespace, "link", "set", w1.interface, "down"], check=True)
+        time.sleep(2.0)
+        os.killpg(cluster.procs["w1"].pid, signal.SIGKILL)  # the raylet and everything else on w1
+        out, err = submit.communicate(timeout=240)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+            submit.wait(10)
+    assert submit.returncode == 0, out[-3000:] + err[-3000:]
+    entries = store.load_manifest()["trials"]
+    assert sorted(e["state"] for e in entries.values()) == ["done"] * 4
+    retried = [e for e in entries.values() if e["attempts"] > 1]
+    assert retried, "a trial on the cut-off host must have been retried"
+    assert all(e["node"] == node_ids["w2"] for e in retried)
+    assert {e["node"] for e in entries.values()} <= {node_ids["w1"], node_ids["w2"]}  # never on the head
+    # nothing lost, nothing duplicated: one Parquet partition, one summary row and one MLflow run per trial
+    ids = sorted(entries)
+    assert parquet_trial_ids(results, "lose-host", "toy_summary") == ids
+    summary = store.read_table("toy_summary").to_pandas()
+    assert sorted(summary["trial_id"].astype(str)) == ids
+    assert sorted(summary["score"]) == [10.0, 20.0, 30.0, 40.0]
+    runs = mlflow_trial_runs(results, "lose-host")
+    assert sorted(r.data.tags["orch.trial_id"] for r in runs) == ids
+    assert all(r.info.status == "FINISHED" for r in runs)
