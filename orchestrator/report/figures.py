@@ -295,6 +295,30 @@ def _latency(metric: str, label: str) -> Against:
 _QUALITY = (Metric("needle_accuracy", "needle accuracy (fraction answered exactly)"),
             Metric("token_agreement", "greedy-token agreement with the full cache"))
 
+
+
+def _budget_figures(axis: str, x_label: str, suffix: str) -> tuple[FigureSpec, ...]:
+    """What a KV budget buys and costs, against a budget axis (a fraction, or a token count)."""
+    table = "serving_summary"
+    return (
+        Against(name=f"throughput_vs_budget{suffix}", title="Output throughput vs KV budget", table=table, x=axis,
+                x_label=x_label, metrics=(Metric("output_throughput"),), y_label="output throughput (tokens/s)"),
+        Against(name=f"peak_kv_vs_budget{suffix}", title="Peak KV memory vs KV budget", table=table, x=axis,
+                x_label=x_label, metrics=(Metric("peak_kv_bytes", "device"), Metric("peak_kv_bytes_host", "host")),
+                y_label="peak KV (MiB)", scale=MIB),
+        Against(name=f"quality_vs_budget{suffix}", title="Quality vs KV budget", table=table, x=axis, x_label=x_label,
+                metrics=(Metric("ppl_ratio", "perplexity ratio"), Metric("token_agreement", "greedy-token agreement")),
+                y_label="vs the full cache (ratio)"),
+        Against(name=f"needle_vs_budget{suffix}", title="Needle retrieval vs KV budget", table=table, x=axis,
+                x_label=x_label, metrics=(Metric("needle_accuracy"),), y_label="needle accuracy (fraction answered exactly)"),
+        Tradeoff(name=f"quality_vs_memory{suffix}", title="Quality vs peak KV memory (points: KV budget)", table=table,
+                 along=axis, x=Metric("peak_kv_bytes"), x_label="peak KV (MiB)", x_scale=MIB, y=_QUALITY),
+        Tradeoff(name=f"quality_vs_throughput{suffix}", title="Quality vs output throughput (points: KV budget)",
+                 table=table, along=axis, x=Metric("output_throughput"), x_label="output throughput (tokens/s)",
+                 y=_QUALITY),
+    )
+
+
 SERVING_FIGURES: tuple[FigureSpec, ...] = (
     _latency("ttft", "TTFT"),
     _latency("tpot", "TPOT"),
@@ -302,25 +326,8 @@ SERVING_FIGURES: tuple[FigureSpec, ...] = (
     _latency("e2el", "E2E latency"),
     Against(name="goodput_vs_rate", title="Goodput vs request rate", table="serving_summary", x="request_rate",
             x_label="request rate (requests/s)", metrics=(Metric("goodput"),), y_label="goodput (requests/s within SLO)"),
-    Against(name="throughput_vs_budget", title="Output throughput vs KV budget", table="serving_summary", x="kv_budget",
-            x_label="KV budget (fraction of the full cache)", metrics=(Metric("output_throughput"),),
-            y_label="output throughput (tokens/s)"),
-    Against(name="peak_kv_vs_budget", title="Peak KV memory vs KV budget", table="serving_summary", x="kv_budget",
-            x_label="KV budget (fraction of the full cache)",
-            metrics=(Metric("peak_kv_bytes", "device"), Metric("peak_kv_bytes_host", "host")), y_label="peak KV (MiB)",
-            scale=MIB),
-    Against(name="quality_vs_budget", title="Quality vs KV budget", table="serving_summary", x="kv_budget",
-            x_label="KV budget (fraction of the full cache)",
-            metrics=(Metric("ppl_ratio", "perplexity ratio"), Metric("token_agreement", "greedy-token agreement")),
-            y_label="vs the full cache (ratio)"),
-    Against(name="needle_vs_budget", title="Needle retrieval vs KV budget", table="serving_summary", x="kv_budget",
-            x_label="KV budget (fraction of the full cache)", metrics=(Metric("needle_accuracy"),),
-            y_label="needle accuracy (fraction answered exactly)"),
-    Tradeoff(name="quality_vs_memory", title="Quality vs peak KV memory (points: KV budget)", table="serving_summary",
-             along="kv_budget", x=Metric("peak_kv_bytes"), x_label="peak KV (MiB)", x_scale=MIB, y=_QUALITY),
-    Tradeoff(name="quality_vs_throughput", title="Quality vs output throughput (points: KV budget)",
-             table="serving_summary", along="kv_budget", x=Metric("output_throughput"),
-             x_label="output throughput (tokens/s)", y=_QUALITY),
+    *_budget_figures("kv_budget", "KV budget (fraction of the full cache)", ""),
+    *_budget_figures("kv_budget_tokens", "KV budget (tokens kept per sequence, layer and KV head)", "_tokens"),
     Against(name="memory_vs_model", title="Memory vs model", table="serving_summary", x="model", x_label="model",
             metrics=(Metric("peak_device_bytes", "device peak"), Metric("peak_kv_bytes", "KV peak")),
             y_label="memory (MiB)", scale=MIB),

@@ -142,19 +142,24 @@ BUDGET_METRICS = {
 }
 
 
+# A budget is a fraction of the tokens seen or a token count per sequence (policy knobs).
+BUDGET_AXES = ("kv_budget", "kv_budget_tokens")
+
+
 def budget_table(data: ExperimentData) -> pd.DataFrame | None:
     """Per series and KV budget: quality, peak KV memory and throughput (means over repeats).
 
-    Drawn when the budget varies and some quality metric was measured; the other varying axes
+    Drawn when a budget (``BUDGET_AXES``) varies and some quality metric was measured; the other varying axes
     (policy, context length, ...) name the rows, the budget last.
     """
     frame = data.table("serving_summary")
-    if frame is None or "kv_budget" not in data.varying:
+    budget = next((a for a in BUDGET_AXES if a in data.varying), None)
+    if frame is None or budget is None:
         return None
     metrics = [m for m in BUDGET_METRICS if m in frame.columns and frame[m].notna().any()]
     if not any(m in metrics for m in ("needle_accuracy", "ppl_ratio", "token_agreement")):
         return None
-    keys = [a for a in data.varying if a != "kv_budget"] + ["kv_budget"]
+    keys = [a for a in data.varying if a != budget] + [budget]
     means = frame.groupby(keys, sort=True, dropna=False)[metrics].mean().reset_index()
     for metric in metrics:
         means[metric] = means[metric] / BUDGET_METRICS[metric][1]

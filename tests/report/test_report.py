@@ -161,3 +161,19 @@ def test_quality_next_to_memory_and_throughput_per_budget(tmp_path: Path) -> Non
     assert "perplexity ratio" not in table.columns  # not measured: no empty column
     html = page.to_html(page.build(data))
     assert "Quality, memory and throughput per KV budget" in html and 'id="fig-quality_vs_memory"' in html
+
+
+def test_a_budget_in_tokens_gets_the_same_figures_and_table(tmp_path: Path) -> None:
+    from orchestrator.report.summary import budget_table
+    from tests.report.synthetic import budget_experiment, needle_accuracy
+
+    data = load_experiment(budget_experiment(tmp_path, knob="kv_budget_tokens"))
+    drawn = {s.name for s in FIGURES if s.draw(data) is not None}
+    assert {"needle_vs_budget_tokens", "quality_vs_memory_tokens", "peak_kv_vs_budget_tokens"} <= drawn
+    assert "needle_vs_budget" not in drawn
+    series = _errorbars(_spec("needle_vs_budget_tokens").draw(data))
+    assert series["backend=streaming, input_len=1024"][0] == pytest.approx(
+        [needle_accuracy("streaming", b, 1024) for b in (0.2, 0.5)])
+    table = budget_table(data)
+    assert list(table.columns[:3]) == ["backend", "input_len", "kv_budget_tokens"]
+    assert sorted(table[table["backend"] == "h2o"]["kv_budget_tokens"].unique()) == [200, 500]
