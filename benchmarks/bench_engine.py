@@ -15,8 +15,8 @@ On a GPU (``--device cuda``; see benchmarks/bench_engine_gpu.py): decode tok/s a
 full / h2o / streaming against transformers' static cache on dummy bf16 weights:
 
     python -m benchmarks.bench_engine --device cuda [--models llama-3-8b,opt-6.7b]
-        [--batch-sizes 1,16,64] [--prompt-len 512] [--output-len 256] [--policies full,h2o,streaming]
-        [--budget 0.2] [--repeats 3] [--profile DIR] [--json FILE] [--eager] [--no-transformers]
+        [--batch-sizes 1,16,64] [--prompt-len 512] [--output-len 256] [--policies full,h2o,streaming,infinigen,offload]
+        [--budget 0.2] [--repeats 3] [--profile DIR] [--profile-policies full,h2o] [--json FILE] [--eager] [--no-transformers]
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def main() -> None:
     gpu.add_argument("--policies", default="full,h2o,streaming")
     gpu.add_argument("--budget", type=float, default=0.2)
     gpu.add_argument("--repeats", type=int, default=3)
-    gpu.add_argument("--profile", default=None, help="folder for a torch profiler table (full, batch 1)")
+    gpu.add_argument("--profile", default=None, help="folder for torch profiler tables (10 decode steps)")
+    gpu.add_argument("--profile-policies", default="full", help="policies profiled at every batch size")
     gpu.add_argument("--json", default=None, help="write every row as JSON here")
     gpu.add_argument("--eager", action="store_true", help="no CUDA graphs")
     gpu.add_argument("--no-transformers", action="store_true")

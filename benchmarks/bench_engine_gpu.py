@@ -7,6 +7,12 @@ pure-decode steps (every request admitted, nothing prefilling) over those steps'
 MBU = (weight bytes + K/V bytes the step reads) / step time / the device-to-device copy
 bandwidth measured at the start of the same run (bytes read + written). Each configuration
 runs ``repeats`` times; the median is reported with the spread (max - min) / median.
+Memory and transfers, per row: ``peak_kv_mb`` is the store's own allocation peak (K/V pools,
+side fields, a policy's device buffers and fetched K/V) over the measured runs; ``alloc_peak_gb``
+the CUDA allocator's peak over the same runs (weights and activations included); ``h2d_gb_s``
+the host-to-device bytes the policy's copies moved during decode over the decode time, and
+``h2d_share`` that rate over the pinned host-to-device copy bandwidth measured at the start
+(one large copy, median of 10).
 Imports only ``backends.kvcache`` (and transformers), so it runs on a bare GPU host.
 """
 
@@ -42,6 +48,23 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
     return 2 * nbytes / statistics.median(times[3:])
 
 
+def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Pinned host -> device copy bandwidth in bytes/s, median of 10 copies."""
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(12):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return nbytes / statistics.median(times[2:])
+
+
 @dataclass
 class Row:
     model: str
@@ -52,17 +75,23 @@ class Row:
     step_ms: float
     mbu: float
     runs: list[float]
+    peak_kv_mb: float = 0.0
+    alloc_peak_gb: float = 0.0
+    h2d_gb_s: float = 0.0
+    h2d_share: float = 0.0
 
 
-def engine_decode(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, int, float, int]:
-    """(seconds, tokens, K/V bytes read, steps) over the pure-decode steps of one batch."""
+def engine_decode(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, int, float, int, int]:
+    """(seconds, tokens, K/V bytes read, steps, host-to-device bytes) over the pure-decode steps
+    of one batch."""
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, new_tokens)
-    seconds, tokens, kv_read, steps = 0.0, 0, 0, 0
+    seconds, tokens, kv_read, steps, h2d = 0.0, 0, 0, 0, 0
     per_token = engine.model_config.kv_bytes_per_token
     while engine.has_unfinished():
         pure = not engine.scheduler.waiting and len(engine.scheduler.running) == len(prompts)
         stored = engine.stored_tokens()
+        before = engine.policy.store.transfers.h2d_host
         t0 = time.perf_counter()
         out = engine.step()
         dt = time.perf_counter() - t0
@@ -71,11 +100,12 @@ def engine_decode(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) 
             tokens += sum(len(o.new_token_ids) for o in out)
             kv_read += (stored + len(prompts)) * per_token
             steps += 1
-    return seconds, tokens, kv_read, steps
+            h2d += engine.policy.store.transfers.h2d_host - before
+    return seconds, tokens, kv_read, steps, h2d
 
 
 def bench_engine_config(model: str, policy: str, params: dict, batches: list[int], args, bw: float,
-                        vocab: int) -> list[Row]:
+                        vocab: int, h2d_bw: float) -> list[Row]:
     """Every batch size for one engine (built once, graphs captured in a warm-up)."""
     max_len = args.prompt_len + args.output_len + 16
     blocks = max(batches) * -(-max_len // 16) + 16
@@ -86,46 +116,68 @@ def bench_engine_config(model: str, policy: str, params: dict, batches: list[int
     gen = torch.Generator().manual_seed(0)
     rows = []
     label = policy if not params else f"{policy} {params.get('kv_budget')}"
+    if getattr(engine.policy, "uva", False):
+        label += " (in-place host reads)"
     for b in batches:
         prompts = torch.randint(100, vocab, (b, args.prompt_len), generator=gen).tolist()
         engine_decode(engine, prompts, 4)  # warm-up: compiles kernels, captures this bucket's graph
-        runs, step_ms, mbus = [], [], []
+        torch.cuda.synchronize()
+        engine.reset_peaks()
+        transfers = engine.policy.store.transfers
+        runs, step_ms, mbus, h2d_rates = [], [], [], []
         for _ in range(args.repeats):
-            s, n, kv, steps = engine_decode(engine, prompts, args.output_len)
+            dev_before = transfers.h2d - transfers.h2d_host  # rows the GPU selected (counted there)
+            s, n, kv, steps, h2d = engine_decode(engine, prompts, args.output_len)
+            h2d += transfers.h2d - transfers.h2d_host - dev_before
             runs.append(n / s)
             step_ms.append(1e3 * s / steps)
             mbus.append((engine.weight_bytes * steps + kv) / s / bw)
+            h2d_rates.append(h2d / s)
         med = statistics.median(runs)
+        rate = statistics.median(h2d_rates)
         rows.append(Row(model, f"engine {label}", b, med, (max(runs) - min(runs)) / med,
-                        statistics.median(step_ms), statistics.median(mbus), runs))
-        print(f"  {model:10s} {rows[-1].system:22s} batch {b:3d}: {med:9.1f} tok/s  step {rows[-1].step_ms:6.2f} ms  "
-              f"MBU {rows[-1].mbu:5.1%}  spread {rows[-1].spread:4.1%}", flush=True)
-    if args.profile and policy == "full":
-        profile(engine, model, vocab, args)
+                        statistics.median(step_ms), statistics.median(mbus), runs,
+                        peak_kv_mb=engine.peak_kv_bytes() / 2**20,
+                        alloc_peak_gb=engine.peak_device_bytes() / 2**30, h2d_gb_s=rate / 1e9,
+                        h2d_share=rate / h2d_bw))
+        r = rows[-1]
+        print(f"  {model:10s} {r.system:22s} batch {b:3d}: {med:9.1f} tok/s  step {r.step_ms:6.2f} ms  "
+              f"MBU {r.mbu:5.1%}  spread {r.spread:4.1%}  peak KV {r.peak_kv_mb:8.1f} MiB  "
+              f"alloc peak {r.alloc_peak_gb:6.2f} GiB  H2D {r.h2d_gb_s:6.1f} GB/s ({r.h2d_share:4.0%})", flush=True)
+        if args.profile and policy in args.profile_policies.split(","):
+            profile(engine, model, vocab, args, label, b)
     del engine
     gc.collect()  # the runner's graphs and closures form cycles: free the engine's memory now
     torch.cuda.empty_cache()
     return rows
 
 
-def profile(engine: LLMEngine, model: str, vocab: int, args) -> None:
-    """A torch profiler table over 10 pure-decode steps at batch 1."""
+def profile(engine: LLMEngine, model: str, vocab: int, args, label: str, batch: int) -> None:
+    """A torch profiler table over 10 pure-decode steps, appended to one file per model."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    prompt = torch.randint(100, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
-    engine.add_request("p", prompt[0], 40)
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(100, vocab, (batch, args.prompt_len), generator=gen).tolist()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{i}", p, 40)
     for _ in range(20):
         engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             engine.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / 10
     while engine.has_unfinished():
         engine.step()
-    out = Path(args.profile) / f"profile_{model}_full_b1.txt"
+    out = Path(args.profile) / f"profile_{model}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
-    print(f"  profile written to {out}")
+    with out.open("a") as f:
+        f.write(f"\n## {label} batch {batch}: 10 decode steps, {1e3 * wall:.2f} ms per step (wall, profiled)\n")
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(f"  profile of {label} batch {batch} appended to {out}")
 
 
 def hf_static(model: str, batches: list[int], args, bw: float) -> list[Row]:
@@ -179,8 +231,10 @@ def run_gpu(args) -> None:
     """The whole GPU benchmark; prints a table and writes JSON when asked."""
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
+    h2d_bw = h2d_bandwidth(device)
     name = torch.cuda.get_device_name(device)
     print(f"# bench_engine --device cuda: {name}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
+          f"pinned host-to-device {h2d_bw / 1e9:.1f} GB/s, "
           f"prompt {args.prompt_len}, new tokens {args.output_len}, repeats {args.repeats}, "
           f"{'eager' if args.eager else 'CUDA graphs'}", flush=True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -188,20 +242,24 @@ def run_gpu(args) -> None:
     for model in args.models.split(","):
         vocab = PRESETS[model]["vocab_size"]
         for policy in args.policies.split(","):
-            params = {} if policy == "full" else {"kv_budget": args.budget}
-            rows += bench_engine_config(model, policy, params, batches, args, bw, vocab)
+            params = {"kv_budget": args.budget} if policy in ("h2o", "streaming", "infinigen") else {}
+            rows += bench_engine_config(model, policy, params, batches, args, bw, vocab, h2d_bw)
         if not args.no_transformers:
             rows += hf_static(model, batches, args, bw)
             gc.collect()
             torch.cuda.empty_cache()
-    print("\n| model | system | batch | decode tok/s | step ms | MBU | spread | vs transformers static |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | system | batch | decode tok/s | step ms | MBU | spread | vs transformers static | "
+          "peak KV MiB | allocator peak GiB | H2D GB/s (share of pinned copy) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = {(r.model, r.batch): r.decode_tok_s for r in rows if r.system == "transformers static"}
     for r in rows:
         ratio = f"{r.decode_tok_s / base[(r.model, r.batch)]:.2f}x" if (r.model, r.batch) in base else "-"
+        h2d = f"{r.h2d_gb_s:.1f} ({r.h2d_share:.0%})" if r.h2d_gb_s else "-"
+        mem = f"{r.peak_kv_mb:.0f} | {r.alloc_peak_gb:.2f}" if r.peak_kv_mb else "- | -"
         print(f"| {r.model} | {r.system} | {r.batch} | {r.decode_tok_s:.1f} | {r.step_ms:.2f} | {r.mbu:.1%} | "
-              f"{r.spread:.1%} | {ratio} |")
+              f"{r.spread:.1%} | {ratio} | {mem} | {h2d} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"gpu": name, "copy_bandwidth": bw, "torch": torch.__version__,
+        Path(args.json).write_text(json.dumps({"gpu": name, "copy_bandwidth": bw, "h2d_bandwidth": h2d_bw,
+                                               "torch": torch.__version__,
                                                "rows": [asdict(r) for r in rows]}, indent=1))

@@ -73,7 +73,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False  # on the q/k/v projections
+    o_proj_bias: bool = False  # llama's attention_bias covers o_proj too; qwen2 biases q/k/v only
     mlp_bias: bool = False
     # opt
     word_embed_proj_dim: int | None = None
@@ -138,6 +139,7 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=scaling,
             attention_bias=hf.get("attention_bias", model_type == "qwen2"),
+            o_proj_bias=hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False),
             eos_token_id=eos,
         )

@@ -96,6 +96,7 @@ class DecodeBuffers:
             block_table=self.table[:rows],
             seq_lens=self.lens[:rows],
             block_size=self.block_size,
+            host_write_slots=self.slot_h[:rows].clone(),
         )
 
 

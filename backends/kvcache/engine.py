@@ -33,8 +33,9 @@ class EngineStats:
     kv_blocks_used: int
     kv_bytes_device: int  # K/V bytes resident on the device (persistent + the step's fetched peak)
     kv_bytes_host: int  # K/V bytes in host memory
-    h2d_bytes: int  # cumulative host -> device bytes
+    h2d_bytes: int  # cumulative host -> device bytes of the copies issued
     preemptions: int  # cumulative
+    d2h_bytes: int = 0  # cumulative device -> host bytes of the copies issued (new K/V into host memory)
 
 
 class LLMEngine:
@@ -55,6 +56,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size)
         with torch.inference_mode():  # the store is only ever touched inside inference mode
             self.store = self._make_store(num_blocks)
+            if self.device.type == "cuda":  # pinned staging for new K/V, before anything is measured
+                self.store.preallocate_staging(config.max_num_batched_tokens + config.max_num_seqs)
             self.policy.bind(self.store)
         self.scheduler = Scheduler(self.block_manager, self.policy, config.max_num_seqs, config.max_num_batched_tokens)
         self.attention_backend = resolve_backend(config.attention_backend, self.device)
@@ -77,9 +80,11 @@ class LLMEngine:
             self.policy.store_device(),
             self.config.torch_dtype,
             pin_memory=self.policy.kv_on_host and self.device.type == "cuda",
-            # an explicit budget on a GPU is reserved up front (as vLLM does); otherwise grow lazily
-            preallocate=self.device.type == "cuda" and not self.policy.kv_on_host
+            # an explicit budget on a GPU is reserved up front (as vLLM does), in host memory too;
+            # a policy that evicts grows its device store to what it keeps, so the saving is real
+            preallocate=self.device.type == "cuda" and (self.policy.kv_on_host or not self.policy.lossy)
             and (self.config.kv_cache_bytes is not None or self.config.kv_cache_blocks is not None),
+            host_resident=self.policy.kv_on_host,
         )
 
     def _num_blocks(self) -> int:
@@ -237,6 +242,7 @@ class LLMEngine:
             kv_bytes_host=self.policy.host_bytes(stored),
             h2d_bytes=self.policy.h2d_bytes,
             preemptions=self.scheduler.preemptions,
+            d2h_bytes=self.policy.d2h_bytes,
         )
 
     def _update_peaks(self, stored_before_finish: int) -> None:
@@ -248,7 +254,10 @@ class LLMEngine:
             self._peak_tracked = max(self._peak_tracked, tracked)
 
     def peak_kv_bytes(self) -> int:
-        """Peak device K/V bytes since construction or reset_peaks()."""
+        """Peak device K/V bytes since construction or reset_peaks(): on a GPU what the store and
+        the policy's device buffers allocated (fetched K/V included); elsewhere the entries held."""
+        if self.device.type == "cuda":
+            return self.store.memory.peak
         return self._peak_kv
 
     def peak_device_bytes(self) -> int:
@@ -261,6 +270,7 @@ class LLMEngine:
         """Start peak tracking afresh."""
         self._peak_kv = self.stats().kv_bytes_device
         self._peak_tracked = self.weight_bytes
+        self.store.memory.reset_peak()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 

@@ -42,7 +42,7 @@ class ModelRunner:
         )
         self.graphs = (
             DecodeGraphs(max_batch, lambda: self.store.k.data_ptr())
-            if self.paged and cuda_graphs and device.type == "cuda" else None
+            if self.paged and policy.capturable() and cuda_graphs and device.type == "cuda" else None
         )
         # eviction policies drop their one-entry excess inside the graph (no per-step Python work)
         self.drop_rule = policy.drop_rule() if self.paged else None
@@ -157,6 +157,7 @@ class ModelRunner:
                 self._stage_drops(decode, len(decode))
                 self._drop_in_place(len(decode))
             if logits.device.type == "meta":  # dry run: shapes only
+                self.store.flush_writes()
                 return [0] * len(seqs), [None] * len(seqs)
             greedy_t = logits.argmax(dim=-1)
             n_tokens = len(ids)
@@ -164,6 +165,7 @@ class ModelRunner:
             n_tokens * (3 * cfg.hidden_size + 2 * cfg.intermediate_size) * cfg.dtype_bytes + logits.numel() * 4
         )
         greedy = greedy_t.tolist()
+        self.store.flush_writes()  # (the sync above already waited for the staged copies)
         forced_rows = [b for b, s in enumerate(seqs) if s.forced_token_ids is not None]
         logp = torch.log_softmax(logits[forced_rows], dim=-1) if forced_rows else None
         tokens, logprobs = [], []

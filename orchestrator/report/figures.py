@@ -239,11 +239,83 @@ class Bars(FigureSpec):
         return fig
 
 
+@dataclass(frozen=True)
+class Tradeoff(FigureSpec):
+    """One summary metric against another, a line per series through the values of an axis.
+
+    Each point is one value of ``along`` (say the KV budget), labelled with it, so the figure
+    shows what a setting buys and what it costs (quality against memory or throughput).
+    ``y`` lists candidate metrics: the first one with values is drawn.
+    """
+
+    name: str
+    title: str
+    table: str
+    along: str
+    x: Metric
+    x_label: str
+    y: tuple[Metric, ...]
+    x_scale: float = 1.0
+
+    def draw(self, data: ExperimentData) -> Figure | None:
+        """Drawn when ``along`` varies and both metrics have values."""
+        frame = data.table(self.table)
+        if frame is None or self.along not in data.varying or self.x.column not in frame.columns:
+            return None
+        y = next((m for m in self.y if m.column in frame.columns and frame[m.column].notna().any()), None)
+        if y is None or not frame[self.x.column].notna().any():
+            return None
+        series = [a for a in data.varying if a != self.along]
+        fig, ax = _new_figure(self.title, self.x_label, y.label or y.column, False)
+        for index, (label, rows) in enumerate(_groups(frame, series)):
+            values = rows[[self.along, self.x.column, y.column]].dropna()
+            if values.empty:
+                continue
+            means = values.astype({self.x.column: float, y.column: float}).groupby(self.along, sort=True).mean()
+            xs = means[self.x.column] / self.x_scale
+            ax.plot(xs, means[y.column], color=f"C{index % 10}", marker=MARKERS[index % len(MARKERS)],
+                    label=label or y.column)
+            for along, x_value, y_value in zip(means.index, xs, means[y.column], strict=True):
+                ax.annotate(format(along, "g") if isinstance(along, float) else str(along), (x_value, y_value),
+                            textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+        return fig
+
+
 def _latency(metric: str, label: str) -> Against:
     return Against(
         name=f"{metric}_vs_rate", title=f"{label} vs request rate", table="serving_summary", x="request_rate",
         x_label="request rate (requests/s)", metrics=(Metric(f"{metric}_ms_p50", "p50"), Metric(f"{metric}_ms_p99", "p99")),
         y_label=f"{label} (ms)",
+    )
+
+
+# The quality a trade-off figure shows: needle retrieval when the load had needles, else agreement.
+_QUALITY = (Metric("needle_accuracy", "needle accuracy (fraction answered exactly)"),
+            Metric("token_agreement", "greedy-token agreement with the full cache"))
+
+
+
+def _budget_figures(axis: str, x_label: str, suffix: str) -> tuple[FigureSpec, ...]:
+    """What a KV budget buys and costs, against a budget axis (a fraction, or a token count)."""
+    table = "serving_summary"
+    return (
+        Against(name=f"throughput_vs_budget{suffix}", title="Output throughput vs KV budget", table=table, x=axis,
+                x_label=x_label, metrics=(Metric("output_throughput"),), y_label="output throughput (tokens/s)"),
+        Against(name=f"peak_kv_vs_budget{suffix}", title="Peak KV memory vs KV budget", table=table, x=axis,
+                x_label=x_label, metrics=(Metric("peak_kv_bytes", "device"), Metric("peak_kv_bytes_host", "host")),
+                y_label="peak KV (MiB)", scale=MIB),
+        Against(name=f"quality_vs_budget{suffix}", title="Quality vs KV budget", table=table, x=axis, x_label=x_label,
+                metrics=(Metric("ppl_ratio", "perplexity ratio"), Metric("token_agreement", "greedy-token agreement")),
+                y_label="vs the full cache (ratio)"),
+        Against(name=f"needle_vs_budget{suffix}", title="Needle retrieval vs KV budget", table=table, x=axis,
+                x_label=x_label, metrics=(Metric("needle_accuracy"),), y_label="needle accuracy (fraction answered exactly)"),
+        Tradeoff(name=f"quality_vs_memory{suffix}", title="Quality vs peak KV memory (points: KV budget)", table=table,
+                 along=axis, x=Metric("peak_kv_bytes"), x_label="peak KV (MiB)", x_scale=MIB, y=_QUALITY),
+        Tradeoff(name=f"quality_vs_throughput{suffix}", title="Quality vs output throughput (points: KV budget)",
+                 table=table, along=axis, x=Metric("output_throughput"), x_label="output throughput (tokens/s)",
+                 y=_QUALITY),
     )
 
 
@@ -254,17 +326,8 @@ SERVING_FIGURES: tuple[FigureSpec, ...] = (
     _latency("e2el", "E2E latency"),
     Against(name="goodput_vs_rate", title="Goodput vs request rate", table="serving_summary", x="request_rate",
             x_label="request rate (requests/s)", metrics=(Metric("goodput"),), y_label="goodput (requests/s within SLO)"),
-    Against(name="throughput_vs_budget", title="Output throughput vs KV budget", table="serving_summary", x="kv_budget",
-            x_label="KV budget (fraction of the full cache)", metrics=(Metric("output_throughput"),),
-            y_label="output throughput (tokens/s)"),
-    Against(name="peak_kv_vs_budget", title="Peak KV memory vs KV budget", table="serving_summary", x="kv_budget",
-            x_label="KV budget (fraction of the full cache)",
-            metrics=(Metric("peak_kv_bytes", "device"), Metric("peak_kv_bytes_host", "host")), y_label="peak KV (MiB)",
-            scale=MIB),
-    Against(name="quality_vs_budget", title="Quality vs KV budget", table="serving_summary", x="kv_budget",
-            x_label="KV budget (fraction of the full cache)",
-            metrics=(Metric("ppl_ratio", "perplexity ratio"), Metric("token_agreement", "greedy-token agreement")),
-            y_label="vs the full cache (ratio)"),
+    *_budget_figures("kv_budget", "KV budget (fraction of the full cache)", ""),
+    *_budget_figures("kv_budget_tokens", "KV budget (tokens kept per sequence, layer and KV head)", "_tokens"),
     Against(name="memory_vs_model", title="Memory vs model", table="serving_summary", x="model", x_label="model",
             metrics=(Metric("peak_device_bytes", "device peak"), Metric("peak_kv_bytes", "KV peak")),
             y_label="memory (MiB)", scale=MIB),

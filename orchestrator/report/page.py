@@ -17,7 +17,7 @@ from pathlib import Path
 from orchestrator.provenance import mixed_commits_warning
 from orchestrator.report.data import ExperimentData
 from orchestrator.report.figures import Rendered, render
-from orchestrator.report.summary import format_value, speedup_table, state_counts, summarize
+from orchestrator.report.summary import budget_table, format_value, speedup_table, state_counts, summarize
 from orchestrator.store import atomic_write_bytes
 
 PAGE_NAMES = {"html": "index.html", "md": "report.md"}
@@ -73,6 +73,12 @@ def _sections(data: ExperimentData, columns: dict[str, list[str]]) -> list[Secti
                 row.append(_cell(rep.frame[metric].iloc[index], spread))
             rows.append(row)
         out.append(Section(f"{rep.table} (mean ± std over repeats)", [*rep.axes, *metrics], rows, frozenset(rep.axes)))
+    budgets = budget_table(data)
+    if budgets is not None:
+        axes = [c for c in budgets.columns if c in data.axes]
+        rows = [[format_value(v) for v in record] for record in budgets.itertuples(index=False)]
+        out.append(Section("Quality, memory and throughput per KV budget (means over repeats)", list(budgets.columns),
+                           rows, frozenset(axes)))
     speedup = speedup_table(data)
     if speedup is not None:
         axes = [c for c in speedup.columns if c in data.axes]

@@ -128,3 +128,39 @@ def speedup_table(data: ExperimentData) -> pd.DataFrame | None:
                 row[f"{SPEEDUP_METRICS[metric]} speedup vs {baseline}"] = base / own if own and own == own else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# What one KV budget buys and costs, side by side: quality, memory, throughput.
+BUDGET_METRICS = {
+    "needle_accuracy": ("needle accuracy", 1.0),
+    "ppl_ratio": ("perplexity ratio", 1.0),
+    "token_agreement": ("token agreement", 1.0),
+    "peak_kv_bytes": ("peak KV (MiB)", float(2**20)),
+    # Between steps: what the policy keeps (the in-step peak also holds a prefill's whole KV).
+    "peak_kv_bytes_steps": ("peak KV between steps (MiB)", float(2**20)),
+    "output_throughput": ("output tokens/s", 1.0),
+}
+
+
+# A budget is a fraction of the tokens seen or a token count per sequence (policy knobs).
+BUDGET_AXES = ("kv_budget", "kv_budget_tokens")
+
+
+def budget_table(data: ExperimentData) -> pd.DataFrame | None:
+    """Per series and KV budget: quality, peak KV memory and throughput (means over repeats).
+
+    Drawn when a budget (``BUDGET_AXES``) varies and some quality metric was measured; the other varying axes
+    (policy, context length, ...) name the rows, the budget last.
+    """
+    frame = data.table("serving_summary")
+    budget = next((a for a in BUDGET_AXES if a in data.varying), None)
+    if frame is None or budget is None:
+        return None
+    metrics = [m for m in BUDGET_METRICS if m in frame.columns and frame[m].notna().any()]
+    if not any(m in metrics for m in ("needle_accuracy", "ppl_ratio", "token_agreement")):
+        return None
+    keys = [a for a in data.varying if a != budget] + [budget]
+    means = frame.groupby(keys, sort=True, dropna=False)[metrics].mean().reset_index()
+    for metric in metrics:
+        means[metric] = means[metric] / BUDGET_METRICS[metric][1]
+    return means.rename(columns={m: BUDGET_METRICS[m][0] for m in metrics})

@@ -1,6 +1,6 @@
 """Models loaded from a Hugging Face folder (config.json + safetensors) decode exactly as
-transformers does: Llama with GQA and untied head, OPT (pre-LN), and OPT-350m-style
-(post-LN, projected embeddings)."""
+transformers does: Llama with GQA and untied head, Qwen2 (biases on q/k/v, none on o_proj), OPT
+(pre-LN), and OPT-350m-style (post-LN, projected embeddings)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ NEW = 10
 
 
 def hf_model(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     if kind == "llama-gqa":
@@ -22,6 +29,11 @@ def hf_model(kind: str):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                           tie_word_embeddings=False, rope_theta=10000.0)
         model = LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          tie_word_embeddings=False, rope_theta=1000000.0)
+        model = Qwen2ForCausalLM(cfg)
     else:
         post_ln = kind == "opt-post-ln"
         cfg = OPTConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
@@ -32,10 +44,13 @@ def hf_model(kind: str):
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):  # qwen2's q/k/v biases: nonzero so a misplaced one shows
+                p.normal_(0.0, 0.5)
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "opt", "opt-post-ln"])
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2", "opt", "opt-post-ln"])
 def test_hf_folder_greedy_matches_transformers(kind, tmp_path):
     from transformers import GenerationConfig
 

@@ -26,11 +26,16 @@ def test_offload_fetches_every_stored_token_every_step(smol_engine_factory, smol
     prompt = smol_prompts[0]
     engine.generate([prompt], 4)
     cfg = engine.model_config
-    # decode steps see prompt, prompt+1, prompt+2 stored tokens, in every layer
-    tokens = sum(len(prompt) + i for i in range(3))
-    assert engine.stats().h2d_bytes == tokens * cfg.kv_bytes_per_token
-    # on the device at once: one layer's worth of the longest fetch; nothing is left afterwards
-    assert engine.peak_kv_bytes() == (len(prompt) + 2) * cfg.kv_bytes_per_token // cfg.num_layers
+    per_layer = cfg.kv_bytes_per_token // cfg.num_layers
+    # every decode step copies, per layer, the store's slots up to the sequence's last block
+    # (the scratch block 0 included: it is part of the contiguous copy)
+    last_block = -(-(len(prompt) + 3) // engine.config.block_size)  # block ids start at 1
+    copied = (last_block + 1) * engine.config.block_size
+    assert engine.stats().h2d_bytes == 3 * copied * cfg.kv_bytes_per_token
+    # every new entry went to host memory once: the prompt's and the three decoded tokens'
+    assert engine.stats().d2h_bytes == (len(prompt) + 3) * cfg.kv_bytes_per_token
+    # on the device at once: one layer's gathered entries (the new one's slot included)
+    assert engine.peak_kv_bytes() == (len(prompt) + 3) * per_layer
     assert engine.stats().kv_bytes_device == 0 and engine.stats().kv_bytes_host == 0
 
 
@@ -41,6 +46,7 @@ def test_infinigen_fetches_fewer_tokens_under_a_budget(smol_engine_factory, smol
     engine.generate([prompt], 3)
     cfg = engine.model_config
     per_layer = cfg.kv_bytes_per_token // cfg.num_layers
-    exempt = 2 * sum(len(prompt) + i for i in range(2)) * per_layer  # first and last layers: everything
+    # first and last layers: every entry, gathered with the new token's slot
+    exempt = 2 * sum(len(prompt) + i + 1 for i in range(2)) * per_layer
     speculated = (cfg.num_layers - 2) * sum(-(-int(cfg_budget * 100 * (len(prompt) + i)) // 100) for i in range(2))
     assert engine.stats().h2d_bytes == exempt + speculated * per_layer

@@ -102,3 +102,17 @@ def test_drop_in_place_kernel_keeps_what_the_reference_keeps(random_hf_folder, p
                           for layer in range(2)] for i in range(len(ps))]
     assert dropped > 0  # the kernel did the steady-state drops
     assert kept["torch"] == kept["triton"]
+
+
+def test_offload_over_prefetched_buffers_equals_full(random_hf_folder):
+    """offload decodes through the paged kernel over its layer-ahead copies of the host store."""
+    folder, _ = random_hf_folder
+    ps = prompts(256)
+    full = engine(folder, "triton").generate(ps, 6)
+    eng = engine(folder, "triton", "offload")
+    assert eng.runner.paged and eng.runner.graphs is None  # (host copies every step: not captured)
+    assert eng.generate(ps, 6) == full
+    per_token = eng.model_config.kv_bytes_per_token
+    assert eng.stats().d2h_bytes == (sum(LENS) + 2 * 5) * per_token  # prompts + 5 decoded tokens each
+    # each of the 5 decode steps copied, per layer, the slots up to the last block held
+    assert eng.stats().h2d_bytes >= 5 * (sum(LENS) + 2) * per_token

@@ -96,3 +96,16 @@ def test_rms_norm_and_rope_match_the_model_code():
     want = view * cos[:, None] + rotate_half(view) * sin[:, None]
     got = ops().rope(*to(DEVICE, view, cos, sin))
     assert torch.allclose(got.cpu(), want, atol=1e-5)
+
+
+def test_gather_rows_reads_only_the_selected_rows():
+    src = torch.randn(40, 64).to(torch.bfloat16)
+    idx = torch.tensor([7, 3, 39, 0, 12], device=DEVICE)
+    ok = torch.tensor([True, True, False, True, True], device=DEVICE)
+    out = torch.full((5, 64), 9.0, dtype=torch.bfloat16, device=DEVICE)
+    if DEVICE == "cuda":
+        src = src.pin_memory()  # read in place by the GPU
+    ops().gather_rows(src, idx, ok, out)
+    want = src[idx.cpu()].clone()
+    want[2] = 0
+    assert torch.equal(out.cpu(), want)

@@ -88,6 +88,38 @@ def training_experiment(root: Path, name: str = "train", steps: int = 20, repeat
     return store
 
 
+# A needle study: policy x budget (zipped, full only at 1.0) x context length.
+BUDGET_POINTS = (("full", 1.0), ("h2o", 0.5), ("h2o", 0.2), ("streaming", 0.5), ("streaming", 0.2))
+CONTEXT_LENS = (1024, 2048)
+
+
+def needle_accuracy(backend: str, budget: float, input_len: int) -> float:
+    """The synthetic accuracy: full 1.0; h2o loses (1 - budget) / 2, streaming (1 - budget); longer is 0.1 worse."""
+    loss = {"full": 0.0, "h2o": 0.5, "streaming": 1.0}[backend] * (1 - budget)
+    return max(0.0, 1.0 - loss - (0.1 if input_len > 1024 and backend != "full" else 0.0))
+
+
+def budget_experiment(root: Path, name: str = "needles", knob: str = "kv_budget") -> ExperimentStore:
+    """(backend, budget) zipped x load.input_len; one repeat; KV memory = budget x 4 MiB x length / 1024.
+
+    ``knob``: the budget as ``kv_budget`` (the fraction) or ``kv_budget_tokens`` (1000 x the fraction).
+    """
+    store = ExperimentStore(root, name)
+    trials = []
+    for (backend, budget), input_len in itertools.product(BUDGET_POINTS, CONTEXT_LENS):
+        value = budget if knob == "kv_budget" else int(1000 * budget)
+        params = {"model": "smollm2-135m", "backend": {"name": backend}, "policy": {knob: value},
+                  "load": {"input_len": input_len, "prompt_source": "needle", "seed": 0}}
+        row = {"backend": backend, "completed": 5, "failed": 0, "output_throughput": 100.0 / budget,
+               "peak_kv_bytes": int(budget * 4 * 2**20 * input_len / 1024),
+               "peak_kv_bytes_steps": int(budget * 2 * 2**20 * input_len / 1024),
+               "needle_accuracy": needle_accuracy(backend, budget, input_len)}
+        summary = pa.Table.from_pylist([row], schema=SERVING_TABLES["serving_summary"])
+        trials.append((params, 0, {"serving_summary": summary}))
+    _write(store, "serving", ["backend.name", f"policy.{knob}", "load.input_len"], trials, SERVING_TABLES)
+    return store
+
+
 NETWORK_COMPRESSORS = ("dense", "topk", "qsgd", "a2sgd")
 
 

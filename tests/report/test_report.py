@@ -131,3 +131,49 @@ def test_zip_partners_do_not_lengthen_series_labels(tmp_path: Path) -> None:
     labels = [label for label, _ in _groups(frame, ["backend", "transport", "kv_budget"])]
     assert labels == ["backend=full, kv_budget=1.0", "backend=h2o, kv_budget=1.0", "backend=full, kv_budget=0.5",
                       "backend=h2o, kv_budget=0.5"]
+
+
+def test_quality_next_to_memory_and_throughput_per_budget(tmp_path: Path) -> None:
+    from orchestrator.report.summary import budget_table
+    from tests.report.synthetic import budget_experiment, needle_accuracy
+
+    data = load_experiment(budget_experiment(tmp_path))
+    drawn = {s.name for s in FIGURES if s.draw(data) is not None}
+    assert {"needle_vs_budget", "quality_vs_memory", "quality_vs_throughput", "peak_kv_vs_budget",
+            "throughput_vs_budget"} <= drawn and "quality_vs_budget" not in drawn  # no perplexity measured
+    # The quality-vs-budget curve per policy and context length.
+    series = _errorbars(_spec("needle_vs_budget").draw(data))
+    assert series["backend=h2o, input_len=2048"][0] == pytest.approx([needle_accuracy("h2o", b, 2048) for b in (0.2, 0.5)])
+    assert series["backend=full, input_len=1024"][0] == [1.0]
+    # Trade-off: one point per budget at (peak KV MiB, accuracy), labelled with the budget.
+    ax = _spec("quality_vs_memory").draw(data).axes[0]
+    line = next(li for li in ax.get_lines() if li.get_label() == "backend=streaming, input_len=1024")
+    assert list(line.get_xdata()) == pytest.approx([0.8, 2.0])
+    assert list(line.get_ydata()) == pytest.approx([needle_accuracy("streaming", b, 1024) for b in (0.2, 0.5)])
+    assert ax.get_ylabel() == "needle accuracy (fraction answered exactly)"
+    assert {t.get_text() for t in ax.texts} == {"0.2", "0.5", "1"}
+
+    table = budget_table(data)
+    row = table[(table["backend"] == "h2o") & (table["input_len"] == 2048) & (table["kv_budget"] == 0.2)].iloc[0]
+    assert row["needle accuracy"] == pytest.approx(needle_accuracy("h2o", 0.2, 2048))
+    assert row["peak KV (MiB)"] == pytest.approx(1.6) and row["output tokens/s"] == pytest.approx(500.0)
+    assert row["peak KV between steps (MiB)"] == pytest.approx(0.8)
+    assert "perplexity ratio" not in table.columns  # not measured: no empty column
+    html = page.to_html(page.build(data))
+    assert "Quality, memory and throughput per KV budget" in html and 'id="fig-quality_vs_memory"' in html
+
+
+def test_a_budget_in_tokens_gets_the_same_figures_and_table(tmp_path: Path) -> None:
+    from orchestrator.report.summary import budget_table
+    from tests.report.synthetic import budget_experiment, needle_accuracy
+
+    data = load_experiment(budget_experiment(tmp_path, knob="kv_budget_tokens"))
+    drawn = {s.name for s in FIGURES if s.draw(data) is not None}
+    assert {"needle_vs_budget_tokens", "quality_vs_memory_tokens", "peak_kv_vs_budget_tokens"} <= drawn
+    assert "needle_vs_budget" not in drawn
+    series = _errorbars(_spec("needle_vs_budget_tokens").draw(data))
+    assert series["backend=streaming, input_len=1024"][0] == pytest.approx(
+        [needle_accuracy("streaming", b, 1024) for b in (0.2, 0.5)])
+    table = budget_table(data)
+    assert list(table.columns[:3]) == ["backend", "input_len", "kv_budget_tokens"]
+    assert sorted(table[table["backend"] == "h2o"]["kv_budget_tokens"].unique()) == [200, 500]

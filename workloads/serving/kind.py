@@ -18,6 +18,7 @@ from workloads.registry import KINDS
 from workloads.serving.live import IntervalMonitor
 from workloads.serving.load import build_load
 from workloads.serving.metrics.latency import compute_metrics, request_metrics
+from workloads.serving.metrics.needle import needle_accuracy, needle_results
 from workloads.serving.metrics.quality import (
     QualityResult,
     QualityRun,
@@ -69,7 +70,7 @@ class ServingKind(TrialKind):
             "completed", "failed", "request_throughput", "output_throughput",
             "ttft_ms_mean", "ttft_ms_p99", "tpot_ms_mean", "itl_ms_p99", "e2el_ms_mean",
             "peak_kv_bytes", "peak_kv_bytes_steps", "peak_kv_bytes_host", "h2d_bytes", "preemptions",
-            "ppl_ratio", "token_agreement",
+            "ppl_ratio", "token_agreement", "needle_accuracy",
         ]
     }
 
@@ -103,6 +104,7 @@ class ServingKind(TrialKind):
             records = transport.run(requests, params.load.max_concurrency)
         steps = transport.engine_steps()
         metrics = compute_metrics(records, slo_s=params.slo.as_seconds())
+        needles = needle_results(requests, records, system.tokenizer())
 
         summary: dict[str, Any] = {
             "backend": system.name,
@@ -113,6 +115,7 @@ class ServingKind(TrialKind):
             "max_send_lag_s": max((r.send_s - r.arrival_s for r in records if r.send_s is not None), default=None),
             **self._memory(system, steps),
             "engine_steps": len(steps),
+            "needle_accuracy": needle_accuracy(needles),
         }
         ctx.report({k: float(summary[k]) for k in ("completed", "output_throughput", "ttft_ms_mean")})
 
@@ -125,7 +128,7 @@ class ServingKind(TrialKind):
 
         return TrialOutput(
             tables={
-                "requests": to_table("requests", self._request_rows(system.name, records)),
+                "requests": to_table("requests", self._request_rows(system.name, records, needles)),
                 "engine_steps": to_table("engine_steps", steps),
                 "serving_summary": to_table("serving_summary", [_nan_to_null(summary)]),
                 "serving_percentiles": to_table("serving_percentiles", metrics.percentile_rows(params.percentiles)),
@@ -133,9 +136,9 @@ class ServingKind(TrialKind):
         )
 
     @staticmethod
-    def _request_rows(backend: str, records: list[RequestRecord]) -> list[dict]:
+    def _request_rows(backend: str, records: list[RequestRecord], needles: list[bool | None]) -> list[dict]:
         rows = []
-        for r in records:
+        for r, needle in zip(records, needles, strict=True):
             m = request_metrics(r)
             rows.append(
                 {
@@ -152,6 +155,7 @@ class ServingKind(TrialKind):
                     "e2el_s": m.e2el_s,
                     "itl_s": m.itl_s,
                     "error": r.error if r.error is not None else (None if m.success else "no token received"),
+                    "needle_correct": needle,
                 }
             )
         return rows

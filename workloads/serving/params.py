@@ -95,6 +95,24 @@ class EngineParams(Section):
     enable_prefix_caching: bool = False
 
 
+class NeedleParams(Section):
+    """The needle-retrieval prompts of ``load.prompt_source: needle`` (workloads/serving/load/needle.py)."""
+
+    # Where the asked needle sits (0 = start of the haystack, 1 = end); request i uses depths[i % len].
+    depths: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+    num_keys: int = Field(default=1, ge=1, le=16)  # needles hidden; > 1 adds distractors (distinct keys)
+    value_digits: int = Field(default=7, ge=2, le=12)
+    chat: bool = True  # wrap in the model's chat template, the assistant turn opened with the answer's lead-in
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_in_range(cls, values: list[float]) -> list[float]:
+        bad = [d for d in values if not 0 <= d <= 1]
+        if bad:
+            raise ValueError(f"load.needle.depths must lie in [0, 1]; got {bad}")
+        return values
+
+
 class LoadParams(Section):
     """The open-loop load: arrivals, lengths, prompts."""
 
@@ -109,7 +127,9 @@ class LoadParams(Section):
     # uniform: half-width as a fraction of the mean; normal: std / mean; lognormal: sigma.
     input_spread: float = Field(default=0.0, ge=0)
     output_spread: float = Field(default=0.0, ge=0)
-    prompt_source: Literal["synthetic", "corpus"] = "synthetic"
+    # needle: KJV haystacks hiding key/value needles; outputs are scored (needle_accuracy).
+    prompt_source: Literal["synthetic", "corpus", "needle"] = "synthetic"
+    needle: NeedleParams = Field(default_factory=NeedleParams)
     trace: str | None = None  # JSONL path; one object per line (see workloads/serving/load/trace.py)
     max_concurrency: int | None = Field(default=None, ge=1)
     ignore_eos: bool = True
@@ -127,6 +147,9 @@ class LoadParams(Section):
             raise ValueError("load.arrival 'trace' needs load.trace (path to a JSONL file)")
         if self.arrival != "trace" and self.trace:
             raise ValueError("load.trace is only read when load.arrival is 'trace'")
+        # Defaults written out (a canonical round trip) are fine; a setting that would be ignored is not.
+        if self.prompt_source != "needle" and self.needle != NeedleParams():
+            raise ValueError("load.needle is only read when load.prompt_source is 'needle'")
         if self.arrival == "gamma" and math.isinf(self.burstiness):
             raise ValueError("load.burstiness must be finite for 'gamma'; use arrival 'constant'")
         return self

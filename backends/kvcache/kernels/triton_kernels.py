@@ -292,3 +292,24 @@ def drop_one_in_place(
         block_table.stride(0), k.stride(0), k.stride(1), k.stride(2), pos.stride(0), pos.stride(1),
         KVH=kvh, D=d, PAGE=page, BLOCK_N=PAGE_TOKENS_PER_TILE, BY_SCORE=by_score, num_warps=1,
     )
+
+
+@triton.jit
+def _gather_rows(SRC, IDX, OK, DST, n, D: tl.constexpr, ROWS: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    inside = r < n
+    take = inside & (tl.load(OK + r, mask=inside, other=0) != 0)
+    row = tl.load(IDX + r, mask=take, other=0).to(tl.int64)
+    d = tl.arange(0, D)
+    vals = tl.load(SRC + row[:, None] * D + d[None, :], mask=take[:, None], other=0.0)
+    tl.store(DST + r[:, None].to(tl.int64) * D + d[None, :], vals, mask=inside[:, None])
+
+
+def gather_rows(src: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[i] = src[idx[i]] where ok[i], else 0. src [R, D] contiguous, may be pinned host
+    memory read in place by the GPU (mapped: no staging copy, no host sync); idx, ok [N] on
+    the device; out [N, D] on the device. Only rows with ok are read."""
+    n, d = idx.numel(), src.shape[1]
+    rows = 16
+    _gather_rows[(triton.cdiv(n, rows),)](src, idx, ok, out, n, D=d, ROWS=rows, num_warps=4)
+    return out

@@ -63,7 +63,7 @@ class LlamaAttention(nn.Module):
         self.cfg, self.layer = cfg, layer
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, (h + 2 * kv) * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.fused = False  # RoPE of q and k in one Triton launch each
 
     def forward(self, x, cos, sin, ctx: AttentionContext) -> torch.Tensor:

@@ -36,6 +36,7 @@ class BatchMeta:
     block_table: torch.Tensor | None = None  # [B, W] int32 block ids
     seq_lens: torch.Tensor | None = None  # [B] int32 entries to attend to (stored + the new one)
     block_size: int = 0
+    host_write_slots: torch.Tensor | None = None  # write_slots on the host (for a host-resident store)
 
 
 @dataclass
@@ -64,7 +65,8 @@ def attention(
         return out.transpose(1, 2), None
     if mask is None:
         mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril()
-    if not want_probs:  # fused kernel; the mask goes per query head
+    # one query row on a GPU: two batched products below; SDPA would build a plan per masked shape
+    if not want_probs and not (q.is_cuda and t == 1):  # fused kernel; the mask goes per query head
         m = mask.expand(b, kvh, 1, t, length)
         m = m[:, :1, 0] if mask.shape[1] == 1 else m.expand(b, kvh, g, t, length).reshape(b, h, t, length)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=m, scale=scale, enable_gqa=g > 1)
@@ -74,7 +76,7 @@ def attention(
     scores = (scores.float() * scale).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs.view(b, kvh, g * t, length), v).view(b, kvh, g, t, d)
-    return out.permute(0, 3, 1, 2, 4).reshape(b, t, h, d), probs
+    return out.permute(0, 3, 1, 2, 4).reshape(b, t, h, d), probs if want_probs else None
 
 
 class CachePolicy:
@@ -93,9 +95,18 @@ class CachePolicy:
         self.params = self.params_model.resolve(self.name, dict(params))
         self.model, self.cfg, self.device = model, cfg, device
         self.scale = cfg.head_dim**-0.5
-        self.h2d_bytes = 0  # cumulative bytes moved host -> device for attention
         self.step_fetch_peak = 0  # most K/V bytes resident on the device at once during the last step
         self.store: PagedKVStore
+
+    @property
+    def h2d_bytes(self) -> int:
+        """Cumulative host -> device bytes of the copies issued (padding included)."""
+        return self.store.transfers.h2d
+
+    @property
+    def d2h_bytes(self) -> int:
+        """Cumulative device -> host bytes of the copies issued (new K/V into a host store)."""
+        return self.store.transfers.d2h
 
     # --- storage -------------------------------------------------------------------------
     def bind(self, store: PagedKVStore) -> None:
@@ -172,7 +183,9 @@ class CachePolicy:
 
     def attend_batch(self, layer: int, q, k, v, x, k_raw, batch: BatchMeta) -> torch.Tensor:
         """Store the new K/V and return attention output [B,T,H,D] for ``layer``."""
-        self.store.write(layer, batch.write_slots, k.flatten(0, 1), v.flatten(0, 1))
+        host = self.kv_on_host and batch.host_write_slots is not None
+        self.store.write(layer, batch.host_write_slots if host else batch.write_slots, k.flatten(0, 1),
+                         v.flatten(0, 1))
         self.on_write(layer, batch, k_raw)
         if batch.block_table is not None:  # decode through the paged kernel
             out = self.paged_decode(layer, q[:, 0], batch).unsqueeze(1)
@@ -188,10 +201,14 @@ class CachePolicy:
         self.after_attention(layer, x, batch)
         return out
 
+    def capturable(self) -> bool:
+        """Whether a decode step can be captured in a CUDA graph (paged, K/V on the device)."""
+        return self.uses_paged_decode() and not self.kv_on_host
+
     def uses_paged_decode(self) -> bool:
-        """Whether decode can run through the paged kernel (and so under CUDA graphs): the K/V
-        live on the device, attention reads every stored entry, and scores (if the policy
-        wants them) come from the kernel's log-sum-exp."""
+        """Whether decode can run through the paged kernel: the K/V live on the device,
+        attention reads every stored entry, and scores (if the policy wants them) come from the
+        kernel's log-sum-exp."""
         if self.kv_on_host or type(self).context is not CachePolicy.context:
             return False
         return not self.wants_probs or type(self).observe_paged is not CachePolicy.observe_paged
@@ -235,13 +252,12 @@ class CachePolicy:
     # --- helpers for host-resident policies ----------------------------------------------
     def fetch_all(self, layer: int, k_new, v_new, batch: BatchMeta):
         """Bring every stored entry of ``layer`` to the device (counted), with the new token in place."""
-        kk = self.gather(self.store.k[layer], batch.slot_idx).to(self.device, non_blocking=True)
-        vv = self.gather(self.store.v[layer], batch.slot_idx).to(self.device, non_blocking=True)
+        kk = self.store.to_device(self.gather(self.store.k[layer], batch.slot_idx), self.device)
+        vv = self.store.to_device(self.gather(self.store.v[layer], batch.slot_idx), self.device)
         rows = torch.arange(kk.shape[0], device=self.device)
         kk[rows, batch.prev_len] = k_new[:, 0].to(kk.dtype)  # the new token was computed here
         vv[rows, batch.prev_len] = v_new[:, 0].to(vv.dtype)
-        moved = sum(batch.stored_before) * self.token_layer_bytes()
-        self.count_fetch(moved)
+        self.count_fetch(kk.numel() * kk.element_size() + vv.numel() * vv.element_size())
         return kk.transpose(1, 2), vv.transpose(1, 2), batch.kv_valid[:, None, None, None, :]
 
     def token_layer_bytes(self) -> int:
@@ -249,6 +265,7 @@ class CachePolicy:
         return self.cfg.kv_bytes_per_token // self.cfg.num_layers
 
     def count_fetch(self, nbytes: int) -> None:
-        """Account ``nbytes`` moved host -> device for one layer's attention."""
-        self.h2d_bytes += nbytes
+        """Account ``nbytes`` fetched to the device (already counted as transfers) for one
+        layer's attention: they are held on the device while the layer attends."""
         self.step_fetch_peak = max(self.step_fetch_peak, nbytes)
+        self.store.memory.transient(nbytes)

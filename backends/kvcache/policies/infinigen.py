@@ -181,6 +181,8 @@ class InfiniGenPolicy(CachePolicy):
     def bind(self, store):
         super().bind(store)
         self._grow_partial()
+        self.uva = self._probe_uva()  # GPU: selected rows are gathered from host memory in place
+        self.stream = torch.cuda.Stream(self.device) if self.uva else None
 
     def _grow_partial(self) -> None:
         slots = self.store.k.shape[1]
@@ -188,8 +190,10 @@ class InfiniGenPolicy(CachePolicy):
             return
         new = torch.zeros(self.cfg.num_layers, slots, self.key_heads * self.rank, device=self.device,
                           dtype=self.store.dtype)
+        self.store.memory.alloc(new)
         if self.partial is not None:
             new[:, : self.partial.shape[1]] = self.partial
+            self.store.memory.free(self.partial)
         self.partial = new
 
     def device_bytes(self, stored_tokens: int) -> int:
@@ -201,6 +205,13 @@ class InfiniGenPolicy(CachePolicy):
         super().begin_step(step)
         self.selection.clear()
         self._grow_partial()
+        self.step_meta = None  # per step, not per layer: the decode slots on the device and the caps
+        if step.decode is not None and step.decode.slot_idx is not None:
+            stored = step.decode.stored_before
+            caps = [self.token_budget(n, math.ceil(self.budget * n)) for n in stored]
+            floors = [min(n, int(self.params["min_tokens"])) for n in stored]
+            self.step_meta = (step.decode.slot_idx.to(self.device), torch.tensor(caps, device=self.device),
+                              torch.tensor(floors, device=self.device), max(caps + floors, default=1))
 
     def on_write(self, layer, batch, k_raw):
         if layer not in self.speculated:
@@ -226,7 +237,7 @@ class InfiniGenPolicy(CachePolicy):
             q = self._rotate(q, batch.positions[:, 0], self.q_freq[nxt])
         kh = self.key_heads
         q = q.view(b, kh, cfg.num_heads // kh, r)
-        slot_idx = batch.slot_idx.to(self.device)
+        slot_idx, caps, floors, max_cap = self.step_meta
         keys = self.partial[nxt][slot_idx].view(b, -1, kh, r)  # [B,L,key_heads,r]
         scores = torch.einsum("bkgr,blkr->bkgl", q.float(), keys.float()) * self.scale
         scores = scores.reshape(b, cfg.num_kv_heads, -1, scores.shape[-1])  # [B,KVH,group,L]
@@ -236,32 +247,75 @@ class InfiniGenPolicy(CachePolicy):
         # (what the layer's output depends on), in log space so alpha reads as on scores
         per_kv = torch.softmax(scores, dim=-1).sum(dim=2).log()  # [B,KVH,L]
         top = per_kv.amax(dim=-1, keepdim=True)
-        count = (per_kv >= top - self.alpha).sum(-1).amax(-1)  # [B]: same count for all heads
-        cap = torch.tensor([self.token_budget(n, math.ceil(self.budget * n)) for n in batch.stored_before],
-                           device=self.device)
-        floor = torch.tensor([min(n, int(self.params["min_tokens"])) for n in batch.stored_before], device=self.device)
-        keep = torch.minimum(torch.maximum(torch.minimum(count, cap), floor), batch.prev_len)
-        width = int(keep.max()) if b else 0
-        width = max(width, 1)
+        # tokens per KV head: the mean over heads of those within alpha of the head's best (as
+        # the original computes it), the budget a ceiling on it and ``min_tokens`` a floor
+        count = (per_kv >= top - self.alpha).sum(-1).float().mean(-1).ceil().long()  # [B]
+        keep = torch.minimum(torch.maximum(torch.minimum(count, caps), floors), batch.prev_len)
+        width = max(1, min(max_cap, scores.shape[-1]))  # known here: no host sync
         ranked = per_kv.topk(width, dim=-1).indices  # [B,KVH,K] best first
         ok = torch.arange(width, device=self.device) < keep[:, None, None]
         sentinel = per_kv.shape[-1]
         idx, _ = torch.where(ok, ranked, sentinel).sort(dim=-1)  # ascending = original order
         ok = idx < sentinel
         idx = idx.clamp(max=sentinel - 1)
-        self.selection[nxt] = (idx, ok, int(keep.sum()))
+        fetched = self._prefetch(nxt, slot_idx, idx, ok, keep) if self.uva else None
+        self.selection[nxt] = (idx, ok, fetched)
+
+    def _probe_uva(self) -> bool:
+        """Whether the GPU can read the pinned host store in place (mapped pinned memory)."""
+        if self.device.type != "cuda" or not self.store.pin_memory:
+            return False
+        from backends.kvcache.kernels import ops
+
+        src = torch.arange(64, dtype=self.store.dtype).view(4, 16).pin_memory()
+        idx = torch.tensor([2, 0, 3], device=self.device)
+        ok = torch.tensor([True, False, True], device=self.device)
+        try:
+            out = ops().gather_rows(src, idx, ok, torch.empty(3, 16, dtype=src.dtype, device=self.device))
+            return bool(torch.equal(out.cpu(), torch.stack([src[2], torch.zeros(16, dtype=src.dtype), src[3]])))
+        except Exception:  # noqa: BLE001  (a driver without mapped pinned memory: fall back to host gathers)
+            return False
+
+    def _prefetch(self, layer, slot_idx, idx, ok, keep):
+        """Gather layer ``layer``'s selected K/V straight from pinned host memory on the side
+        stream (ordered after the speculation by an event); returns (k, v, ready event)."""
+        from backends.kvcache.kernels import ops
+
+        b, kvh, width = idx.shape
+        heads = torch.arange(kvh, device=self.device).view(1, kvh, 1)
+        rows = (slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width) * kvh + heads).flatten()
+        d = self.cfg.head_dim
+        spec_done = torch.cuda.Event()
+        spec_done.record()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(spec_done)
+            kk = torch.empty(b, kvh, width, d, dtype=self.store.dtype, device=self.device)
+            vv = torch.empty_like(kk)
+            flat_ok = ok.flatten()
+            ops().gather_rows(self.store.k[layer].view(-1, d), rows, flat_ok, kk.view(-1, d))
+            ops().gather_rows(self.store.v[layer].view(-1, d), rows, flat_ok, vv.view(-1, d))
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self.store.transfers.add_h2d_device(keep.sum() * (kvh * 2 * d * self.store.k.element_size()))
+        return kk, vv, ready
 
     def context(self, layer, k_new, v_new, batch):
         if layer not in self.selection:
             return self.fetch_all(layer, k_new, v_new, batch)
-        idx, ok, n_tokens = self.selection.pop(layer)
+        idx, ok, fetched = self.selection.pop(layer)
         b, kvh, width = idx.shape
-        slot_idx = batch.slot_idx.to(self.device)
-        sel = slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width).to(self.store.device)
-        heads = torch.arange(kvh, device=self.store.device).view(1, kvh, 1)
-        kk = self.store.k[layer][sel, heads].to(self.device, non_blocking=True)  # [B,KVH,K,D]
-        vv = self.store.v[layer][sel, heads].to(self.device, non_blocking=True)
-        self.count_fetch(n_tokens * self.token_layer_bytes())
+        if fetched is not None:
+            kk, vv, ready = fetched
+            torch.cuda.current_stream().wait_event(ready)
+            kk.record_stream(torch.cuda.current_stream())
+            vv.record_stream(torch.cuda.current_stream())
+        else:
+            slot_idx = self.step_meta[0]
+            sel = slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width).to(self.store.device)
+            heads = torch.arange(kvh, device=self.store.device).view(1, kvh, 1)
+            kk = self.store.to_device(self.store.k[layer][sel, heads], self.device)  # [B,KVH,K,D]
+            vv = self.store.to_device(self.store.v[layer][sel, heads], self.device)
+        self.count_fetch(kk.numel() * kk.element_size() + vv.numel() * vv.element_size())
         kk = torch.cat([kk, k_new.transpose(1, 2).to(kk.dtype)], dim=2)
         vv = torch.cat([vv, v_new.transpose(1, 2).to(vv.dtype)], dim=2)
         mask = torch.cat([ok, torch.ones(b, kvh, 1, dtype=torch.bool, device=self.device)], dim=2)

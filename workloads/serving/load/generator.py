@@ -14,6 +14,7 @@ import numpy as np
 from workloads.serving.load.arrivals import arrival_times
 from workloads.serving.load.corpus import text_passages
 from workloads.serving.load.lengths import sample_lengths
+from workloads.serving.load.needle import NeedlePrompt, needle_prompt
 from workloads.serving.load.trace import TraceEntry, read_trace
 from workloads.serving.params import LoadParams
 from workloads.serving.transports.base import RequestSpec
@@ -40,6 +41,18 @@ def _prompts(
     return _synthetic_prompts(lengths, vocab_size, tokenizer, rng)
 
 
+def _needle_prompts(
+    load: LoadParams, lengths: list[int], tokenizer: Any | None, rng: np.random.Generator
+) -> list[NeedlePrompt]:
+    if tokenizer is None:
+        raise ValueError("load.prompt_source 'needle' needs a tokenizer: use weights 'real' (e.g. smollm2-135m)")
+    n = load.needle
+    return [
+        needle_prompt(tokenizer, length, n.depths[i % len(n.depths)], n.num_keys, n.value_digits, n.chat, rng)
+        for i, length in enumerate(lengths)
+    ]
+
+
 def _decode(tokenizer: Any | None, ids: list[int]) -> str | None:
     return tokenizer.decode(ids) if tokenizer is not None else None
 
@@ -61,7 +74,13 @@ def build_load(load: LoadParams, vocab_size: int, tokenizer: Any | None = None) 
         input_lens = sample_lengths(load.input_dist, n, load.input_len, load.input_spread, input_rng)
         output_lens = sample_lengths(load.output_dist, n, load.output_len, load.output_spread, output_rng)
 
-    prompts = _prompts(load, input_lens, vocab_size, tokenizer, prompt_rng)
+    answers: list[str | None] = [None] * len(input_lens)
+    if load.prompt_source == "needle":
+        needles = _needle_prompts(load, input_lens, tokenizer, prompt_rng)
+        prompts = [p.token_ids for p in needles]
+        answers = [p.value for p in needles]
+    else:
+        prompts = _prompts(load, input_lens, vocab_size, tokenizer, prompt_rng)
     texts: list[str | None] = [None] * len(prompts)
     if trace is not None:
         # A trace line's own prompt wins over the generated one.
@@ -73,7 +92,7 @@ def build_load(load: LoadParams, vocab_size: int, tokenizer: Any | None = None) 
                     raise ValueError("a trace with text prompts needs a tokenizer: use weights 'real'")
                 prompts[i] = tokenizer.encode(entry.prompt, add_special_tokens=False)
                 texts[i] = entry.prompt
-    if load.prompt_source == "corpus":
+    if load.prompt_source in ("corpus", "needle"):
         texts = [t if t is not None else _decode(tokenizer, p) for t, p in zip(texts, prompts, strict=True)]
 
     return [
@@ -84,6 +103,7 @@ def build_load(load: LoadParams, vocab_size: int, tokenizer: Any | None = None) 
             max_tokens=int(output_lens[i]),
             prompt_text=texts[i],
             ignore_eos=load.ignore_eos,
+            answer=answers[i],
         )
         for i in range(len(prompts))
     ]

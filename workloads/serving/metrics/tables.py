@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from workloads.serving.metrics.latency import LATENCY_METRICS
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 _META = {b"schema_version": SCHEMA_VERSION.encode()}
 LATENCY_STATS = ("mean", "median", "std", "p50", "p90", "p99")
 
@@ -34,6 +34,7 @@ REQUESTS = _schema(
         pa.field("e2el_s", pa.float64()),
         pa.field("itl_s", pa.list_(pa.float64())),
         pa.field("error", pa.string()),
+        pa.field("needle_correct", pa.bool_()),  # needle prompts: output states the value; else null
     ]
 )
 
@@ -85,6 +86,7 @@ SERVING_SUMMARY = _schema(
         pa.field("ppl_ref", pa.float64()),
         pa.field("ppl_ratio", pa.float64()),
         pa.field("token_agreement", pa.float64()),
+        pa.field("needle_accuracy", pa.float64()),  # needle prompts: fraction answered exactly; else null
     ]
 )
 

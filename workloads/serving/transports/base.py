@@ -24,6 +24,7 @@ class RequestSpec:
     max_tokens: int
     prompt_text: str | None = None
     ignore_eos: bool = True
+    answer: str | None = None  # needle prompts: the value a correct output states
 
 
 @dataclass
