@@ -280,7 +280,7 @@ def test_a_grid_through_the_jobs_api_survives_a_worker_host_cut_off(cluster: Clu
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-TRAIN_STEPS, TRAIN_EVERY = 120, 20
+TRAIN_STEPS, TRAIN_EVERY = 80, 20
 
 
 def _namespace_of(pid: int) -> str:
