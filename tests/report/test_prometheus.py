@@ -23,7 +23,7 @@ from tests.conftest import REPO
 from tests.serving.conftest import TINY_LLAMA
 
 PROMETHEUS = shutil.which("prometheus")
-NUM_REQUESTS = 16
+NUM_REQUESTS = 40  # >= 2.5 s per trial: live metrics tick every 1 s, Prometheus scrapes every 1 s
 RATES = (8.0, 16.0)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(PROMETHEUS is None, reason="Debian package `prometheus` (make system-deps)")]
