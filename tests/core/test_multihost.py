@@ -234,55 +234,6 @@ def test_a_driver_on_the_head_uses_the_local_token_and_pins_trials_by_custom_res
     assert {e["node"] for e in manifest["trials"].values()} == {cluster.node_ids()["w2"]}
 
 
-def test_a_grid_through_the_jobs_api_survives_a_worker_host_cut_off(cluster: Cluster, tmp_path: Path) -> None:
-    results = tmp_path / "remote"
-    node_ids = cluster.node_ids()
-    grid = write_grid(tmp_path, experiment="lose-host", grid={"x": [1, 2, 3, 4]}, base={"sleep_s": 4.0},
-                      resources={"num_cpus": 1, "pool": 1}, retries=2)
-    submit = subprocess.Popen([*ORCH, "submit", str(grid), "--address", cluster.jobs_address, "--remote-results",
-                               str(results)], cwd=REPO, env=cluster.client_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    store = ExperimentStore(results, "lose-host")
-    try:
-        deadline = time.time() + 150
-        while time.time() < deadline:  # both workers run a trial
-            manifest = store.load_manifest() or {"trials": {}}
-            if sum(e["state"] == "running" and bool(e.get("start_s")) for e in manifest["trials"].values()) == 2:
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail("the grid never ran two trials at once")
-        time.sleep(1.5)  # inside their sleep now
-        w1 = cluster.hosts["w1"]
-        subprocess.run(["ip", "-n", w1.namespace, "link", "set", w1.interface, "down"], check=True)
-        time.sleep(2.0)
-        os.killpg(cluster.procs["w1"].pid, signal.SIGKILL)  # the raylet and everything else on w1
-        out, err = submit.communicate(timeout=240)
-    finally:
-        if submit.poll() is None:
-            submit.kill()
-            submit.wait(10)
-    assert submit.returncode == 0, out[-3000:] + err[-3000:]
-    entries = store.load_manifest()["trials"]
-    assert sorted(e["state"] for e in entries.values()) == ["done"] * 4
-    retried = [e for e in entries.values() if e["attempts"] > 1]
-    assert retried, "a trial on the cut-off host must have been retried"
-    assert all(e["node"] == node_ids["w2"] for e in retried)
-    assert {e["node"] for e in entries.values()} <= {node_ids["w1"], node_ids["w2"]}  # never on the head
-    # nothing lost, nothing duplicated: one Parquet partition, one summary row and one MLflow run per trial
-    ids = sorted(entries)
-    assert parquet_trial_ids(results, "lose-host", "toy_summary") == ids
-    summary = store.read_table("toy_summary").to_pandas()
-    assert sorted(summary["trial_id"].astype(str)) == ids
-    assert sorted(summary["score"]) == [10.0, 20.0, 30.0, 40.0]
-    runs = mlflow_trial_runs(results, "lose-host")
-    assert sorted(r.data.tags["orch.trial_id"] for r in runs) == ids
-    assert all(r.info.status == "FINISHED" for r in runs)
-
-
-TRAIN_STEPS, TRAIN_EVERY = 80, 20
-
-
 def _namespace_of(pid: int) -> str:
     """The network namespace a process runs in (`ip netns identify`), '' if none or gone."""
     result = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True)
@@ -351,3 +302,53 @@ def test_a_two_host_training_trial_resumes_from_its_checkpoint_after_a_worker_is
     for rank in (0, 1):  # every step recorded once per rank
         assert sorted(r["step"] for r in steps if r["rank"] == rank) == list(range(1, TRAIN_STEPS + 1))
     assert {r["attempt"] for r in steps} >= {0, 1}
+
+
+# Last in the module: it takes host w1 down for good, and the tests above need both workers.
+def test_a_grid_through_the_jobs_api_survives_a_worker_host_cut_off(cluster: Cluster, tmp_path: Path) -> None:
+    results = tmp_path / "remote"
+    node_ids = cluster.node_ids()
+    grid = write_grid(tmp_path, experiment="lose-host", grid={"x": [1, 2, 3, 4]}, base={"sleep_s": 4.0},
+                      resources={"num_cpus": 1, "pool": 1}, retries=2)
+    submit = subprocess.Popen([*ORCH, "submit", str(grid), "--address", cluster.jobs_address, "--remote-results",
+                               str(results)], cwd=REPO, env=cluster.client_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    store = ExperimentStore(results, "lose-host")
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline:  # both workers run a trial
+            manifest = store.load_manifest() or {"trials": {}}
+            if sum(e["state"] == "running" and bool(e.get("start_s")) for e in manifest["trials"].values()) == 2:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("the grid never ran two trials at once")
+        time.sleep(1.5)  # inside their sleep now
+        w1 = cluster.hosts["w1"]
+        subprocess.run(["ip", "-n", w1.namespace, "link", "set", w1.interface, "down"], check=True)
+        time.sleep(2.0)
+        os.killpg(cluster.procs["w1"].pid, signal.SIGKILL)  # the raylet and everything else on w1
+        out, err = submit.communicate(timeout=240)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+            submit.wait(10)
+    assert submit.returncode == 0, out[-3000:] + err[-3000:]
+    entries = store.load_manifest()["trials"]
+    assert sorted(e["state"] for e in entries.values()) == ["done"] * 4
+    retried = [e for e in entries.values() if e["attempts"] > 1]
+    assert retried, "a trial on the cut-off host must have been retried"
+    assert all(e["node"] == node_ids["w2"] for e in retried)
+    assert {e["node"] for e in entries.values()} <= {node_ids["w1"], node_ids["w2"]}  # never on the head
+    # nothing lost, nothing duplicated: one Parquet partition, one summary row and one MLflow run per trial
+    ids = sorted(entries)
+    assert parquet_trial_ids(results, "lose-host", "toy_summary") == ids
+    summary = store.read_table("toy_summary").to_pandas()
+    assert sorted(summary["trial_id"].astype(str)) == ids
+    assert sorted(summary["score"]) == [10.0, 20.0, 30.0, 40.0]
+    runs = mlflow_trial_runs(results, "lose-host")
+    assert sorted(r.data.tags["orch.trial_id"] for r in runs) == ids
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+TRAIN_STEPS, TRAIN_EVERY = 80, 20
