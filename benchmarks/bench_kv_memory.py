@@ -57,11 +57,7 @@ def measure(policy: str, args: argparse.Namespace) -> dict:
     kind = ServingKind()
     params = _params(policy, args)
     ctx = TrialContext("bench-kv-memory", policy, 0, 0, Path("/tmp"), {})
-    session = kind.open(params)
-    try:
-        out = kind.run(session, params, ctx)
-    finally:
-        kind.close(session)
+    out = kind.run_alone(params, ctx)
     (summary,) = out.tables["serving_summary"].to_pylist()
     return summary
 

@@ -101,6 +101,14 @@ class TrialKind(ABC):
     def close(self, session: Any) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release what ``open`` built."""
 
+    def run_alone(self, params: KindParams, ctx: TrialContext) -> TrialOutput:
+        """One trial in a session of its own: open, run, close (benchmarks and tests)."""
+        session = self.open(params)
+        try:
+            return self.run(session, params, ctx)
+        finally:
+            self.close(session)
+
     def serve(self, params: KindParams, host: str, port: int) -> str:
         """Put this configuration into service (``orch serve``); returns its base URL."""
         raise NotImplementedError(f"kind {self.name!r} has nothing to serve")

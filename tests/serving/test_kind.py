@@ -121,11 +121,7 @@ def test_overlong_requests_become_error_rows(tiny_model: str, ctx) -> None:
         load={"arrival": "constant", "request_rate": 100.0, "num_requests": 6, "input_len": 40,
               "input_dist": "uniform", "input_spread": 1.0, "output_len": 4, "seed": 1},
     )
-    session = kind.open(params)
-    try:
-        out = kind.run(session, params, ctx)
-    finally:
-        kind.close(session)
+    out = kind.run_alone(params, ctx)
     requests = out.tables["requests"].to_pylist()
     too_long = [r for r in requests if r["prompt_tokens"] + 4 > 64]
     assert too_long, "the seed should draw some prompts longer than the context"

@@ -114,11 +114,7 @@ def test_full_cache_retrieves_and_a_small_window_loses_the_needle(ctx) -> None:
                      "output_len": 10, "ignore_eos": False, "prompt_source": "needle", "needle": {"depths": [0.4, 0.6]}},
             "quality": {"enabled": False},
         })
-        session = kind.open(params)
-        try:
-            out = kind.run(session, params, ctx)
-        finally:
-            kind.close(session)
+        out = kind.run_alone(params, ctx)
         (summary,) = out.tables["serving_summary"].to_pylist()
         accuracy[backend] = summary["needle_accuracy"]
         assert out.tables["requests"].column("needle_correct").to_pylist() == [accuracy[backend] == 1.0] * 2
