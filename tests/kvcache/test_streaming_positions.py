@@ -34,24 +34,25 @@ def _engine(model: str, policy: str, **params) -> LLMEngine:
     return engine
 
 
-def _fresh_logprobs(model: str, ids: list[int]) -> list[float]:
+def _fresh_logprobs(model: str, ids: list[int], prompt: int) -> list[float]:
     """Per scored position j, log p(ids[j]) with only the sinks and the window before it, from scratch."""
     full = _engine(model, "full")
     out = []
-    for j in range(PROMPT + 1, TEXT):
+    for j in range(prompt + 1, TEXT):
         # the decode step that predicts ids[j] feeds ids[j-1] and holds the sinks plus the
-        # WINDOW tokens before it (the prompt, longer than sinks + window, was cut to that)
-        kept = ids[:SINKS] + ids[j - 1 - WINDOW : j]
+        # WINDOW tokens before it (everything, while that is all there is)
+        kept = ids[:j] if j - 1 - WINDOW <= SINKS else ids[:SINKS] + ids[j - 1 - WINDOW : j]
         out.append(full.score([*kept, ids[j]], len(kept))[0])
     return out
 
 
 @pytest.mark.parametrize("rerotate", [True, False])
-def test_cached_window_attends_as_a_fresh_sequence(one_layer, rerotate):
+@pytest.mark.parametrize("prompt", [PROMPT, 2])  # cut at the prefill; sinks written while decoding
+def test_cached_window_attends_as_a_fresh_sequence(one_layer, rerotate, prompt):
     ids = torch.randint(3, 500, (TEXT,), generator=torch.Generator().manual_seed(1)).tolist()
-    fresh = torch.tensor(_fresh_logprobs(one_layer, ids))
+    fresh = torch.tensor(_fresh_logprobs(one_layer, ids, prompt))
     streaming = _engine(one_layer, "streaming", sink_tokens=SINKS, window=WINDOW, rerotate=rerotate)
-    cached = torch.tensor(streaming.score(ids, PROMPT)[1:])  # (the first comes from the prefill)
+    cached = torch.tensor(streaming.score(ids, prompt)[1:])  # (the first comes from the prefill)
     gap = (cached - fresh).abs().max().item()
     if rerotate:
         assert gap < 1e-4, f"re-rotated cache vs fresh sequence: max |log-prob difference| {gap}"

@@ -11,7 +11,7 @@ at those places for every step). A score under RoPE depends only on the distance
 and key, and the window is always the latest tokens, so window distances are the same under
 either numbering; only the sinks differ: in the cache they sit ``gap`` = (tokens evicted) closer
 to the query. With ``rerotate`` (the default, as the paper) the sinks' keys are rotated again
-at (position + gap) from their un-rotated copy at the start of every step where the gap has
+at (position + gap) from an un-rotated copy at the start of every step where the gap has
 grown, a few rows per sequence, so the decode path itself (paged kernel, CUDA graphs, the
 in-place drop) is unchanged and attends exactly as to a fresh sequence of the kept tokens.
 ``rerotate: false`` keeps every key at the position it was computed at. Models with learned
@@ -50,7 +50,8 @@ class StreamingPolicy(CachePolicy):
             from backends.kvcache.models.llama import rope_inv_freq
 
             self.inv_freq = rope_inv_freq(cfg).to(device)
-        # per sequence: its sinks' keys before RoPE [layers, sinks, KVH, D], and the gap they are rotated for
+        # per sequence: its sinks' keys before RoPE [layers, sinks, KVH, D] (float32), and the gap
+        # (tokens evicted between sinks and window) they are rotated for
         self.raw_sinks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.sink_gap: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -73,45 +74,44 @@ class StreamingPolicy(CachePolicy):
 
     def on_write(self, layer, batch, k_raw):
         self.store.fields["pos"][layer][batch.write_slots] = batch.positions.flatten().unsqueeze(-1)
-        if self.rerotate:
-            self._keep_raw_sinks(layer, batch, k_raw)
-
-    def _keep_raw_sinks(self, layer: int, batch, k_raw: torch.Tensor) -> None:
-        """Copy the un-rotated keys of entries at positions below ``sink_tokens`` (host-side
-        positions: a prefill starts at 0, a decode token sits at ``num_seen``)."""
-        t = k_raw.shape[1]
-        for b, seq in enumerate(batch.seqs):
-            first = 0 if batch.is_prefill else seq.num_seen
-            if first >= self.sinks:
-                continue
-            if first == 0 and layer == 0 or seq not in self.raw_sinks:  # a new (or recomputed) request
-                self.raw_sinks[seq] = torch.zeros(self.cfg.num_layers, self.sinks, *k_raw.shape[2:],
-                                                  dtype=k_raw.dtype, device=k_raw.device)
-                self.sink_gap[seq] = 0
-            n = min(self.sinks - first, t)
-            self.raw_sinks[seq][layer, first : first + n] = k_raw[b, :n]
 
     def begin_step(self, step: StepBatch) -> None:
         super().begin_step(step)
-        if self.rerotate and step.decode is not None and step.decode.seqs:
+        if not self.rerotate:
+            return
+        for meta in step.prefill:  # a new (or recomputed) request: its sinks are stored afresh
+            for seq in meta.seqs:
+                self.raw_sinks.pop(seq, None)
+                self.sink_gap.pop(seq, None)
+        if step.decode is not None and step.decode.seqs:
             self._rotate_sinks(step.decode.seqs)
 
+    def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """RoPE on t [L, B, sinks, KVH, D] (float32) at positions pos [B, sinks]."""
+        ang = pos.float().unsqueeze(-1) * self.inv_freq.to(t.device)  # [B, sinks, D/2]
+        emb = torch.cat([ang, ang], -1)[None, :, :, None, :]  # [1, B, sinks, 1, D]
+        half = t.shape[-1] // 2
+        return t * emb.cos() + torch.cat([-t[..., half:], t[..., :half]], -1) * emb.sin()
+
     def _rotate_sinks(self, seqs) -> None:
-        """Rotate the sinks of sequences whose gap (tokens evicted) grew since their last step
-        at (position + gap), from their un-rotated copy (no rounding piles up)."""
-        moved = [(s, s.num_seen - s.num_stored) for s in seqs
-                 if s in self.raw_sinks and s.num_seen - s.num_stored != self.sink_gap[s]]
+        """Rotate the sinks of sequences whose gap (tokens evicted) changed since their last
+        step at (position + gap), from an un-rotated copy (no rounding piles up). The copy is
+        taken from the store the first time (the sinks are still at their own positions then),
+        so nothing runs per layer or inside a captured decode graph."""
+        moved = [(s, s.num_seen - s.num_stored) for s in seqs if s.num_seen - s.num_stored != self.sink_gap.get(s, 0)]
         if not moved:
             return
-        raw = torch.stack([self.raw_sinks[s] for s, _ in moved]).float()  # [B, L, sinks, KVH, D]
-        gaps = torch.tensor([g for _, g in moved], device=raw.device)
-        pos = torch.arange(self.sinks, device=raw.device) + gaps[:, None]  # [B, sinks]
-        ang = pos.float().unsqueeze(-1) * self.inv_freq.to(raw.device)  # [B, sinks, D/2]
-        emb = torch.cat([ang, ang], -1)[:, None, :, None, :]  # [B, 1, sinks, 1, D]
-        half = raw.shape[-1] // 2
-        rotated = raw * emb.cos() + torch.cat([-raw[..., half:], raw[..., :half]], -1) * emb.sin()
         slots = self.store.slots([s.block_table for s, _ in moved], [self.sinks] * len(moved))  # [B, sinks]
-        self.store.k[:, slots] = rotated.transpose(0, 1).to(self.store.dtype)
+        own = torch.arange(self.sinks, device=slots.device)
+        fresh = [b for b, (s, _) in enumerate(moved) if s not in self.raw_sinks]
+        if fresh:
+            rows = slots[fresh]
+            raw = self._rope(self.store.k[:, rows].float(), -own.expand(len(fresh), -1))  # [L, b, sinks, KVH, D]
+            for i, b in enumerate(fresh):
+                self.raw_sinks[moved[b][0]] = raw[:, i]
+        raw = torch.stack([self.raw_sinks[s] for s, _ in moved], dim=1)  # [L, B, sinks, KVH, D]
+        gaps = torch.tensor([g for _, g in moved], device=slots.device)
+        self.store.k[:, slots] = self._rope(raw, own + gaps[:, None]).to(self.store.dtype)
         for s, g in moved:
             self.sink_gap[s] = g
 
