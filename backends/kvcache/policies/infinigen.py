@@ -20,7 +20,8 @@ As the paper and its code do it:
   the device, for every token.
 - **Decode**, during layer i, for layer i+1: the partial query is layer i's attention input
   (re-normalised with layer i+1's RMSNorm weight on Llama: RMSNorm has no bias, so this is
-  layer i+1's input up to what layer i adds) through layer i+1's Wq, rotated at the token's
+  layer i+1's input up to what layer i adds; the original feeds layer i's input as is) through
+  layer i+1's Wq, rotated at the token's
   position (RoPE sits between Wq and the skew, so the whole query is projected, as the
   original's Llama code does), skewed and cut to the request's columns. A KV head ranks tokens
   by its query heads' summed softmax over the speculated scores (log space, so ``alpha`` reads
