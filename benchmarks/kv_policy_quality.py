@@ -9,7 +9,7 @@ decided (alpha's count above the cap). Run with ``--budgets 1.0`` to measure alp
 selection fraction without a cap (InfiniGen's ``REAL_FETCH_FRACTION``, the dummy-weight default).
 
     .venv/bin/python -m benchmarks.kv_policy_quality [--budgets 0.25,0.5] [--num-texts 4]
-        [--text-len 256] [--prompt-len 128] [--policies h2o,infinigen,streaming,streaming-original]
+        [--text-len 256] [--prompt-len 128] [--policies h2o,infinigen,infinigen:alpha=6,streaming,streaming-original]
 """
 
 from __future__ import annotations
@@ -51,6 +51,15 @@ def record_selection(policy) -> list[tuple[int, int, bool]]:
     return seen
 
 
+def knob_values(spec: str) -> dict[str, float | bool]:
+    """``name:alpha=6:rerotate=false`` -> {"alpha": 6.0, "rerotate": False}."""
+    out: dict[str, float | bool] = {}
+    for item in spec.split(":")[1:]:
+        key, _, value = item.partition("=")
+        out[key] = value == "true" if value in ("true", "false") else float(value)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -64,9 +73,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [p for p in args.policies.split(",") if p]
-    unknown = sorted(set(names) - set(VARIANTS))
+    unknown = sorted({n.split(":")[0] for n in names} - set(VARIANTS))
     if unknown:
-        raise SystemExit(f"unknown policies {unknown}; allowed: {sorted(VARIANTS)}")
+        raise SystemExit(f"unknown policies {unknown}; allowed: {sorted(VARIANTS)}, each with optional :knob=value")
 
     def engine(policy: str, **knobs) -> LLMEngine:
         return LLMEngine(EngineConfig(model=args.model, weights="real", policy=policy, policy_params=knobs))
@@ -82,8 +91,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for budget in [float(b) for b in args.budgets.split(",")]:
         for name in names:
-            policy, knobs = VARIANTS[name]
-            eng = engine(policy, kv_budget=budget, **knobs)
+            policy, knobs = VARIANTS[name.split(":")[0]]
+            eng = engine(policy, kv_budget=budget, **knobs, **knob_values(name))
             seen = record_selection(eng.policy) if policy == "infinigen" else None
             result = compare(run_quality(eng, passages, args.prompt_len), reference)
             extra = "| |"
