@@ -86,8 +86,15 @@ fi
   echo "Steps: $STEPS; GPUs used: $GPUS of $VISIBLE; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo
   echo '```'
-  "$PYTHON" -c 'import platform, torch; print("python", platform.python_version(), "torch", torch.__version__,
-"cuda", torch.version.cuda, "nccl", ".".join(map(str, torch.cuda.nccl.version())), "cpus", __import__("os").cpu_count())' || true
+  "$PYTHON" - <<'EOF' || true
+import os, platform, torch
+try:
+    nccl = ".".join(map(str, torch.cuda.nccl.version()))
+except Exception:  # a torch built without NCCL
+    nccl = "-"
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "nccl", nccl,
+      "cpus", os.cpu_count())
+EOF
   nvidia-smi -L 2>/dev/null || true
   nvidia-smi topo -m 2>/dev/null || echo "(no nvidia-smi topo)"
   echo '```'
@@ -123,7 +130,8 @@ from orchestrator.store import ExperimentStore
 summary = load_experiment(ExperimentStore(Path(sys.argv[1]), sys.argv[2])).table("train_summary")
 print("| interconnect | compressor | workers | nccl_paths | nccl_env | restarts |\n|---|---|---|---|---|---|")
 for row in summary.sort_values(["interconnect", "compressor"]).itertuples():
-    print(f"| {row.interconnect} | {row.compressor} | {row.num_workers} | {row.nccl_paths} | {row.nccl_env} | {row.restarts} |")
+    paths = row.nccl_paths if isinstance(row.nccl_paths, str) else "-"
+    print(f"| {row.interconnect} | {row.compressor} | {row.num_workers} | {paths} | {row.nccl_env} | {row.restarts} |")
 EOF
   } >> "$SUMMARY" || status=1
 }
