@@ -68,6 +68,7 @@ class Span:
         if isinstance(first, float) and isinstance(last, float):
             return max(last - first, 0.0)
         assert isinstance(first, torch.cuda.Event) and isinstance(last, torch.cuda.Event)
+        first.synchronize()  # the marks may sit on different streams
         last.synchronize()
         return max(first.elapsed_time(last) / 1000.0, 0.0)
 
