@@ -14,10 +14,12 @@
 # Environment (all optional):
 #   OUT              where the packed results, summary.md and the log go (default: multigpu-run-out)
 #   SITE, PYTHON     install folder (default /tmp/orch-site) and the host's Python with torch (python3)
-#   STEPS            the steps to run, in order (default "training scaling"); a device that limits one
-#                    command's time runs them as two commands: STEPS=training, then STEPS=scaling
+#   STEPS            the steps to run, in order (default "training scaling"). Where one command may run
+#                    at most 10 minutes: STEPS=training, then STEPS=scaling, on the same (warm) machine.
+#                    `orch submit` resumes: a training step cut short by its limit records the unfinished
+#                    trials, and the same command again runs only those (same RESULTS folder).
 #   GPUS             how many GPUs to use (default: every GPU torch sees; at least 2)
-#   TRAINING_GRID    (default grids/a2sgd-multigpu.yaml)   TRAINING_TIMEOUT seconds (default 480)
+#   TRAINING_GRID    (default grids/a2sgd-multigpu.yaml)   TRAINING_TIMEOUT seconds (default 500)
 #   SCALING_GRID     (default grids/kv-study-1gpu.yaml)    SCALING_TIMEOUT  seconds (default 420)
 #   SCALING_SLOTS    GPU counts, the first the baseline (default 1,2 with 2 or 3 GPUs; 1,2,4 with 4+)
 # Exit status: 0 when every step finished with every trial done, 1 otherwise (the summary says which).
@@ -31,7 +33,7 @@ PYTHON="${PYTHON:-python3}"
 STEPS="${STEPS:-training scaling}"
 TRAINING_GRID="${TRAINING_GRID:-grids/a2sgd-multigpu.yaml}"
 SCALING_GRID="${SCALING_GRID:-grids/kv-study-1gpu.yaml}"
-TRAINING_TIMEOUT="${TRAINING_TIMEOUT:-480}"
+TRAINING_TIMEOUT="${TRAINING_TIMEOUT:-500}"
 SCALING_TIMEOUT="${SCALING_TIMEOUT:-420}"
 PACK_PART_BYTES=$((15 * 1024 * 1024))  # what comes back is limited per file
 
