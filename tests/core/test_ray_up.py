@@ -50,7 +50,7 @@ PidFile {folder}/sshd.pid
 AuthorizedKeysFile {folder}/authorized_keys
 PasswordAuthentication no
 KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
+PermitRootLogin no
 StrictModes no
 UsePAM no
 """
