@@ -19,6 +19,9 @@
 #                    `orch submit` resumes: a training step cut short by its limit records the unfinished
 #                    trials, and the same command again runs only those (same RESULTS folder).
 #   GPUS             how many GPUs to use (default: every GPU torch sees; at least 2)
+#   CHECK_ONE_GPU    1: allow GPUS=1, a reduced CHECK of the GPU-only code paths on a one-GPU machine
+#                    (one-worker NCCL training, scaling on 1 GPU), not the benchmark; its defaults are
+#                    TRAINING_GRID=grids/a2sgd-multigpu-check.yaml, SCALING_GRID=grids/kv-scaling-check-gpu.yaml
 #   TRAINING_GRID    (default grids/a2sgd-multigpu.yaml)   TRAINING_TIMEOUT seconds (default 500)
 #   SCALING_GRID     (default grids/kv-study-1gpu.yaml)    SCALING_TIMEOUT  seconds (default 420)
 #   SCALING_SLOTS    GPU counts, the first the baseline (default 1,2 with 2 or 3 GPUs; 1,2,4 with 4+)
@@ -31,6 +34,16 @@ OUT="${OUT:-multigpu-run-out}"
 SITE="${SITE:-/tmp/orch-site}"
 PYTHON="${PYTHON:-python3}"
 STEPS="${STEPS:-training scaling}"
+CHECK_ONE_GPU="${CHECK_ONE_GPU:-0}"
+if [[ "$CHECK_ONE_GPU" == 1 ]]; then
+  MIN_GPUS=1
+  TRAINING_GRID="${TRAINING_GRID:-grids/a2sgd-multigpu-check.yaml}"
+  SCALING_GRID="${SCALING_GRID:-grids/kv-scaling-check-gpu.yaml}"
+elif [[ "$CHECK_ONE_GPU" == 0 ]]; then
+  MIN_GPUS=2
+else
+  echo "error: CHECK_ONE_GPU='$CHECK_ONE_GPU' (allowed: 0 or 1)" >&2; exit 2
+fi
 TRAINING_GRID="${TRAINING_GRID:-grids/a2sgd-multigpu.yaml}"
 SCALING_GRID="${SCALING_GRID:-grids/kv-study-1gpu.yaml}"
 TRAINING_TIMEOUT="${TRAINING_TIMEOUT:-500}"
@@ -68,8 +81,8 @@ export PATH="$SITE/bin:$PATH"
 
 VISIBLE="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
 GPUS="${GPUS:-$VISIBLE}"
-if (( GPUS < 2 || GPUS > VISIBLE )); then
-  log "error: GPUS=$GPUS, but this needs 2 or more of the $VISIBLE GPUs torch sees"; exit 2
+if (( GPUS < MIN_GPUS || GPUS > VISIBLE )); then
+  log "error: GPUS=$GPUS, but this needs $MIN_GPUS or more of the $VISIBLE GPUs torch sees (CHECK_ONE_GPU=1 allows 1)"; exit 2
 fi
 # Only the GPUs used are visible to Ray (then a 2-GPU run on a 4-GPU host never runs two trials at once).
 if [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]]; then
@@ -79,12 +92,13 @@ else
 fi
 export CUDA_VISIBLE_DEVICES
 if [[ -z "${SCALING_SLOTS:-}" ]]; then
-  SCALING_SLOTS=$([[ $GPUS -ge 4 ]] && echo 1,2,4 || echo 1,2)
+  SCALING_SLOTS=$( ((GPUS >= 4)) && echo 1,2,4 || { ((GPUS >= 2)) && echo 1,2 || echo 1; })
 fi
 
 {
   echo "# Multi-GPU run, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
+  [[ "$CHECK_ONE_GPU" == 1 ]] && echo "**One-GPU reduced check (CHECK_ONE_GPU=1): GPU code paths, not the benchmark.**" && echo
   echo "Steps: $STEPS; GPUs used: $GPUS of $VISIBLE; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo
   echo '```'
