@@ -24,6 +24,7 @@
 #                    TRAINING_GRID=grids/a2sgd-multigpu-check.yaml, SCALING_GRID=grids/kv-scaling-check-gpu.yaml
 #   TRAINING_GRID    (default grids/a2sgd-multigpu.yaml)   TRAINING_TIMEOUT seconds (default 500)
 #   SCALING_GRID     (default grids/kv-study-1gpu.yaml)    SCALING_TIMEOUT  seconds (default 420)
+#   COMMIT           the commit the summary names (default: git rev-parse; set it for a staged copy)
 #   SCALING_SLOTS    GPU counts, the first the baseline (default 1,2 with 2 or 3 GPUs; 1,2,4 with 4+)
 # Exit status: 0 when every step finished with every trial done, 1 otherwise (the summary says which).
 set -euo pipefail
@@ -48,6 +49,8 @@ TRAINING_GRID="${TRAINING_GRID:-grids/a2sgd-multigpu.yaml}"
 SCALING_GRID="${SCALING_GRID:-grids/kv-study-1gpu.yaml}"
 TRAINING_TIMEOUT="${TRAINING_TIMEOUT:-500}"
 SCALING_TIMEOUT="${SCALING_TIMEOUT:-420}"
+# A staged copy without its own .git would report the enclosing checkout's commit: say COMMIT=... then.
+COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
 PACK_PART_BYTES=$((15 * 1024 * 1024))  # what comes back is limited per file
 
 for step in $STEPS; do
@@ -99,7 +102,7 @@ fi
   echo "# Multi-GPU run, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   [[ "$CHECK_ONE_GPU" == 1 ]] && echo "**One-GPU reduced check (CHECK_ONE_GPU=1): GPU code paths, not the benchmark.**" && echo
-  echo "Steps: $STEPS; GPUs used: $GPUS of $VISIBLE; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "Steps: $STEPS; GPUs used: $GPUS of $VISIBLE; commit $COMMIT"
   echo
   echo '```'
   "$PYTHON" - <<'EOF' || true
@@ -146,7 +149,8 @@ from orchestrator.store import ExperimentStore
 summary = load_experiment(ExperimentStore(Path(sys.argv[1]), sys.argv[2])).table("train_summary")
 print("| interconnect | compressor | workers | nccl_paths | nccl_env | restarts |\n|---|---|---|---|---|---|")
 for row in summary.sort_values(["interconnect", "compressor"]).itertuples():
-    paths = row.nccl_paths if isinstance(row.nccl_paths, str) else "-"
+    # None: no NCCL log (no communicator formed); "": NCCL ran but connected no channel (one rank)
+    paths = (row.nccl_paths or "none (no channel)") if isinstance(row.nccl_paths, str) else "-"
     print(f"| {row.interconnect} | {row.compressor} | {row.num_workers} | {paths} | {row.nccl_env} | {row.restarts} |")
 EOF
   } >> "$SUMMARY" || status=1
