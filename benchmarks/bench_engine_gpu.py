@@ -65,6 +65,15 @@ def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return nbytes / statistics.median(times[2:])
 
 
+def freeze_gc(args) -> None:
+    """Move every object alive now out of the cycle collector's reach for the measured runs (as
+    vLLM does after start-up): a full collection over a large heap otherwise lands in some step
+    and takes tens of milliseconds. ``gc.unfreeze()`` after the runs lets the engine be collected."""
+    gc.collect()
+    if not args.no_gc_freeze:
+        gc.freeze()
+
+
 @dataclass
 class Row:
     model: str
@@ -81,9 +90,10 @@ class Row:
     h2d_share: float = 0.0
 
 
-def engine_decode(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, int, float, int, int]:
+def engine_decode(engine: LLMEngine, prompts: list[list[int]], new_tokens: int,
+                  step_times: list[float] | None = None) -> tuple[float, int, float, int, int]:
     """(seconds, tokens, K/V bytes read, steps, host-to-device bytes) over the pure-decode steps
-    of one batch."""
+    of one batch; each pure step's seconds are appended to ``step_times`` if given."""
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, new_tokens)
     seconds, tokens, kv_read, steps, h2d = 0.0, 0, 0, 0, 0
@@ -96,6 +106,8 @@ def engine_decode(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) 
         out = engine.step()
         dt = time.perf_counter() - t0
         if pure:
+            if step_times is not None:
+                step_times.append(dt)
             seconds += dt
             tokens += sum(len(o.new_token_ids) for o in out)
             kv_read += (stored + len(prompts)) * per_token
@@ -124,15 +136,18 @@ def bench_engine_config(model: str, policy: str, params: dict, batches: list[int
         torch.cuda.synchronize()
         engine.reset_peaks()
         transfers = engine.policy.store.transfers
-        runs, step_ms, mbus, h2d_rates = [], [], [], []
+        runs, step_ms, mbus, h2d_rates, times = [], [], [], [], []
+        freeze_gc(args)
+        collections = [g["collections"] for g in gc.get_stats()]
         for _ in range(args.repeats):
             dev_before = transfers.h2d - transfers.h2d_host  # rows the GPU selected (counted there)
-            s, n, kv, steps, h2d = engine_decode(engine, prompts, args.output_len)
+            s, n, kv, steps, h2d = engine_decode(engine, prompts, args.output_len, times)
             h2d += transfers.h2d - transfers.h2d_host - dev_before
             runs.append(n / s)
             step_ms.append(1e3 * s / steps)
             mbus.append((engine.weight_bytes * steps + kv) / s / bw)
             h2d_rates.append(h2d / s)
+        gc.unfreeze()
         med = statistics.median(runs)
         rate = statistics.median(h2d_rates)
         rows.append(Row(model, f"engine {label}", b, med, (max(runs) - min(runs)) / med,
@@ -144,6 +159,12 @@ def bench_engine_config(model: str, policy: str, params: dict, batches: list[int
         print(f"  {model:10s} {r.system:22s} batch {b:3d}: {med:9.1f} tok/s  step {r.step_ms:6.2f} ms  "
               f"MBU {r.mbu:5.1%}  spread {r.spread:4.1%}  peak KV {r.peak_kv_mb:8.1f} MiB  "
               f"alloc peak {r.alloc_peak_gb:6.2f} GiB  H2D {r.h2d_gb_s:6.1f} GB/s ({r.h2d_share:4.0%})", flush=True)
+        # the mean step against the median step: slow outliers (a collection, a recapture) show here
+        gcs = [g["collections"] - c for g, c in zip(gc.get_stats(), collections, strict=True)]
+        slow = sorted(range(len(times)), key=times.__getitem__)[-3:][::-1]
+        print(f"    steps: median {1e3 * statistics.median(times):.3f} ms, mean {1e3 * statistics.mean(times):.3f} ms, "
+              f"slowest {', '.join(f'#{i} {1e3 * times[i]:.1f} ms' for i in slow)}; "
+              f"gc collections per generation {gcs}", flush=True)
         if args.profile and policy in args.profile_policies.split(","):
             profile(engine, model, vocab, args, label, b)
     del engine
@@ -160,9 +181,10 @@ def profile(engine: LLMEngine, model: str, vocab: int, args, label: str, batch: 
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(100, vocab, (batch, args.prompt_len), generator=gen).tolist()
     for i, p in enumerate(prompts):
-        engine.add_request(f"p{i}", p, 40)
+        engine.add_request(f"p{i}", p, 100)
     for _ in range(20):
         engine.step()
+    split = step_split(engine, batch)  # before the profiler: launches stay slower after it
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -176,8 +198,48 @@ def profile(engine: LLMEngine, model: str, vocab: int, args, label: str, batch: 
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
         f.write(f"\n## {label} batch {batch}: 10 decode steps, {1e3 * wall:.2f} ms per step (wall, profiled)\n")
+        f.write(split)
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     print(f"  profile of {label} batch {batch} appended to {out}")
+
+
+def step_split(engine: LLMEngine, batch: int, steps: int = 20) -> str:
+    """Where a pure-decode step's time goes: wall time per step, the captured graph's GPU time
+    replayed alone, the rest (host work the GPU waits for), and the host functions costing most
+    (cProfile, own time). Call with ``batch`` requests decoding; leaves them decoding."""
+    import cProfile
+    import io
+    import pstats
+
+    walls = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - t0)
+    wall = statistics.median(walls)
+    lines = [f"step wall {1e3 * wall:.3f} ms (median of {steps})"]
+    graphs = engine.runner.graphs
+    captured = graphs.captured.get(graphs.bucket(batch)) if graphs is not None else None
+    if captured is not None:  # replaying changes the cache's contents, not its shape (timing only)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        for _ in range(steps):
+            captured.graph.replay()
+        b.record()
+        b.synchronize()
+        gpu = a.elapsed_time(b) / 1e3 / steps
+        lines.append(f"graph GPU {1e3 * gpu:.3f} ms, host between replays {1e3 * (wall - gpu):.3f} ms")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+    body = text.getvalue()
+    lines.append(body[body.find("   ncalls"):] if "   ncalls" in body else body)
+    return "\n".join(lines) + "\n"
 
 
 def hf_static(model: str, batches: list[int], args, bw: float) -> list[Row]:
@@ -211,6 +273,7 @@ def hf_static(model: str, batches: list[int], args, bw: float) -> list[Row]:
         run(ids, 2)
         runs, steps_ms, mbus = [], [], []
         pre = min(run(ids, 1) for _ in range(3))
+        freeze_gc(args)
         for _ in range(min(args.repeats, 2)):  # transformers is slow: two runs give its spread
             total = run(ids, args.output_len)
             dec = total - pre
@@ -219,11 +282,70 @@ def hf_static(model: str, batches: list[int], args, bw: float) -> list[Row]:
             steps_ms.append(1e3 * dec / steps)
             kv = sum(b * (args.prompt_len + i) for i in range(1, args.output_len)) * kv_tok
             mbus.append((weight_bytes * steps + kv) / dec / bw)
+        gc.unfreeze()
         med = statistics.median(runs)
         rows.append(Row(model, "transformers static", b, med, (max(runs) - min(runs)) / med,
                         statistics.median(steps_ms), statistics.median(mbus), runs))
         print(f"  {model:10s} {'transformers static':22s} batch {b:3d}: {med:9.1f} tok/s  "
               f"step {rows[-1].step_ms:6.2f} ms  MBU {rows[-1].mbu:5.1%}  spread {rows[-1].spread:4.1%}", flush=True)
+    return rows
+
+
+def vllm_static(model: str, batches: list[int], args, bw: float) -> list[Row]:
+    """vLLM's offline engine (its defaults: CUDA graphs, paged attention), same shape with random
+    weights, same lengths; decode time = a run of ``output_len`` tokens minus a run of one token.
+    Returns no row where vLLM is not installed (the GPU hosts this project runs on lack it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        print(f"  {model:10s} vLLM is not installed here: no vLLM row", flush=True)
+        return []
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from vllm import LLM, SamplingParams
+
+    from backends.kvcache.vllm.model_folder import dummy_folder, kv_bytes_per_token
+
+    folder = dummy_folder(dict(PRESETS[model]), "bfloat16")
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(AutoConfig.for_model(**PRESETS[model]), dtype=torch.bfloat16)
+    weight_bytes = sum(p.numel() * p.element_size() for p in shape.parameters())
+    kv_tok = kv_bytes_per_token(folder.hf_config, "bfloat16")
+    llm = LLM(model=str(folder.path), load_format=folder.load_format, dtype="bfloat16", seed=0,
+              max_model_len=args.prompt_len + args.output_len + 16, max_num_seqs=max(batches),
+              gpu_memory_utilization=0.6)
+    vocab = PRESETS[model]["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+
+    def run(prompts, n: int, engine=llm) -> float:
+        sp = SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0)
+        t0 = time.perf_counter()
+        outs = engine.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == n for o in outs)
+        return time.perf_counter() - t0
+
+    for b in batches:
+        prompts = torch.randint(100, vocab, (b, args.prompt_len), generator=gen).tolist()
+        run(prompts, 4)
+        pre = min(run(prompts, 1) for _ in range(3))
+        runs, steps_ms, mbus = [], [], []
+        freeze_gc(args)
+        for _ in range(args.repeats):
+            dec = run(prompts, args.output_len) - pre
+            steps = args.output_len - 1
+            runs.append(b * steps / dec)
+            steps_ms.append(1e3 * dec / steps)
+            kv = sum(b * (args.prompt_len + i) for i in range(1, args.output_len)) * kv_tok
+            mbus.append((weight_bytes * steps + kv) / dec / bw)
+        gc.unfreeze()
+        med = statistics.median(runs)
+        rows.append(Row(model, "vLLM", b, med, (max(runs) - min(runs)) / med,
+                        statistics.median(steps_ms), statistics.median(mbus), runs))
+        print(f"  {model:10s} {'vLLM':22s} batch {b:3d}: {med:9.1f} tok/s  "
+              f"step {rows[-1].step_ms:6.2f} ms  MBU {rows[-1].mbu:5.1%}  spread {rows[-1].spread:4.1%}", flush=True)
+    del run, llm  # vLLM's engine holds most of the device's memory until collected
+    gc.collect()
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -244,6 +366,8 @@ def run_gpu(args) -> None:
         for policy in args.policies.split(","):
             params = {"kv_budget": args.budget} if policy in ("h2o", "streaming", "infinigen") else {}
             rows += bench_engine_config(model, policy, params, batches, args, bw, vocab, h2d_bw)
+        if not args.no_vllm:
+            rows += vllm_static(model, batches, args, bw)
         if not args.no_transformers:
             rows += hf_static(model, batches, args, bw)
             gc.collect()

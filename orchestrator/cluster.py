@@ -146,6 +146,14 @@ def use_token(token: tuple[str, str] | None) -> None:
 def _join(address: str, options: ClusterOptions) -> None:
     """Connect to an existing cluster: check the transport, reachability and token first, then ray.init."""
     endpoint = access.parse_address(address)
+    if endpoint.scheme == "ray":
+        # A Ray Client driver stays here: its trials' folders (under --results) would be this
+        # machine's paths, which the cluster's nodes do not have.
+        raise access.AccessError(
+            f"orch does not drive a cluster through Ray Client ({address}): trial folders would be paths of this "
+            f"machine; submit through the head's Jobs API (--address http://{endpoint.host}:8265), or run orch on a "
+            f"cluster node with --address {endpoint.host}:6379"
+        )
     access.check_transport(endpoint, options.allow_insecure)
     access.check_reachable(endpoint)
     token = access.token_for(endpoint, options.token_file)

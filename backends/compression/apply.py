@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from backends.compression.base import CompressionConfig, Compressor, build_compressor, mode_of
 from backends.compression.communicator import Communicator
 from backends.compression.memory import Memory
-from backends.compression.sync import GradientSync, SyncStats
+from backends.compression.sync import GradientSync, Span, SyncStats, wait_device
 
 
 class GradientApplier:
@@ -88,6 +88,7 @@ class FlatApplier(_SyncApplier):
         params = [p for p in model.parameters() if p.requires_grad]
         start = time.perf_counter()
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        wait_device(flat.device)  # on a GPU the copies run after they are queued: time them, not the queueing
         self.stats.compress_s += time.perf_counter() - start
         averaged = self.sync.sync("model", flat)
         start = time.perf_counter()
@@ -98,6 +99,7 @@ class FlatApplier(_SyncApplier):
                 p.grad = torch.empty_like(p)
             p.grad.copy_(averaged[offset : offset + n].view_as(p))
             offset += n
+        wait_device(flat.device)
         self.stats.decompress_s += time.perf_counter() - start
 
 
@@ -127,28 +129,32 @@ class NativeHookApplier(GradientApplier):
     """PyTorch's own asynchronous DDP hook of a compressor (dense, fp16, PowerSGD): buckets are
     communicated while backward still computes, as DDP users run it.
 
-    Timing: ``compress_s`` is the time spent inside the hook calls on the backward thread;
+    Timing: ``compress_s`` is the host time spent inside the hook calls on the backward thread;
     ``comm_s`` is the span from the first bucket's hook call to the last bucket's completion in
-    the step. It overlaps the backward computation (``overlapped``)."""
+    the step, overlapping the backward computation (``overlapped``). On a GPU the span is taken
+    with CUDA events: NCCL's futures complete (and run their callbacks) when the collective is
+    enqueued, so the end mark is an event recorded in the completion callback, whose stream waits
+    for the collective; the span then covers PowerSGD's compression kernels too, which run between
+    its all-reduces."""
 
     mode = "hook"
     overlapped = True
 
     def __init__(self, compressor: Compressor, communicator: Communicator, model: DistributedDataParallel):
         super().__init__(compressor, communicator)
-        self._first: float | None = None
-        self._last: float | None = None
+        self.span = Span()
         state, native = compressor.make_ddp_hook(communicator)
 
         def hook(hook_state: Any, bucket) -> torch.futures.Future[torch.Tensor]:
             start = time.perf_counter()
-            self._first = start if self._first is None else self._first
+            device = bucket.buffer().device
+            self.span.mark(device)
             fut = native(hook_state, bucket)
             counts = communicator.take_counts()
             self.stats.add(SyncStats(time.perf_counter() - start, 0.0, 0.0, counts.sent, counts.recv, counts.payload))
 
             def done(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-                self._last = time.perf_counter()
+                self.span.mark(device)
                 return f.value()
 
             return fut.then(done)
@@ -157,9 +163,7 @@ class NativeHookApplier(GradientApplier):
 
     def take_stats(self) -> SyncStats:
         """Stats since the last call, with the communication span of the buckets completed."""
-        if self._first is not None and self._last is not None:
-            self.stats.comm_s += max(self._last - self._first, 0.0)
-            self._first = self._last = None
+        self.stats.comm_s += self.span.take()
         return super().take_stats()
 
 

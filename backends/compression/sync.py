@@ -36,6 +36,43 @@ def wait_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Span:
+    """Time from the first ``mark`` to the last one: the wall clock on CPU; on CUDA, events
+    recorded on the current stream, so the span is when the device reached the marks (work that
+    is only enqueued when the host marks it is counted when it runs, not when it is queued)."""
+
+    def __init__(self) -> None:
+        self._first: float | torch.cuda.Event | None = None
+        self._last: float | torch.cuda.Event | None = None
+
+    @staticmethod
+    def _now(device: torch.device) -> float | torch.cuda.Event:
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def mark(self, device: torch.device) -> None:
+        """A point of the span: the first call opens it, every later one moves its end."""
+        if self._first is None:
+            self._first = self._now(device)
+        else:
+            self._last = self._now(device)
+
+    def take(self) -> float:
+        """Seconds from the first to the last mark (0 with fewer than two), and start afresh."""
+        first, last, self._first, self._last = self._first, self._last, None, None
+        if first is None or last is None:
+            return 0.0
+        if isinstance(first, float) and isinstance(last, float):
+            return max(last - first, 0.0)
+        assert isinstance(first, torch.cuda.Event) and isinstance(last, torch.cuda.Event)
+        first.synchronize()  # the marks may sit on different streams
+        last.synchronize()
+        return max(first.elapsed_time(last) / 1000.0, 0.0)
+
+
 class GradientSync:
     """Averages a tensor over workers through a compressor, with optional error feedback."""
 

@@ -1,8 +1,8 @@
 """Persistent per-step decode metadata (token ids, positions, write slots, lengths, block
 tables) and the CUDA graphs that replay a decode step over them.
 
-The buffers live on the device at fixed addresses; each step fills pinned host staging copies
-in Python and sends them with one asynchronous copy per buffer (no device-to-host sync). A
+The buffers live on the device at fixed addresses; each step fills one pinned host staging
+buffer of the same layout and sends it with one asynchronous copy (no device-to-host sync). A
 captured graph per batch-size bucket (1, 2, 4, 8, then multiples of 8) replays the whole decode
 forward, greedy argmax included; padded rows write to the scratch slot and read one entry.
 """
@@ -27,63 +27,65 @@ def buckets(max_batch: int) -> list[int]:
 
 
 class DecodeBuffers:
-    """Device buffers a decode step reads, and their pinned host staging twins."""
+    """Device buffers a decode step reads, staged in one pinned host buffer of the same layout
+    and sent with a single asynchronous copy per step (the host work between graph replays is
+    what keeps small batches from the bandwidth roofline)."""
+
+    FIELDS = ("ids", "pos", "slot", "lens", "drop", "first_recent")  # drop: 1 = drop one entry in place
 
     def __init__(self, max_batch: int, max_blocks_per_seq: int, block_size: int, device: torch.device):
         self.max_batch, self.width, self.block_size, self.device = max_batch, max_blocks_per_seq, block_size, device
-        pin = device.type == "cuda"
+        # one flat int64 buffer: each field [max_batch], then the block table [max_batch, width]
+        # last, so the rows a step uses are one contiguous prefix
+        self._table_at = len(self.FIELDS) * max_batch
+        size = self._table_at + max_batch * max_blocks_per_seq
+        self._host = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._dev = torch.zeros(size, dtype=torch.int64, device=device)
+        self._np = self._host.numpy()
+        for i, name in enumerate(self.FIELDS):
+            setattr(self, name, self._dev[i * max_batch : (i + 1) * max_batch])
+        self.table = self._dev[self._table_at :].view(max_batch, max_blocks_per_seq)
+        self.slot_h = self._host[2 * max_batch : 3 * max_batch]
 
-        def pair(*shape: int) -> tuple[torch.Tensor, torch.Tensor]:
-            host = torch.zeros(*shape, dtype=torch.int64, pin_memory=pin)
-            return host, torch.zeros(*shape, dtype=torch.int64, device=device)
+    def _field(self, name: str):
+        i = self.FIELDS.index(name) * self.max_batch
+        return self._np[i : i + self.max_batch]
 
-        self.ids_h, self.ids = pair(max_batch)
-        self.pos_h, self.pos = pair(max_batch)
-        self.slot_h, self.slot = pair(max_batch)
-        self.len_h, self.lens = pair(max_batch)
-        self.table_h, self.table = pair(max_batch, max_blocks_per_seq)
-        self.drop_h, self.drop = pair(max_batch)  # 1: drop one entry in place after this step
-        self.recent_h, self.first_recent = pair(max_batch)  # first position such a drop keeps
-
-    def fill(self, seqs: list[Sequence], rows: int) -> tuple[int, ...]:
-        """Stage ``seqs``' metadata in the first ``rows`` rows (extra rows are padding) and send
-        it; returns the entries each sequence stored before this step."""
+    def fill(self, seqs: list[Sequence], rows: int, drop: list[int] | None = None,
+             first_recent: list[int] | None = None) -> tuple[int, ...]:
+        """Stage ``seqs``' metadata in the first ``rows`` rows (extra rows are padding), with the
+        rows that drop one entry in place after the step and the window each keeps, and send it
+        in one copy; returns the entries each sequence stored before this step."""
         bs, b = self.block_size, len(seqs)
         before = tuple(s.num_stored for s in seqs)
-        ids = [s.last_token_id for s in seqs]
-        pos = [s.num_seen for s in seqs]
-        slot = [s.block_table[n // bs] * bs + n % bs for s, n in zip(seqs, before, strict=True)]
-        lens = [n + 1 for n in before]
-        pad = rows - b
-        self.ids_h[:rows] = torch.tensor(ids + [0] * pad)
-        self.pos_h[:rows] = torch.tensor(pos + [0] * pad)
-        self.slot_h[:rows] = torch.tensor(slot + [SCRATCH_SLOT] * pad)
-        self.len_h[:rows] = torch.tensor(lens + [1] * pad)
         width = max((len(s.block_table) for s in seqs), default=1)
         if width > self.width:
             raise ValueError(f"a sequence holds {width} blocks; the decode buffers hold {self.width}")
-        table = self.table_h[:rows]
-        table.zero_()
+        pad = rows - b
+        values = {
+            "ids": [s.last_token_id for s in seqs] + [0] * pad,
+            "pos": [s.num_seen for s in seqs] + [0] * pad,
+            "slot": [s.block_table[n // bs] * bs + n % bs for s, n in zip(seqs, before, strict=True)]
+            + [SCRATCH_SLOT] * pad,
+            "lens": [n + 1 for n in before] + [1] * pad,
+            "drop": (drop or [0] * b) + [0] * pad,
+            "first_recent": (first_recent or [0] * b) + [0] * pad,
+        }
+        for name, vals in values.items():
+            self._field(name)[:rows] = vals
+        table = self._np[self._table_at : self._table_at + rows * self.width].reshape(rows, self.width)
+        table[:] = 0
         for r, s in enumerate(seqs):
-            table[r, : len(s.block_table)] = torch.tensor(s.block_table)
-        for host, dev in ((self.ids_h, self.ids), (self.pos_h, self.pos), (self.slot_h, self.slot),
-                          (self.len_h, self.lens), (self.table_h, self.table)):
-            dev[:rows].copy_(host[:rows], non_blocking=True)
+            table[r, : len(s.block_table)] = s.block_table
+        n = self._table_at + rows * self.width
+        self._dev[:n].copy_(self._host[:n], non_blocking=True)
         return before
-
-    def fill_drops(self, drop: list[int], first_recent: list[int], rows: int) -> None:
-        """Stage and send which rows drop one entry in place, and the window each keeps."""
-        pad = rows - len(drop)
-        self.drop_h[:rows] = torch.tensor(drop + [0] * pad)
-        self.recent_h[:rows] = torch.tensor(first_recent + [0] * pad)
-        self.drop[:rows].copy_(self.drop_h[:rows], non_blocking=True)
-        self.first_recent[:rows].copy_(self.recent_h[:rows], non_blocking=True)
 
     def fill_padding(self, rows: int) -> None:
         """Rows that touch only the scratch slot (for warm-up and capture)."""
-        for t, v in ((self.ids, 0), (self.pos, 0), (self.slot, SCRATCH_SLOT), (self.lens, 1), (self.table, 0),
-                     (self.drop, 0), (self.first_recent, 0)):
-            t[:rows].fill_(v)
+        for name, v in (("ids", 0), ("pos", 0), ("slot", SCRATCH_SLOT), ("lens", 1), ("drop", 0), ("first_recent", 0)):
+            getattr(self, name)[:rows].fill_(v)
+        self.table[:rows].fill_(0)
 
     def meta(self, rows: int, seqs: list[Sequence], before: tuple[int, ...]) -> BatchMeta:
         """The decode BatchMeta over the first ``rows`` rows (views of the persistent buffers)."""

@@ -61,9 +61,9 @@ class ModelRunner:
             write_slots=self.store.slots([seq.block_table], [n])[0],
         )
 
-    def _decode_meta(self, seqs: list[Sequence]) -> BatchMeta:
+    def _decode_meta(self, seqs: list[Sequence], drops: bool) -> BatchMeta:
         if self.buffers is not None:
-            before = self.buffers.fill(seqs, len(seqs))
+            before = self.buffers.fill(seqs, len(seqs), *(self._drops(seqs) if drops else (None, None)))
             return self.buffers.meta(len(seqs), seqs, before)
         dev = self.device
         b = len(seqs)
@@ -95,12 +95,18 @@ class ModelRunner:
             self._drop_in_place(rows)
         return logits.argmax(dim=-1), logits
 
-    def _stage_drops(self, decode: list[Sequence], rows: int) -> None:
-        """Which rows end the step one entry over their policy's budget (they drop it in place)."""
-        kept = [self.policy.kept_tokens(s.num_seen + 1) for s in decode]  # after this step
-        drop = [int(s.num_stored + 1 - k == 1) for s, k in zip(decode, kept, strict=True)]
-        self.buffers.fill_drops(drop, [self.policy.first_protected(s.num_seen + 1) for s in decode], rows)
+    def _drops(self, decode: list[Sequence]) -> tuple[list[int] | None, list[int] | None]:
+        """Which rows end the step one entry over their policy's budget (they drop it in place
+        after the forward), and the first position each keeps; (None, None) without a drop rule."""
+        if self.drop_rule is None:
+            return None, None
+        drop, first_recent = [], []
+        for s in decode:
+            seen = s.num_seen + 1  # after this step
+            drop.append(int(s.num_stored + 1 - self.policy.kept_tokens(seen) == 1))
+            first_recent.append(self.policy.first_protected(seen))
         self.dropped = [s for s, d in zip(decode, drop, strict=True) if d]
+        return drop, first_recent
 
     def _drop_in_place(self, rows: int) -> None:
         from backends.kvcache.kernels import ops
@@ -114,9 +120,7 @@ class ModelRunner:
         rows = self.graphs.bucket(len(decode))
         captured = self.graphs.get(rows, lambda: self._graph_forward(rows),
                                    lambda: self.buffers.fill_padding(rows))
-        before = self.buffers.fill(decode, rows)
-        if self.drop_rule is not None:
-            self._stage_drops(decode, rows)
+        before = self.buffers.fill(decode, rows, *self._drops(decode))
         self.policy.begin_step(StepBatch(decode=self.buffers.meta(rows, decode, before), prefill=[],
                                          num_decode=len(decode)))
         captured.graph.replay()
@@ -144,7 +148,7 @@ class ModelRunner:
                 positions.extend(range(s.num_tokens))
                 last_rows.append(len(ids) - 1)
             self.step = StepBatch(
-                decode=self._decode_meta(decode) if decode else None,
+                decode=self._decode_meta(decode, drops=not prefill) if decode else None,
                 prefill=[self._prefill_meta(s) for s in prefill],
                 num_decode=len(decode),
             )
@@ -154,7 +158,6 @@ class ModelRunner:
             logits = self.model.logits(hidden[0, torch.as_tensor(last_rows, device=dev)])
             self.step = None
             if self.drop_rule is not None and decode and not prefill:
-                self._stage_drops(decode, len(decode))
                 self._drop_in_place(len(decode))
             if logits.device.type == "meta":  # dry run: shapes only
                 self.store.flush_writes()

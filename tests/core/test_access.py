@@ -88,11 +88,15 @@ def test_each_cluster_gets_only_its_own_token(home: Path, tmp_path: Path, monkey
 def test_an_address_nobody_listens_on_fails_in_seconds_with_one_line(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     grid = write_grid(tmp_path)
-    # Baseline, same run: the CLI's own start-up (slow on a loaded machine), failing before any connection.
+    # Baseline, same run: the CLI's own start-up (slow on a loaded machine), failing before any connection,
+    # here on a Ray Client address (its driver would stay on this machine, and its trials' folders too).
     begin = time.monotonic()
-    baseline = orch("submit", str(grid), "--address", "ftp://x", timeout=60)
+    baseline = orch("submit", str(grid), "--address", "ray://10.0.0.5:10001", timeout=60)
     startup = time.monotonic() - begin
-    assert baseline.returncode == 2 and "unknown scheme 'ftp'" in baseline.stderr
+    assert baseline.returncode == 2 and baseline.stderr.strip() == (
+        "error: orch does not drive a cluster through Ray Client (ray://10.0.0.5:10001): trial folders would be "
+        "paths of this machine; submit through the head's Jobs API (--address http://10.0.0.5:8265), or run orch "
+        "on a cluster node with --address 10.0.0.5:6379")
     begin = time.monotonic()
     result = orch("submit", str(grid), "--address", f"127.0.0.1:{port}", timeout=60)
     elapsed = time.monotonic() - begin

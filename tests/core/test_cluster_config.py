@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
+import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -43,4 +50,43 @@ def test_cluster_yaml_is_safe_by_default() -> None:
     setup = "\n".join(config["setup_commands"])
     assert "sys.version_info[:2] == (3, 11)" in setup and "make setup" in setup
     makefile = (REPO / "Makefile").read_text()  # a non-root SSH user's `make setup` reaches apt-get through sudo
-    assert "$(SUDO) apt-get update" in makefile and "$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get" in makefile
+    assert "$(SUDO) apt-get update" in makefile and "APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive" in makefile
+    assert 'echo sudo -n)' in makefile  # never a password prompt that `ray up` cannot answer
+
+
+def _python_check() -> str:
+    (command,) = [c for c in _config()["setup_commands"] if "sys.version_info" in c]
+    return command
+
+
+def test_setup_stops_with_one_line_on_a_node_without_python_3_11(tmp_path: Path) -> None:
+    assert subprocess.run(["bash", "-c", _python_check()], capture_output=True, text=True).returncode == 0
+    bare = tmp_path / "bin"  # a node's PATH with no python3.11 on it
+    bare.mkdir()
+    (bare / "hostname").symlink_to(shutil.which("hostname"))
+    result = subprocess.run(["/bin/bash", "-c", _python_check()], env={"PATH": str(bare)}, capture_output=True,
+                            text=True)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"orch needs Python 3.11 with venv on {socket.gethostname()}: sudo apt-get install -y python3.11 python3.11-venv"
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs make as another user")
+def test_setup_as_a_user_without_sudo_names_the_missing_packages() -> None:
+    """`make setup`'s package step as a normal user who cannot sudo: one line, no password prompt."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:  # pytest's tmp_path is closed to other users
+        Path(folder).chmod(0o755)
+        shutil.copy(REPO / "Makefile", Path(folder) / "Makefile")
+
+        def system_deps(missing: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["runuser", "-u", "nobody", "--", "make", "-s", "-C", folder, "system-deps",
+                                   f"APT_MISSING={missing}"], capture_output=True, text=True, timeout=60,
+                                  stdin=subprocess.DEVNULL)
+
+        refused = system_deps("rsync openssh-server")
+        assert refused.returncode == 2
+        assert refused.stderr.splitlines()[0] == ("make setup: nobody is not root and cannot sudo without a password; "
+                                                  "install these Debian packages first: rsync openssh-server")
+        done = system_deps("")  # nothing missing: no sudo needed at all
+        assert done.returncode == 0 and not done.stderr

@@ -1,4 +1,4 @@
-"""A real multi-host Ray cluster: a head and two workers, each in its own network namespace.
+"""A real multi-host Ray cluster: a head and three workers, each in its own network namespace.
 
 Each host has its own address on a bridge (backends/network), its own Ray node started with
 `ray start` and custom resources; the test process is outside the namespaces and reaches the
@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 
 RAY = str(Path(sys.executable).parent / "ray")
 GCS_PORT, DASHBOARD_PORT = 6379, 8265  # each namespace has its own ports: no clash with other Rays here
-WORKERS = {"w1": 1, "w2": 1}  # host -> CPUs
+WORKERS = {"w1": 1, "w2": 1, "w3": 1}  # host -> CPUs; a 2-worker training trial leaves one host spare
 FAST_HEALTH = json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 4})
 
 
@@ -109,7 +109,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     cleanup: list[Path] = []
     try:
-        with EmulatedNetwork(["head", "w1", "w2"], subnet="10.214.0.0/24", gateway=True) as net:
+        with EmulatedNetwork(["head", *WORKERS], subnet="10.214.0.0/24", gateway=True) as net:
             ray_cluster = Cluster(net, root)
             cleanup.append(ray_cluster.ray_temp)
             # The token, generated once on the submitter's machine, shipped to every node's ~/.ray/auth_token.
@@ -132,7 +132,7 @@ def cluster(tmp_path_factory):
             deadline = time.time() + 150
             while True:
                 try:
-                    if len(ray_cluster.nodes()) == 3:
+                    if len(ray_cluster.nodes()) == 1 + len(WORKERS):
                         break
                 except httpx.HTTPError:
                     pass
@@ -177,7 +177,7 @@ def test_bad_access_is_refused_with_one_line_each(cluster: Cluster, tmp_path: Pa
     grid = write_grid(tmp_path, experiment="too-big", resources={"num_cpus": 2})
     line = _error_line(cluster.orch("submit", str(grid), "--address", cluster.jobs_address))
     assert "needs CPU=2, which no node can hold" in line
-    for name in ("w1", "w2"):
+    for name in WORKERS:
         assert f"node {cluster.hosts[name].address}: CPU=1 " in line and f"host_{name}=1" in line
     token = (cluster.root / "tokens" / cluster.head).read_text().strip()
     jobs = httpx.get(f"{cluster.jobs_address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10)
@@ -251,22 +251,52 @@ def _registered_checkpoint(storage: Path) -> bool:
     return False
 
 
-def _kill_rank1_after_a_checkpoint(store: ExperimentStore, storage: Path, seen: dict, stop: threading.Event) -> None:
-    """Once Ray Train has registered a checkpoint: note each rank's host, SIGKILL rank 1's worker."""
+def _rank_hosts(store: ExperimentStore, cluster: Cluster, exclude: set[int]) -> tuple[dict[int, int], dict[int, str]]:
+    """Ranks 0 and 1's live worker PIDs (none of ``exclude``) and host names, or two empty dicts."""
+    pids = {int(p.name[4:-4]): p for p in store.path.glob("work/*/pids/rank*.pid")}
+    if set(pids) != {0, 1}:
+        return {}, {}
+    try:
+        numbers = {rank: int(path.read_text()) for rank, path in pids.items()}
+    except ValueError:  # being written
+        return {}, {}
+    by_namespace = {host.namespace: name for name, host in cluster.hosts.items()}
+    hosts = {rank: by_namespace.get(_namespace_of(pid), "") for rank, pid in numbers.items()}
+    if exclude & set(numbers.values()) or not all(hosts.values()):
+        return {}, {}
+    return numbers, hosts
+
+
+def _take_a_rank_s_host_down(cluster: Cluster, store: ExperimentStore, storage: Path, seen: dict,
+                             stop: threading.Event) -> None:
+    """Once Ray Train has registered a checkpoint, cut off the host of a rank (not the trial actor's host:
+    link down, then its raylet and every process on it killed); then note where the restarted ranks run."""
+    node_ids = cluster.node_ids()
     while not stop.is_set():
-        pids = {int(p.name[4:-4]): p for p in store.path.glob("work/*/pids/rank*.pid")}
-        if _registered_checkpoint(storage) and set(pids) == {0, 1}:
-            numbers = {rank: int(path.read_text()) for rank, path in pids.items()}
-            seen["hosts"] = {rank: _namespace_of(pid) for rank, pid in numbers.items()}
-            os.kill(numbers[1], signal.SIGKILL)
-            seen["killed"] = numbers[1]
+        manifest = store.load_manifest() or {"trials": {}}
+        actor_nodes = {e.get("node") for e in manifest["trials"].values()} - {None}
+        pids, hosts = _rank_hosts(store, cluster, set())
+        if _registered_checkpoint(storage) and pids and actor_nodes:
+            actor_hosts = {name for name, node in node_ids.items() if node in actor_nodes}
+            rank = next(r for r in (1, 0) if hosts[r] not in actor_hosts)  # Ray Train's controller runs there
+            victim = cluster.hosts[hosts[rank]]
+            subprocess.run(["ip", "-n", victim.namespace, "link", "set", victim.interface, "down"], check=True)
+            os.killpg(cluster.procs[victim.name].pid, signal.SIGKILL)
+            seen.update(before=hosts, killed_rank=rank, killed_host=victim.name, actor_hosts=actor_hosts)
+            break
+        time.sleep(0.05)
+    while not stop.is_set():  # the restarted worker group: new processes, alive, on which hosts
+        _, after = _rank_hosts(store, cluster, exclude=set(pids.values()))
+        if after:
+            seen["after"] = after
             return
         time.sleep(0.05)
 
 
-def test_a_two_host_training_trial_resumes_from_its_checkpoint_after_a_worker_is_killed(cluster: Cluster,
-                                                                                         tmp_path: Path) -> None:
-    """One Ray Train worker per worker host, checkpoints on storage every host mounts; rank 1 killed mid-run."""
+def test_a_two_host_training_trial_resumes_on_another_host_after_a_worker_host_is_lost(cluster: Cluster,
+                                                                                        tmp_path: Path) -> None:
+    """One Ray Train worker per worker host, checkpoints on storage every host mounts; a rank's host cut off
+    mid-run. Ray Train restarts the worker group on the hosts left, a spare one included, from the checkpoint."""
     results, storage = tmp_path / "remote", tmp_path / "shared-storage"
     grid = tmp_path / "train.yaml"
     grid.write_text(yaml.safe_dump({
@@ -276,12 +306,13 @@ def test_a_two_host_training_trial_resumes_from_its_checkpoint_after_a_worker_is
                  "optim": {"name": "sgd", "lr": 5.0, "clip": 0.25}, "steps": TRAIN_STEPS, "batch_size": 4,
                  "bptt": 8, "eval_every": TRAIN_STEPS, "eval_batches": 2, "checkpoint_every": TRAIN_EVERY,
                  "storage_path": str(storage), "seed": 0},
-        "resources": {"num_cpus": 1, "pool": 1},  # per Train worker: one per worker host
+        "resources": {"num_cpus": 1, "pool": 1},  # per Train worker: at most one per worker host
     }))
     store = ExperimentStore(results, "train-2hosts")
     seen: dict = {}
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_rank1_after_a_checkpoint, args=(store, storage, seen, stop), daemon=True)
+    killer = threading.Thread(target=_take_a_rank_s_host_down, args=(cluster, store, storage, seen, stop),
+                              daemon=True)
     killer.start()
     try:
         result = cluster.orch("submit", str(grid), "--address", cluster.jobs_address, "--remote-results",
@@ -290,24 +321,32 @@ def test_a_two_host_training_trial_resumes_from_its_checkpoint_after_a_worker_is
         stop.set()
         killer.join(timeout=5)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "killed" in seen, "rank 1's worker was never killed"
-    worker_hosts = {cluster.hosts[name].namespace for name in WORKERS}
-    assert set(seen["hosts"].values()) == worker_hosts, seen  # one worker on each worker host
+    assert "killed_host" in seen, "no rank's host was ever cut off"
+    before, after, lost = seen["before"], seen.get("after"), seen["killed_host"]
+    assert len(set(before.values())) == 2 and set(before.values()) <= set(WORKERS), seen  # one rank per host
+    (spare,) = set(WORKERS) - set(before.values())
+    (survivor,) = set(before.values()) - {lost}
+    assert lost not in seen["actor_hosts"]
+    # The restarted group ran on the hosts left: the spare host took a rank, the lost host none, and the
+    # rank whose host was lost resumed on another host.
+    assert after is not None and set(after.values()) == {survivor, spare}, seen
+    assert after[seen["killed_rank"]] != lost
     (entry,) = store.load_manifest()["trials"].values()
     assert entry["state"] == "done" and entry["attempts"] == 1  # Ray Train restarted it, not a trial retry
     summary = store.read_table("train_summary").to_pylist()[0]
     assert summary["restarts"] >= 1 and summary["num_workers"] == 2 and summary["steps"] == TRAIN_STEPS
     assert summary["resumed_from_step"] % TRAIN_EVERY == 0 and 0 < summary["resumed_from_step"] < TRAIN_STEPS
     steps = store.read_table("train_steps").to_pylist()
-    for rank in (0, 1):  # every step recorded once per rank
+    for rank in (0, 1):  # no step lost, none duplicated: every step recorded once per rank
         assert sorted(r["step"] for r in steps if r["rank"] == rank) == list(range(1, TRAIN_STEPS + 1))
     assert {r["attempt"] for r in steps} >= {0, 1}
 
 
-# Last in the module: it takes host w1 down for good, and the tests above need both workers.
+# Last in the module: it takes a worker host down for good (after the training test took another).
 def test_a_grid_through_the_jobs_api_survives_a_worker_host_cut_off(cluster: Cluster, tmp_path: Path) -> None:
     results = tmp_path / "remote"
-    node_ids = cluster.node_ids()
+    node_ids = {name: node for name, node in cluster.node_ids().items() if name in WORKERS}
+    assert len(node_ids) >= 2, f"needs two live worker hosts: {node_ids}"
     grid = write_grid(tmp_path, experiment="lose-host", grid={"x": [1, 2, 3, 4]}, base={"sleep_s": 4.0},
                       resources={"num_cpus": 1, "pool": 1}, retries=2)
     submit = subprocess.Popen([*ORCH, "submit", str(grid), "--address", cluster.jobs_address, "--remote-results",
@@ -318,16 +357,18 @@ def test_a_grid_through_the_jobs_api_survives_a_worker_host_cut_off(cluster: Clu
         deadline = time.time() + 150
         while time.time() < deadline:  # both workers run a trial
             manifest = store.load_manifest() or {"trials": {}}
-            if sum(e["state"] == "running" and bool(e.get("start_s")) for e in manifest["trials"].values()) == 2:
+            running = [e for e in manifest["trials"].values() if e["state"] == "running" and e.get("start_s")]
+            if len(running) >= 2:
                 break
             time.sleep(0.3)
         else:
             pytest.fail("the grid never ran two trials at once")
         time.sleep(1.5)  # inside their sleep now
-        w1 = cluster.hosts["w1"]
-        subprocess.run(["ip", "-n", w1.namespace, "link", "set", w1.interface, "down"], check=True)
+        lost = next(name for name, node in node_ids.items() if node == running[0]["node"])
+        host = cluster.hosts[lost]
+        subprocess.run(["ip", "-n", host.namespace, "link", "set", host.interface, "down"], check=True)
         time.sleep(2.0)
-        os.killpg(cluster.procs["w1"].pid, signal.SIGKILL)  # the raylet and everything else on w1
+        os.killpg(cluster.procs[lost].pid, signal.SIGKILL)  # the raylet and everything else on that host
         out, err = submit.communicate(timeout=240)
     finally:
         if submit.poll() is None:
@@ -338,8 +379,8 @@ def test_a_grid_through_the_jobs_api_survives_a_worker_host_cut_off(cluster: Clu
     assert sorted(e["state"] for e in entries.values()) == ["done"] * 4
     retried = [e for e in entries.values() if e["attempts"] > 1]
     assert retried, "a trial on the cut-off host must have been retried"
-    assert all(e["node"] == node_ids["w2"] for e in retried)
-    assert {e["node"] for e in entries.values()} <= {node_ids["w1"], node_ids["w2"]}  # never on the head
+    assert all(e["node"] in set(node_ids.values()) - {node_ids[lost]} for e in retried)
+    assert {e["node"] for e in entries.values()} <= set(node_ids.values())  # never on the head
     # nothing lost, nothing duplicated: one Parquet partition, one summary row and one MLflow run per trial
     ids = sorted(entries)
     assert parquet_trial_ids(results, "lose-host", "toy_summary") == ids

@@ -147,7 +147,8 @@ def network_training_experiment(root: Path, name: str = "a2sgd-network", repeats
                    "time_to_target_s": time_to_target_s(compressor, bandwidth, repeat), "step_time_s": 0.1 + 0.01 * repeat,
                    "payload_bytes_per_worker_step": payload,
                    "wire_bytes_per_worker_step": payload * (100.0 if compressor == "a2sgd" else 1.05),
-                   "final_divergence": 0.01 * (repeat + 1) if compressor == "a2sgd" else 0.0}
+                   "final_divergence": 0.01 * (repeat + 1) if compressor == "a2sgd" else 0.0,
+                   "step_compute_s": 0.06, "step_comm_s": 0.002 * (repeat + 1) / bandwidth}
         trials.append((params, repeat, {"train_summary": pa.Table.from_pylist([summary], schema=TRAINING_TABLES["train_summary"])}))
     _write(store, "training", ["compressor.name", "network.bandwidth_gbit"], trials, TRAINING_TABLES)
     return store

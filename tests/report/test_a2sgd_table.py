@@ -29,6 +29,10 @@ def test_the_tables_give_times_spreads_speedups_and_bytes(tmp_path: Path) -> Non
     bytes_rows = {(r[0], r[1]): r[2:] for r in rows if len(r) == 7}
     assert bytes_rows[("bandwidth_gbit=0.1", "a2sgd")] == ["8", "800", "100.0", "0.110", "0.0300"]
     assert bytes_rows[("bandwidth_gbit=1", "dense")][:3] == ["1,000", "1,050", "1.1"]
+    split = {(r[0], r[1]): r[2:] for r in rows if len(r) == 8}
+    # step_time_s 0.10/0.11/0.12 s over repeats; comm 20/40/60 ms at 0.1 Gb/s, 2/4/6 at 1 Gb/s; no compress_s.
+    assert split[("bandwidth_gbit=0.1", "qsgd")] == ["110.00", "60.00", "-", "40.00", "-", "-"]
+    assert split[("bandwidth_gbit=1", "a2sgd")][:4] == ["110.00", "60.00", "-", "4.00"]
 
 
 def test_an_empty_results_folder_is_one_clear_error(tmp_path: Path) -> None:

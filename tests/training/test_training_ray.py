@@ -1,4 +1,5 @@
-"""The training kind on Ray Train: a two-worker trial whose worker is SIGKILLed mid-run resumes."""
+"""The training kind on Ray Train: a two-worker trial whose worker is SIGKILLed mid-run resumes,
+its restarted workers again with the interconnect's NCCL environment."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(local_ray, t
             "model": {"embed": 16, "hidden": 16, "layers": 1, "dropout": 0.0, "vocab_size": 500},
             "steps": STEPS, "batch_size": 8, "bptt": 10,
             "eval_every": 120, "eval_batches": 5, "checkpoint_every": EVERY, "max_failures": 2, "seed": 0,
+            "interconnect": "sockets",
         }
     )
     ctx = TrialContext(experiment="t", trial_id="abc", repeat=0, attempt=1, workdir=tmp_path,
@@ -79,6 +81,10 @@ def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(local_ray, t
     assert summary["restarts"] >= 1
     assert summary["resumed_from_step"] % EVERY == 0 and 0 < summary["resumed_from_step"] < STEPS
     assert summary["steps"] == STEPS and summary["num_workers"] == 2
+    # The final state comes from the restarted group: Ray Train's backend set the variables in its workers too.
+    assert summary["nccl_env"] == "NCCL_IB_DISABLE=1,NCCL_NVLS_ENABLE=0,NCCL_P2P_DISABLE=1,NCCL_SHM_DISABLE=1"
+    assert summary["nccl_paths"] is None  # gloo on CPU: no NCCL log
+    assert 0 < summary["step_compute_s"] < summary["step_time_s"] and summary["step_comm_s"] > 0
     # Every step appears exactly once per rank: rows after the last checkpoint of the dead attempt are gone.
     steps = out.tables["train_steps"].to_pylist()
     for rank in (0, 1):

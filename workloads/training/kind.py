@@ -67,7 +67,10 @@ class TrainingKind(TrialKind):
             from workloads.training.ray_train import fit
 
             states = fit(params, ctx.workdir, ctx.resources, f"{ctx.experiment}.{ctx.trial_id}", ctx.report)
-        tables = build_tables(params, states, time.perf_counter() - start)
+        from workloads.training.interconnect import LOG_FOLDER, nccl_paths
+
+        paths = nccl_paths(ctx.workdir / LOG_FOLDER) if params.use_gpu else None
+        tables = build_tables(params, states, time.perf_counter() - start, paths)
         summary = tables["train_summary"].to_pylist()[0]
         ctx.report({k: float(v) for k, v in summary.items() if isinstance(v, int | float) and v is not None})
         return TrialOutput(tables=tables)

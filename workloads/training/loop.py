@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backends.compression import build_applier, mode_of
 from backends.compression.sync import wait_device
+from workloads.training.interconnect import seen_env
 from workloads.training.params import TrainingParams
 from workloads.training.tasks import Task, build_task
 
@@ -175,6 +176,7 @@ class TrainingRun:
             "restarts": self.restarts,
             "rank": self.env.rank,
             "world_size": self.env.world_size,
+            "nccl_env": seen_env(),  # the interconnect's variables as this worker's NCCL saw them
             "baseline": self.task.baseline() if self.env.rank == 0 else {},
         }
 

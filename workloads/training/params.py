@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from backends.compression import CompressionConfig
 from workloads.kind import KindParams
+from workloads.training.interconnect import Interconnect
 
 
 class OptimParams(KindParams):
@@ -48,6 +49,9 @@ class TrainingParams(KindParams):
     compressor: CompressionConfig = CompressionConfig()
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
+    # How NCCL links the GPU workers: its own choice, NVLink peer-to-peer only, or TCP sockets
+    # only (workloads/training/interconnect.py); NVLink multicast is always off.
+    interconnect: Interconnect = "auto"
     optim: OptimParams = OptimParams()
     model: ModelParams = ModelParams()
     steps: int | None = Field(default=None, ge=1)
@@ -87,6 +91,12 @@ class TrainingParams(KindParams):
             raise ValueError("give at most one of steps or epochs (neither: one epoch)")
         if self.network is not None and self.use_gpu:
             raise ValueError("network trials run CPU workers (gloo over the emulated links); set use_gpu: false")
+        if self.interconnect == "nvlink" and not self.use_gpu:
+            raise ValueError("interconnect: nvlink needs use_gpu: true (CPU workers talk over gloo's TCP sockets; "
+                             "allowed without a GPU: auto, sockets)")
+        if self.interconnect != "auto" and self.network is not None:
+            raise ValueError("interconnect applies to Ray Train workers; network trials use their emulated links "
+                             "(leave interconnect: auto)")
         if self.storage_path is not None and "://" not in self.storage_path and not self.storage_path.startswith("/"):
             raise ValueError(
                 f"storage_path must be an absolute path every node mounts or a URI such as s3://bucket/dir; "

@@ -9,6 +9,9 @@ listens for the rendezvous) and gloo / NCCL are told to use the loopback interfa
 cluster Ray Train's own setup runs, with gloo on the interface that carries the node's Ray
 address: the host name may resolve to 127.0.0.1 (many /etc/hosts do), and gloo would then
 bind to loopback, which the other hosts cannot reach.
+
+Either way each worker first takes the trial's NCCL environment (``env``: the interconnect's
+variables, workloads/training/interconnect.py), before its process group exists.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 import ray
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+from workloads.training.interconnect import apply_env
 
 LOOPBACK_INTERFACE = "lo"
 
@@ -49,6 +54,7 @@ class _LoopbackTorchBackend(_TorchBackend):
 
     def on_start(self, worker_group, backend_config: LoopbackTorchConfig) -> None:  # noqa: ANN001 - Ray's type
         """Form the process group over a FileStore and loopback sockets when every node is loopback."""
+        worker_group.execute(apply_env, backend_config.env)
         addresses = worker_group.execute(_node_address)
         if not all(ipaddress.ip_address(a).is_loopback for a in addresses):
             worker_group.execute(_use_node_interface)
@@ -73,9 +79,10 @@ class _LoopbackTorchBackend(_TorchBackend):
 @dataclass
 class LoopbackTorchConfig(TorchConfig):
     """``TorchConfig`` whose group binds to loopback on a single-host cluster; ``store_dir`` holds
-    the rendezvous file (a folder of the trial)."""
+    the rendezvous file (a folder of the trial); ``env`` is set in every worker before the group forms."""
 
     store_dir: str = ""
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def backend_cls(self) -> type[_TorchBackend]:

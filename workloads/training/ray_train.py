@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from workloads.training.interconnect import LOG_FOLDER, nccl_env
 from workloads.training.loop import WorkerEnv, load_rank_state, run_worker
 from workloads.training.params import TrainingParams, worker_resources
 
@@ -122,7 +123,8 @@ def fit(
             num_workers=params.num_workers, use_gpu=params.use_gpu, resources_per_worker=per_worker
         ),
         torch_config=LoopbackTorchConfig(
-            backend="nccl" if params.use_gpu else "gloo", store_dir=str(workdir / "rendezvous")
+            backend="nccl" if params.use_gpu else "gloo", store_dir=str(workdir / "rendezvous"),
+            env=nccl_env(params.interconnect, workdir / LOG_FOLDER if params.use_gpu else None),
         ),
         run_config=RunConfig(
             name=run_name,

@@ -9,8 +9,9 @@ import pyarrow as pa
 
 from workloads.training.params import TrainingParams
 
-SCHEMA_VERSION = {b"schema_version": b"2"}
+SCHEMA_VERSION = {b"schema_version": b"3"}
 BANDWIDTHS_GBIT = (1, 10, 25)
+STEP_PARTS = ("compute_s", "compress_s", "comm_s", "decompress_s", "optim_s")
 
 TRAIN_STEPS = pa.schema(
     [
@@ -36,7 +37,10 @@ TRAIN_SUMMARY = pa.schema(
     [
         ("compressor", pa.string()), ("workload", pa.string()), ("num_workers", pa.int64()),
         ("steps", pa.int64()), ("wall_s", pa.float64()), ("train_s", pa.float64()),
-        ("step_time_s", pa.float64()), ("time_to_target_s", pa.float64()),
+        ("step_time_s", pa.float64()),
+        # Medians over every rank's steps of each part of a step (train_steps' columns).
+        *[(f"step_{part}", pa.float64()) for part in STEP_PARTS],
+        ("time_to_target_s", pa.float64()),
         ("final_ppl", pa.float64()), ("final_ppl_average", pa.float64()), ("test_ppl", pa.float64()),
         ("final_accuracy", pa.float64()), ("final_divergence", pa.float64()), ("unigram_ppl", pa.float64()),
         ("bytes_sent_total", pa.int64()), ("bytes_recv_total", pa.int64()),
@@ -44,6 +48,9 @@ TRAIN_SUMMARY = pa.schema(
         ("wire_bytes_per_worker_step", pa.float64()),
         *[(f"comm_model_s_{g}gbit", pa.float64()) for g in BANDWIDTHS_GBIT],
         ("restarts", pa.int64()), ("resumed_from_step", pa.int64()),
+        # What rank 0's NCCL was told (the interconnect's variables) and what its channels used
+        # (from NCCL's INFO log; GPU trials only): workloads/training/interconnect.py.
+        ("nccl_env", pa.string()), ("nccl_paths", pa.string()),
     ],
     metadata=SCHEMA_VERSION,
 )
@@ -69,7 +76,9 @@ def _mean_present(values: Any) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def build_tables(params: TrainingParams, states: list[dict[str, Any]], wall_s: float) -> dict[str, pa.Table]:
+def build_tables(
+    params: TrainingParams, states: list[dict[str, Any]], wall_s: float, nccl_paths: str | None = None
+) -> dict[str, pa.Table]:
     """train_steps (every rank), train_evals (rank 0's evaluations) and the one-row train_summary."""
     name = params.compressor.name
     step_rows = [{"compressor": name, **row} for state in states for row in state["step_rows"]]
@@ -88,6 +97,7 @@ def build_tables(params: TrainingParams, states: list[dict[str, Any]], wall_s: f
         "wall_s": wall_s,
         "train_s": rank0["train_s"],
         "step_time_s": statistics.median(r["step_s"] for r in step_rows) if step_rows else None,
+        **{f"step_{part}": statistics.median(r[part] for r in step_rows) if step_rows else None for part in STEP_PARTS},
         "time_to_target_s": rank0["time_to_target_s"],
         "final_ppl": final.get("ppl"),
         "final_ppl_average": final_avg.get("ppl"),
@@ -103,6 +113,8 @@ def build_tables(params: TrainingParams, states: list[dict[str, Any]], wall_s: f
         **{f"comm_model_s_{g}gbit": comm_model_s(step_rows, g) for g in BANDWIDTHS_GBIT},
         "restarts": len(restarts),
         "resumed_from_step": restarts[-1] if restarts else None,
+        "nccl_env": rank0.get("nccl_env"),
+        "nccl_paths": nccl_paths,
     }
     return {
         "train_steps": pa.Table.from_pylist(step_rows, schema=TRAIN_STEPS),

@@ -91,10 +91,11 @@ class H2OPolicy(CachePolicy):
         return self.budgets(n_seen)[0]
 
     def on_write(self, layer, batch: BatchMeta, k_raw):
-        pos = batch.positions.flatten().to(self.store.device)
+        if layer:  # a new entry's position and zero score are the same in every layer: one write each
+            return
         slots = batch.write_slots
-        self.store.fields["pos"][layer][slots] = pos.unsqueeze(-1)
-        self.store.fields["score"][layer].index_fill_(0, slots, 0.0)
+        self.store.fields["pos"][:, slots] = batch.positions.flatten().to(self.store.device).view(1, -1, 1)
+        self.store.fields["score"].index_fill_(1, slots, 0.0)
 
     def observe(self, layer, probs, batch):
         per_kv = probs.float().sum(dim=2)  # [B,KVH,T,L]: summed over the query heads of a group

@@ -73,7 +73,9 @@ class StreamingPolicy(CachePolicy):
         store.add_field("pos", (self.cfg.num_kv_heads,), torch.int64)
 
     def on_write(self, layer, batch, k_raw):
-        self.store.fields["pos"][layer][batch.write_slots] = batch.positions.flatten().unsqueeze(-1)
+        if layer:  # a new entry's position is the same in every layer: one write for all of them
+            return
+        self.store.fields["pos"][:, batch.write_slots] = batch.positions.flatten().view(1, -1, 1)
 
     def begin_step(self, step: StepBatch) -> None:
         super().begin_step(step)
