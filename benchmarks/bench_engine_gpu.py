@@ -242,6 +242,29 @@ def step_split(engine: LLMEngine, batch: int, steps: int = 20) -> str:
     return "\n".join(lines) + "\n"
 
 
+def timed_decode_row(model: str, system: str, batch: int, decode_s, repeats: int, args,
+                     weight_bytes: int, kv_tok: int, bw: float) -> Row:
+    """One row for a system timed from outside (transformers, vLLM): ``decode_s()`` returns the
+    seconds of ``output_len - 1`` decode steps (a full run minus a one-token run); MBU counts the
+    weights once per step plus the KV read over the growing context."""
+    runs, steps_ms, mbus = [], [], []
+    steps = args.output_len - 1
+    kv = sum(batch * (args.prompt_len + i) for i in range(1, args.output_len)) * kv_tok
+    freeze_gc(args)
+    for _ in range(repeats):
+        dec = decode_s()
+        runs.append(batch * steps / dec)
+        steps_ms.append(1e3 * dec / steps)
+        mbus.append((weight_bytes * steps + kv) / dec / bw)
+    gc.unfreeze()
+    med = statistics.median(runs)
+    row = Row(model, system, batch, med, (max(runs) - min(runs)) / med,
+              statistics.median(steps_ms), statistics.median(mbus), runs)
+    print(f"  {model:10s} {system:22s} batch {batch:3d}: {med:9.1f} tok/s  "
+          f"step {row.step_ms:6.2f} ms  MBU {row.mbu:5.1%}  spread {row.spread:4.1%}", flush=True)
+    return row
+
+
 def hf_static(model: str, batches: list[int], args, bw: float) -> list[Row]:
     """transformers' generate() with its static cache (eager: no torch.compile), same shapes."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -271,23 +294,10 @@ def hf_static(model: str, batches: list[int], args, bw: float) -> list[Row]:
     for b in batches:
         ids = torch.randint(100, vocab, (b, args.prompt_len), generator=gen).cuda()
         run(ids, 2)
-        runs, steps_ms, mbus = [], [], []
         pre = min(run(ids, 1) for _ in range(3))
-        freeze_gc(args)
-        for _ in range(min(args.repeats, 2)):  # transformers is slow: two runs give its spread
-            total = run(ids, args.output_len)
-            dec = total - pre
-            steps = args.output_len - 1
-            runs.append(b * steps / dec)
-            steps_ms.append(1e3 * dec / steps)
-            kv = sum(b * (args.prompt_len + i) for i in range(1, args.output_len)) * kv_tok
-            mbus.append((weight_bytes * steps + kv) / dec / bw)
-        gc.unfreeze()
-        med = statistics.median(runs)
-        rows.append(Row(model, "transformers static", b, med, (max(runs) - min(runs)) / med,
-                        statistics.median(steps_ms), statistics.median(mbus), runs))
-        print(f"  {model:10s} {'transformers static':22s} batch {b:3d}: {med:9.1f} tok/s  "
-              f"step {rows[-1].step_ms:6.2f} ms  MBU {rows[-1].mbu:5.1%}  spread {rows[-1].spread:4.1%}", flush=True)
+        # transformers is slow: two runs give its spread
+        rows.append(timed_decode_row(model, "transformers static", b, lambda ids=ids, pre=pre: run(ids, args.output_len) - pre,
+                                     min(args.repeats, 2), args, weight_bytes, kv_tok, bw))
     return rows
 
 
@@ -328,21 +338,8 @@ def vllm_static(model: str, batches: list[int], args, bw: float) -> list[Row]:
         prompts = torch.randint(100, vocab, (b, args.prompt_len), generator=gen).tolist()
         run(prompts, 4)
         pre = min(run(prompts, 1) for _ in range(3))
-        runs, steps_ms, mbus = [], [], []
-        freeze_gc(args)
-        for _ in range(args.repeats):
-            dec = run(prompts, args.output_len) - pre
-            steps = args.output_len - 1
-            runs.append(b * steps / dec)
-            steps_ms.append(1e3 * dec / steps)
-            kv = sum(b * (args.prompt_len + i) for i in range(1, args.output_len)) * kv_tok
-            mbus.append((weight_bytes * steps + kv) / dec / bw)
-        gc.unfreeze()
-        med = statistics.median(runs)
-        rows.append(Row(model, "vLLM", b, med, (max(runs) - min(runs)) / med,
-                        statistics.median(steps_ms), statistics.median(mbus), runs))
-        print(f"  {model:10s} {'vLLM':22s} batch {b:3d}: {med:9.1f} tok/s  "
-              f"step {rows[-1].step_ms:6.2f} ms  MBU {rows[-1].mbu:5.1%}  spread {rows[-1].spread:4.1%}", flush=True)
+        rows.append(timed_decode_row(model, "vLLM", b, lambda run=run, prompts=prompts, pre=pre: run(prompts, args.output_len) - pre,
+                                     args.repeats, args, weight_bytes, kv_tok, bw))
     del run, llm  # vLLM's engine holds most of the device's memory until collected
     gc.collect()
     torch.cuda.empty_cache()

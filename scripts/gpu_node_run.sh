@@ -33,14 +33,8 @@ PACK_PART_BYTES=$((15 * 1024 * 1024))  # what comes back is limited per file
 
 mkdir -p "$OUT"
 LOG="$OUT/gpu_node_run.log"
-exec > >(tee -a "$LOG") 2>&1
-START=$(date +%s)
-log() { echo "[gpu-run +$(( $(date +%s) - START ))s] $*"; }
-
-# Ray: no usage stats, its own traffic on 127.0.0.1; NVLink multicast stays off (shared hosts).
-export RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+LOG_TAG=gpu-run
+source "$(dirname "${BASH_SOURCE[0]}")/node_env.sh"
 
 log "host: $(uname -srm); $("$PYTHON" --version 2>&1); $(nproc) CPUs"
 command -v nvidia-smi >/dev/null && nvidia-smi -L || log "no nvidia-smi"

@@ -59,15 +59,8 @@ done
 mkdir -p "$OUT"
 LOG="$OUT/multigpu_run.log"
 SUMMARY="$OUT/summary.md"
-exec > >(tee -a "$LOG") 2>&1
-START=$(date +%s)
-log() { echo "[multigpu +$(( $(date +%s) - START ))s] $*"; }
-
-# Ray: no usage stats, its own traffic on 127.0.0.1. NVLink multicast off for every process (the
-# training trials set it in their workers too, with the interconnect's variables).
-export RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+LOG_TAG=multigpu
+source "$(dirname "${BASH_SOURCE[0]}")/node_env.sh"
 
 stamp="$SITE/.orch-wheelhouse"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$(ls -l --time-style=+%s "$WHEELHOUSE")" ]]; then
