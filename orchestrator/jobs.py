@@ -167,18 +167,26 @@ def stop_job(target: JobsTarget, job_id: str) -> bool:
         return bool(_client(target).stop_job(job_id))
 
 
-def cluster_nodes(target: JobsTarget) -> list[tuple[str, dict[str, float]]]:
-    """(node address, total resources) of the cluster's alive nodes, from the dashboard's state API."""
+def cluster_nodes(target: JobsTarget, settle_s: float = 20.0) -> list[tuple[str, dict[str, float]]]:
+    """(node address, total resources) of the cluster's alive nodes, from the dashboard's state API.
+
+    The head is itself a node, so an empty answer means the dashboard answers before the head's
+    raylet has registered (just after `ray start` / `ray up`): ask again for up to ``settle_s``."""
     import httpx
 
-    with _jobs_api(target.address):
-        response = httpx.get(f"{target.address.rstrip('/')}/api/v0/nodes", params={"detail": "1", "limit": "1000"},
-                             headers=target.headers, timeout=30)
-        response.raise_for_status()
-        rows = response.json()["data"]["result"]["result"]
-    return [(row.get("node_ip", "?"), {k: float(v) for k, v in (row.get("resources_total") or {}).items()
-                                       if not k.startswith("node:")})
-            for row in rows if row.get("state") == "ALIVE"]
+    deadline = time.monotonic() + settle_s
+    while True:
+        with _jobs_api(target.address):
+            response = httpx.get(f"{target.address.rstrip('/')}/api/v0/nodes",
+                                 params={"detail": "1", "limit": "1000"}, headers=target.headers, timeout=30)
+            response.raise_for_status()
+            rows = response.json()["data"]["result"]["result"]
+        nodes = [(row.get("node_ip", "?"), {k: float(v) for k, v in (row.get("resources_total") or {}).items()
+                                            if not k.startswith("node:")})
+                 for row in rows if row.get("state") == "ALIVE"]
+        if nodes or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(1.0)
 
 
 def check_placeable(target: JobsTarget, kind: Any, trials: list[Any]) -> None:

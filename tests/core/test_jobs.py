@@ -76,3 +76,43 @@ def test_submit_to_a_cluster_runs_the_driver_as_a_ray_job(head: str, tmp_path: P
     assert again.returncode == 0 and f"submitted job {job_id}" in again.stdout
     assert "done 3 | running 0" in again.stdout
     assert len(ExperimentStore(results, "remote").load_manifest()["submissions"]) == 2
+
+
+def test_node_list_waits_for_the_head_to_register() -> None:
+    """Just after `ray start` the dashboard answers before the head's raylet is listed: the
+    placement check asks again instead of refusing the grid for 'no alive nodes'."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from orchestrator.access import parse_address
+    from orchestrator.jobs import JobsTarget, cluster_nodes
+
+    answers = [[], [], [{"node_ip": "127.0.0.1", "state": "ALIVE", "resources_total": {"CPU": 2.0, "node:x": 1}}]]
+    asked = []
+
+    class StateApi(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            rows = answers[min(len(asked), len(answers) - 1)]
+            asked.append(self.path)
+            body = json.dumps({"data": {"result": {"result": rows}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StateApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        api = JobsTarget(parse_address(f"http://127.0.0.1:{server.server_address[1]}"), {})
+        assert cluster_nodes(api, settle_s=0) == []  # one look: the empty answer as given
+        asked.clear()
+        assert cluster_nodes(api, settle_s=10) == [("127.0.0.1", {"CPU": 2.0})]
+        assert len(asked) == 3 and all(p.startswith("/api/v0/nodes") for p in asked)
+    finally:
+        server.shutdown()
+        server.server_close()
