@@ -98,13 +98,11 @@ def main() -> None:
     import torch.distributed as dist
 
     from workloads.training.local import LocalEnv
-    from workloads.training.loop import run_worker
+    from workloads.training.loop import record_pid, run_worker
 
     spec, rank = json.loads(Path(sys.argv[1]).read_text()), int(sys.argv[2])
     params = TrainingParams.model_validate(spec["params"])
-    pid_dir = Path(spec["workdir"]) / "pids"
-    pid_dir.mkdir(parents=True, exist_ok=True)
-    (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+    record_pid(spec["workdir"], rank)
     torch.set_num_threads(spec["threads"])
     dist.init_process_group("gloo", init_method=f"tcp://{spec['master']}:{MASTER_PORT}", rank=rank,
                             world_size=params.num_workers)

@@ -10,10 +10,12 @@ steps each rank saves its model, optimizer, compressor/error-feedback state and 
 from __future__ import annotations
 
 import copy
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +46,16 @@ def to_device(state: Any, device: torch.device) -> Any:
     if isinstance(state, list | tuple):
         return type(state)(to_device(v, device) for v in state)
     return state
+
+
+def record_pid(workdir: str | Path, rank: int) -> None:
+    """Write this worker's PID to ``workdir/pids/rank<rank>.pid`` (fault tests and the cut-off test
+    find workers there), atomically: a reader never sees the file created but still empty."""
+    pid_dir = Path(workdir) / "pids"
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    staged = pid_dir / f".rank{rank}.pid.{os.getpid()}"
+    staged.write_text(str(os.getpid()))
+    os.replace(staged, pid_dir / f"rank{rank}.pid")
 
 
 def load_rank_state(path: Any, device: torch.device) -> dict[str, Any]:

@@ -9,7 +9,6 @@ workdir and the same run name) restores Ray's checkpoint manager and resumes too
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from workloads.training.interconnect import LOG_FOLDER, nccl_env
-from workloads.training.loop import WorkerEnv, load_rank_state, run_worker
+from workloads.training.loop import WorkerEnv, load_rank_state, record_pid, run_worker
 from workloads.training.params import TrainingParams, worker_resources
 
 RUN_NAME = "train"
@@ -73,9 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     env = RayTrainEnv()
     if config.get("report") is not None:
         env.report = config["report"]
-    pid_dir = Path(config["workdir"]) / "pids"
-    pid_dir.mkdir(parents=True, exist_ok=True)
-    (pid_dir / f"rank{env.rank}.pid").write_text(str(os.getpid()))
+    record_pid(config["workdir"], env.rank)
     if env.device.type != "cuda":
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
     run_worker(TrainingParams.model_validate(config["params"]), env)
