@@ -168,7 +168,8 @@ class LLMEngine:
             seq.num_seen += 1
             seq.num_stored += 1
         for seq in prefill:
-            seq.num_seen = seq.num_stored = seq.num_tokens
+            seq.num_seen = seq.num_tokens
+            seq.num_stored = self.policy.prefill_stored(seq.num_tokens)
         self._update_peaks(self.stored_tokens())  # before eviction: the step really held these
         for seq in self.runner.dropped:  # dropped one entry in place during the step
             seq.num_stored -= 1
@@ -247,7 +248,8 @@ class LLMEngine:
         )
 
     def _update_peaks(self, stored_before_finish: int) -> None:
-        resident = self.policy.device_bytes(stored_before_finish) + self.policy.step_fetch_peak
+        transient = self.policy.step_fetch_peak + self.policy.step_select_peak
+        resident = self.policy.device_bytes(stored_before_finish) + transient
         self._peak_kv = max(self._peak_kv, resident)
         if self.device.type != "cuda":
             store_dev = self.store.bytes_allocated() if not self.policy.kv_on_host else 0

@@ -58,7 +58,7 @@ class ModelRunner:
             is_prefill=True,
             seqs=[seq],
             positions=torch.arange(n, device=self.device).unsqueeze(0),
-            write_slots=self.store.slots([seq.block_table], [n])[0],
+            write_slots=self.store.slots([seq.block_table], [self.policy.prefill_stored(n)])[0],
         )
 
     def _decode_meta(self, seqs: list[Sequence], drops: bool) -> BatchMeta:

@@ -26,7 +26,7 @@ class Scheduler:
     def peak_entries(self, prompt_len: int, max_tokens: int) -> int:
         """Most entries a request ever needs stored at once (prefill, then decode under eviction)."""
         last = prompt_len + max_tokens - 1  # the final token is never stored
-        return max(prompt_len, min(last, self.policy.kept_tokens(last - 1) + 1))
+        return max(self.policy.prefill_stored(prompt_len), min(last, self.policy.kept_tokens(last - 1) + 1))
 
     def fits_ever(self, prompt_len: int, max_tokens: int) -> bool:
         """Whether the request could complete with the whole budget to itself."""
@@ -67,9 +67,10 @@ class Scheduler:
             padded = max(longest, n) * (len(prefill) + 1)
             if prefill and padded > self.max_num_batched_tokens:
                 break
-            if not self.blocks.can_hold(seq, n):
+            stored = self.policy.prefill_stored(n)  # what the prompt keeps in the store
+            if not self.blocks.can_hold(seq, stored):
                 break
-            self.blocks.grow(seq, n)
+            self.blocks.grow(seq, stored)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             prefill.append(seq)

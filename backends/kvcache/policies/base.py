@@ -27,7 +27,7 @@ class BatchMeta:
     is_prefill: bool
     seqs: list[Sequence]
     positions: torch.Tensor  # [B, T]
-    write_slots: torch.Tensor  # [B*T] store slots of the new tokens
+    write_slots: torch.Tensor  # [B*T] store slots of the new tokens (prefill: of the entries it stores)
     # decode, reference path: the cached entries
     slot_idx: torch.Tensor | None = None  # decode: [B, L] slots of stored entries + the new one
     kv_valid: torch.Tensor | None = None  # decode: [B, L]
@@ -89,6 +89,10 @@ class CachePolicy:
     wants_probs: ClassVar[bool] = False  # observe() needs attention probabilities
     # Drops cache entries: output quality differs from the full cache's and is measured by default.
     lossy: ClassVar[bool] = False
+    # Selects what a prompt keeps inside its prefill, layer by layer (``prefill_keep``), so only
+    # the kept entries ever reach the store: a burst of prompts needs about the budget, not the
+    # prompts' full K/V until the step ends.
+    evicts_at_prefill: ClassVar[bool] = False
     # The policy's knobs, typed, with their defaults (the grid's ``policy.*`` keys derive from these).
     params_model: ClassVar[type[PolicyKnobs]] = PolicyKnobs
 
@@ -97,6 +101,8 @@ class CachePolicy:
         self.model, self.cfg, self.device = model, cfg, device
         self.scale = cfg.head_dim**-0.5
         self.step_fetch_peak = 0  # most K/V bytes resident on the device at once during the last step
+        # evicts_at_prefill: one layer's K/V of the step's prompts, held while that layer selects
+        self.step_select_peak = 0
         self.store: PagedKVStore
 
     @property
@@ -133,6 +139,17 @@ class CachePolicy:
         kept = from_ratio if stated is None else int(stated)
         return max(1, min(n_seen, max(kept, int(self.params.get("min_tokens") or 0))))
 
+    def prefill_stored(self, n_tokens: int) -> int:
+        """Entries a prefill of ``n_tokens`` tokens writes to the store."""
+        return self.kept_tokens(n_tokens) if self.evicts_at_prefill else n_tokens
+
+    def prefill_keep(self, layer: int, probs: torch.Tensor | None, batch: BatchMeta) -> torch.Tensor:
+        """``evicts_at_prefill`` policies: the prompt tokens ``layer`` keeps [n_keep, kv_heads]
+        (ascending, ``n_keep = prefill_stored(T)``), given the prompt's attention probabilities
+        [1, KVH, G, T, T] when ``wants_probs``; writes the kept entries' side fields at
+        ``batch.write_slots``."""
+        raise NotImplementedError
+
     def select_keep(self, seq: Sequence, slots: torch.Tensor) -> torch.Tensor | None:
         """Entries to keep [layers, n_keep, kv_heads] (indices into ``slots``), or None to keep all."""
         return None
@@ -168,6 +185,8 @@ class CachePolicy:
     def begin_step(self, step: StepBatch) -> None:
         """Reset per-step state."""
         self.step_fetch_peak = 0
+        prompts = sum(m.positions.shape[1] for m in step.prefill) if self.evicts_at_prefill else 0
+        self.step_select_peak = prompts * self.token_layer_bytes()
 
     def attend(self, layer: int, q, k, v, x, k_raw, step: StepBatch) -> torch.Tensor:
         """Attention for ``layer`` over a step's flattened tokens [1, N, ...] -> [1, N, H, D]."""
@@ -178,7 +197,7 @@ class CachePolicy:
             parts.append(self.attend_batch(layer, *sub, step.decode)[:, 0])
         start = nd
         for meta in step.prefill:
-            n = meta.write_slots.shape[0]
+            n = meta.positions.shape[1]
             sub = [t[:, start : start + n] for t in tensors]  # [1,T,...]
             parts.append(self.attend_batch(layer, *sub, meta)[0])
             start += n
@@ -188,6 +207,8 @@ class CachePolicy:
 
     def attend_batch(self, layer: int, q, k, v, x, k_raw, batch: BatchMeta) -> torch.Tensor:
         """Store the new K/V and return attention output [B,T,H,D] for ``layer``."""
+        if batch.is_prefill and self.evicts_at_prefill:
+            return self.prefill_evicting(layer, q, k, v, x, batch)
         host = self.kv_on_host and batch.host_write_slots is not None
         self.store.write(layer, batch.host_write_slots if host else batch.write_slots, k.flatten(0, 1),
                          v.flatten(0, 1))
@@ -203,6 +224,19 @@ class CachePolicy:
         out, probs = attention(q, kk, vv, mask, self.scale, self.wants_probs)
         if probs is not None:
             self.observe(layer, probs, batch)
+        self.after_attention(layer, x, batch)
+        return out
+
+    def prefill_evicting(self, layer: int, q, k, v, x, batch: BatchMeta) -> torch.Tensor:
+        """Causal attention over the prompt's own K/V (in hand, not stored), then only the
+        entries the policy keeps go to the store, per KV head: the same entries, in the same
+        order, as storing the whole prompt and evicting after the step."""
+        out, probs = attention(q, k.transpose(1, 2), v.transpose(1, 2), None, self.scale, self.wants_probs)
+        keep = self.prefill_keep(layer, probs, batch)  # [n_keep, KVH]
+        idx = keep.unsqueeze(-1).expand(-1, -1, k.shape[-1])
+        slots = batch.host_write_slots if self.kv_on_host and batch.host_write_slots is not None else batch.write_slots
+        self.store.write(layer, slots, k[0].gather(0, idx), v[0].gather(0, idx))
+        self.store.memory.transient(self.step_select_peak)  # (a peak, not held after the step)
         self.after_attention(layer, x, batch)
         return out
 

@@ -10,6 +10,10 @@ attention. A token's accumulated attention is the sum, over every query that att
 while it was cached and over the query heads sharing its KV head, of the softmax probability.
 ``kv_budget`` alone splits evenly into heavy and recent.
 
+A prompt is selected inside its prefill, layer by layer, from the prompt's own attention (its
+column sums), and only the kept entries reach the store: a burst of prompts holds about the
+budget, plus one layer of the prompts while that layer selects.
+
 Budgets as counts, as H2O's own serving code states them (a fixed heavy and recent size):
 ``heavy_tokens`` + ``recent_tokens`` entries per layer and KV head, or ``kv_budget_tokens``
 split evenly (recent gets the odd one). ``min_tokens`` is a floor: while ``n <= min_tokens``
@@ -51,6 +55,7 @@ class H2OKnobs(PolicyKnobs):
 class H2OPolicy(CachePolicy):
     name = "h2o"
     wants_probs = True
+    evicts_at_prefill = True
     lossy = True
     params_model = H2OKnobs
 
@@ -98,13 +103,9 @@ class H2OPolicy(CachePolicy):
         self.store.fields["score"].index_fill_(1, slots, 0.0)
 
     def observe(self, layer, probs, batch):
-        per_kv = probs.float().sum(dim=2)  # [B,KVH,T,L]: summed over the query heads of a group
-        if batch.is_prefill:  # column sums over the prompt's own queries (one sequence)
-            cols = per_kv.sum(dim=2).transpose(1, 2).flatten(0, 1)  # [N,KVH]
-            self.store.fields["score"][layer].index_copy_(0, batch.write_slots, cols)
-        else:
-            vals = per_kv[:, :, 0].transpose(1, 2)  # [B,L,KVH]; padded columns are exactly 0
-            self.store.fields["score"][layer].index_put_((batch.slot_idx,), vals, accumulate=True)
+        # decode (a prompt's column sums are taken in prefill_keep): summed over a group's query heads
+        vals = probs.float().sum(dim=2)[:, :, 0].transpose(1, 2)  # [B,L,KVH]; padded columns are exactly 0
+        self.store.fields["score"][layer].index_put_((batch.slot_idx,), vals, accumulate=True)
 
     def observe_paged(self, layer, q, lse, batch):
         from backends.kvcache.kernels import ops
@@ -118,12 +119,27 @@ class H2OPolicy(CachePolicy):
     def first_protected(self, n_seen):
         return n_seen - self.budgets(n_seen)[1]
 
+    @staticmethod
+    def rank(score: torch.Tensor, pos: torch.Tensor, first_recent: torch.Tensor) -> torch.Tensor:
+        """The recent window (positions from ``first_recent`` on) is never evicted; the others
+        go by accumulated attention."""
+        return torch.where(pos >= first_recent, torch.inf, score)
+
     def eviction_key(self, seqs, slots):
-        # the recent window is never evicted; the others go by accumulated attention
         first_recent = torch.tensor([self.first_protected(s.num_seen) for s in seqs], device=slots.device)
         score = self.store.fields["score"][:, slots]  # [L, B, W, KVH]
-        pos = self.store.fields["pos"][:, slots]
-        return torch.where(pos >= first_recent.view(1, -1, 1, 1), torch.inf, score)
+        return self.rank(score, self.store.fields["pos"][:, slots], first_recent.view(1, -1, 1, 1))
+
+    def prefill_keep(self, layer, probs, batch):
+        n = batch.positions.shape[1]
+        score = probs[0].float().sum(dim=(1, 2)).transpose(0, 1)  # [T, KVH]: column sums over the prompt
+        pos = batch.positions[0].to(score.device).unsqueeze(1).expand_as(score)
+        key = self.rank(score, pos, torch.tensor(self.first_protected(n), device=score.device))
+        keep = key.topk(self.prefill_stored(n), dim=0).indices.sort(dim=0).values  # [n_keep, KVH]
+        slots = batch.write_slots
+        self.store.fields["score"][layer, slots] = score.gather(0, keep).to(self.store.device)
+        self.store.fields["pos"][layer, slots] = pos.gather(0, keep).to(self.store.device)
+        return keep
 
     def select_keep(self, seq, slots):
         total = self.budgets(seq.num_seen)[0]

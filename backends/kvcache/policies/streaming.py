@@ -5,6 +5,9 @@ tokens seen, or ``kv_budget_tokens``) minus the sinks; with ``min_tokens`` nothi
 until a sequence has seen that many tokens, and sinks + window never fall below it. Each
 entry's position is tracked, so the oldest non-sink entry can be dropped in place.
 
+A prompt stores only its sinks and window (selected inside the prefill, so a burst of prompts
+holds about the budget).
+
 Positions (RoPE models). StreamingLLM gives the cached entries their places *in the cache*:
 sinks 0..s-1, the window s..n-1, the new token n (its keys are stored before RoPE and rotated
 at those places for every step). A score under RoPE depends only on the distance between query
@@ -40,6 +43,7 @@ class StreamingKnobs(PolicyKnobs):
 class StreamingPolicy(CachePolicy):
     name = "streaming"
     lossy = True
+    evicts_at_prefill = True
     params_model = StreamingKnobs
 
     def __init__(self, params, model, cfg, device):
@@ -124,6 +128,14 @@ class StreamingPolicy(CachePolicy):
         # sinks are never evicted; the others oldest first
         pos = self.store.fields["pos"][:, slots]  # [L, B, W, KVH]
         return torch.where(pos < self.sinks, torch.inf, pos.double())
+
+    def prefill_keep(self, layer, probs, batch):
+        n = batch.positions.shape[1]
+        kept, window = self.prefill_stored(n), self._sizes(n)[1]
+        sinks = kept - min(window, kept)  # (fewer than the sinks when the floor keeps everything)
+        pos = torch.cat([torch.arange(sinks), torch.arange(n - (kept - sinks), n)]).to(batch.positions.device)
+        self.store.fields["pos"][layer, batch.write_slots] = pos.unsqueeze(1).to(self.store.device)
+        return pos.unsqueeze(1).expand(-1, self.cfg.num_kv_heads)
 
     def select_keep(self, seq, slots):
         sink, window = self._sizes(seq.num_seen)
