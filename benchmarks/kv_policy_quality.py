@@ -6,7 +6,7 @@ quality metrics, workloads/serving/metrics/quality.py) for h2o, infinigen and st
 and without re-rotation). For infinigen also: the mean fraction of the stored tokens its
 speculated layers fetch, and the share of (step, layer, sequence) selections the budget cap
 decided (alpha's count above the cap). Run with ``--budgets 1.0`` to measure alpha's own
-selection fraction without a cap (InfiniGen's ``REAL_FETCH_FRACTION``, the dummy-weight default).
+selection fraction without a cap (InfiniGen's ``MEASURED_FETCH_FRACTION``, the dummy-weight default).
 
     .venv/bin/python -m benchmarks.kv_policy_quality [--budgets 0.25,0.5] [--num-texts 4]
         [--text-len 256] [--prompt-len 128] [--policies h2o,infinigen,infinigen:alpha=6,streaming,streaming-original]
