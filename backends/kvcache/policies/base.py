@@ -234,8 +234,7 @@ class CachePolicy:
         out, probs = attention(q, k.transpose(1, 2), v.transpose(1, 2), None, self.scale, self.wants_probs)
         keep = self.prefill_keep(layer, probs, batch)  # [n_keep, KVH]
         idx = keep.unsqueeze(-1).expand(-1, -1, k.shape[-1])
-        slots = batch.host_write_slots if self.kv_on_host and batch.host_write_slots is not None else batch.write_slots
-        self.store.write(layer, slots, k[0].gather(0, idx), v[0].gather(0, idx))
+        self.store.write(layer, batch.write_slots, k[0].gather(0, idx), v[0].gather(0, idx))
         self.store.memory.transient(self.step_select_peak)  # (a peak, not held after the step)
         self.after_attention(layer, x, batch)
         return out

@@ -36,8 +36,8 @@ As the paper and its code do it:
 **Dummy weights**: random weights attend almost uniformly, so every token lies within
 ``alpha`` of the maximum and the cap alone would decide: the speculation means nothing. There,
 each speculated layer fetches ``dummy_fetch_ratio`` of the stored tokens (capped by the budget
-like the alpha count): by default the mean fraction the family's default alpha selects on
-SmolLM2's real weights on KJV text, so performance runs move a realistic number of bytes
+like the alpha count): by default the mean fraction the alpha in use selects on SmolLM2's
+real weights on KJV text (``MEASURED_FETCH_FRACTION``; the family default's where not measured), so performance runs move a realistic number of bytes
 (state it with results).
 
 ``alpha`` defaults per model family as the original's scripts set it: 5 on Llama, 4 on OPT.
