@@ -16,7 +16,8 @@ full / h2o / streaming against transformers' static cache on dummy bf16 weights:
 
     python -m benchmarks.bench_engine --device cuda [--models llama-3-8b,opt-6.7b]
         [--batch-sizes 1,16,64] [--prompt-len 512] [--output-len 256] [--policies full,h2o,streaming,infinigen,offload]
-        [--budget 0.2] [--repeats 3] [--profile DIR] [--profile-policies full,h2o] [--json FILE] [--eager] [--no-transformers]
+        [--budget 0.2] [--repeats 3] [--profile DIR] [--profile-policies full,h2o] [--json FILE] [--eager]
+        [--scheduling async,sync] [--no-transformers]
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def main() -> None:
     gpu.add_argument("--profile-policies", default="full", help="policies profiled at every batch size")
     gpu.add_argument("--json", default=None, help="write every row as JSON here")
     gpu.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    gpu.add_argument("--scheduling", default="async",
+                     help="async,sync: rows per engine scheduling (sync reads each step's tokens before the next launches)")
     gpu.add_argument("--no-transformers", action="store_true")
     gpu.add_argument("--no-gc-freeze", action="store_true", help="leave the cycle collector on during measured runs")
     gpu.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows (run only where vLLM is installed)")

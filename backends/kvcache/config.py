@@ -35,6 +35,9 @@ class EngineConfig:
     # kernels: 'auto' = Triton (paged decode, fused RMSNorm/RoPE) on a GPU, PyTorch reference elsewhere
     attention_backend: str = "auto"
     cuda_graphs: bool = True  # decode replays CUDA graphs (GPU, paged policies); False = eager
+    # launch the next greedy step before reading this one's tokens back (None: on a GPU only,
+    # where it hides the host's work between steps; the CPU's forward is synchronous anyway)
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.weights not in ("real", "dummy"):

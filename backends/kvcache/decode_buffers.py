@@ -39,13 +39,29 @@ class DecodeBuffers:
         # last, so the rows a step uses are one contiguous prefix
         self._table_at = len(self.FIELDS) * max_batch
         size = self._table_at + max_batch * max_blocks_per_seq
-        self._host = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        # two staging buffers, used in turn: with asynchronous scheduling a step is filled while
+        # the previous step's copy may still be queued behind the one before it
+        pin = device.type == "cuda"
+        self._hosts = [torch.zeros(size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._sent = [torch.cuda.Event() if pin else None for _ in range(2)]  # each buffer's last copy
+        self._turn = 0
         self._dev = torch.zeros(size, dtype=torch.int64, device=device)
-        self._np = self._host.numpy()
         for i, name in enumerate(self.FIELDS):
             setattr(self, name, self._dev[i * max_batch : (i + 1) * max_batch])
         self.table = self._dev[self._table_at :].view(max_batch, max_blocks_per_seq)
-        self.slot_h = self._host[2 * max_batch : 3 * max_batch]
+
+    @property
+    def _host(self) -> torch.Tensor:
+        return self._hosts[self._turn]
+
+    @property
+    def _np(self):
+        return self._host.numpy()
+
+    @property
+    def slot_h(self) -> torch.Tensor:
+        """The write slots of the last filled step, on the host."""
+        return self._host[2 * self.max_batch : 3 * self.max_batch]
 
     def _field(self, name: str):
         i = self.FIELDS.index(name) * self.max_batch
@@ -57,6 +73,9 @@ class DecodeBuffers:
         rows that drop one entry in place after the step and the window each keeps, and send it
         in one copy; returns the entries each sequence stored before this step."""
         bs, b = self.block_size, len(seqs)
+        self._turn = 1 - self._turn
+        if self._sent[self._turn] is not None:  # this buffer's last copy must have left it
+            self._sent[self._turn].synchronize()
         before = tuple(s.num_stored for s in seqs)
         width = max((len(s.block_table) for s in seqs), default=1)
         if width > self.width:
@@ -79,6 +98,8 @@ class DecodeBuffers:
             table[r, : len(s.block_table)] = s.block_table
         n = self._table_at + rows * self.width
         self._dev[:n].copy_(self._host[:n], non_blocking=True)
+        if self._sent[self._turn] is not None:
+            self._sent[self._turn].record()
         return before
 
     def fill_padding(self, rows: int) -> None:

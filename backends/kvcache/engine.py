@@ -11,11 +11,11 @@ from backends.kvcache.config import EngineConfig, ModelConfig
 from backends.kvcache.kernels import resolve_backend
 from backends.kvcache.kv_store import PagedKVStore
 from backends.kvcache.loader import load_model
-from backends.kvcache.model_runner import ModelRunner
+from backends.kvcache.model_runner import LaunchedStep, ModelRunner, TokenFeed
 from backends.kvcache.policies import make_policy
 from backends.kvcache.sampling import SamplingParams
 from backends.kvcache.scheduler import Scheduler
-from backends.kvcache.sequence import Sequence
+from backends.kvcache.sequence import PENDING_TOKEN, SeqStatus, Sequence
 
 
 @dataclass
@@ -36,6 +36,19 @@ class EngineStats:
     h2d_bytes: int  # cumulative host -> device bytes of the copies issued
     preemptions: int  # cumulative
     d2h_bytes: int = 0  # cumulative device -> host bytes of the copies issued (new K/V into host memory)
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose tokens are still on the device."""
+
+    rows: list[tuple[Sequence, int]]  # per row: the sequence and the index of its pending token
+    launched: LaunchedStep
+
+    def feed(self, decode: list[Sequence]) -> TokenFeed:
+        """Where each of ``decode``'s input tokens lies among this step's rows."""
+        row_of = {id(seq): r for r, (seq, _) in enumerate(self.rows)}
+        return TokenFeed(self.launched.tokens, [row_of[id(s)] for s in decode])
 
 
 class LLMEngine:
@@ -70,6 +83,11 @@ class LLMEngine:
         )
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []
+        # asynchronous scheduling: on a GPU unless disabled; a host-resident store is written
+        # back from staging at each step's end, so it stays synchronous
+        wanted = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        self._async = bool(wanted) and not self.policy.kv_on_host
+        self._in_flight: InFlightStep | None = None
         self.weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
         self.reset_peaks()
 
@@ -141,15 +159,21 @@ class LLMEngine:
         return None
 
     def has_unfinished(self) -> bool:
-        """Requests waiting, running, or with an undelivered error."""
-        return bool(self._pending) or self.scheduler.has_unfinished()
+        """Requests waiting, running, or with undelivered tokens or errors."""
+        return bool(self._pending) or self._in_flight is not None or self.scheduler.has_unfinished()
 
     # --- one iteration -------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """One scheduler iteration: every running request decodes a token and waiting ones are
-        admitted (prefilled) in the same forward; returns the new tokens and errors."""
+        admitted (prefilled) in the same forward; returns the new tokens and errors.
+
+        With asynchronous scheduling a greedy step's tokens are read back at the next call,
+        after that call has launched its own forward (fed the tokens on the device), so the host
+        work of a step overlaps the GPU's; a step that cannot run ahead reads them first."""
         outputs, self._pending = self._pending, []
+        if self._in_flight is not None and not self._can_run_ahead():
+            outputs += self._resolve()
         if not self.scheduler.has_unfinished():
             return outputs
         decode, prefill = self.scheduler.schedule()
@@ -163,7 +187,35 @@ class LLMEngine:
             return outputs
         if not seqs:
             return outputs
-        tokens, logprobs = self.runner.run(decode, prefill)
+        launched = None
+        if self._async and all(s.forced_token_ids is None and (s.sampling is None or s.sampling.greedy)
+                               for s in seqs):
+            feed = self._in_flight.feed(decode) if self._in_flight is not None else None
+            launched = self.runner.launch(decode, prefill, feed)
+        else:
+            tokens, logprobs = self.runner.run(decode, prefill)
+        self._account(decode, prefill)
+        if launched is not None:
+            rows = []
+            for seq in seqs:
+                seq.output_token_ids.append(PENDING_TOKEN)
+                rows.append((seq, len(seq.output_token_ids) - 1))
+            if self._in_flight is not None:
+                outputs += self._resolve()
+            self._in_flight = InFlightStep(rows, launched)
+            return outputs
+        for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
+            seq.output_token_ids.append(tok)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            done = seq.is_done()
+            if done:
+                self._finish(seq)
+            outputs.append(StepOutput(seq.request_id, [tok], done))
+        return outputs
+
+    def _account(self, decode: list[Sequence], prefill: list[Sequence]) -> None:
+        """After a forward: what each sequence has seen and stores, the peaks, and eviction."""
         for seq in decode:
             seq.num_seen += 1
             seq.num_stored += 1
@@ -174,15 +226,41 @@ class LLMEngine:
         for seq in self.runner.dropped:  # dropped one entry in place during the step
             seq.num_stored -= 1
             self.block_manager.shrink(seq, seq.num_stored)
-        self._evict_all(seqs)
-        for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
-            seq.output_token_ids.append(tok)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            done = seq.is_done()
+        self._evict_all(decode + prefill)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.request_id, None)
+
+    def _can_run_ahead(self) -> bool:
+        """Whether the next step may launch before the step in flight is read back: the same
+        sequences decode again (no admission, none at its length limit, no preemption)."""
+        sched, flight = self.scheduler, self._in_flight
+        if sched.waiting or not sched.running or len(sched.running) != len(flight.rows):
+            return False
+        if {id(s) for s in sched.running} != {id(s) for s, _ in flight.rows}:
+            return False
+        if any(len(s.output_token_ids) >= s.max_tokens for s in sched.running):
+            return False
+        bm = self.block_manager
+        need = sum(max(0, bm.blocks_for(s.num_stored + 1) - len(s.block_table)) for s in sched.running)
+        return need <= bm.num_blocks - bm.num_used
+
+    def _resolve(self) -> list[StepOutput]:
+        """Read back the step in flight: its tokens replace the pending ones; a sequence that
+        ended (EOS) is finished now, and any later pending token of it is dropped."""
+        flight, self._in_flight = self._in_flight, None
+        tokens = self.runner.collect(flight.launched)
+        outputs = []
+        for (seq, at), tok in zip(flight.rows, tokens, strict=True):
+            if seq.status is SeqStatus.FINISHED:  # ended at the step before (its row ran anyway)
+                continue
+            seq.output_token_ids[at] = tok
+            done = at + 1 >= seq.max_tokens or (
+                not seq.ignore_eos and seq.eos_token_id is not None and tok == seq.eos_token_id)
             if done:
-                self.scheduler.finish(seq)
-                self._seqs.pop(seq.request_id, None)
+                del seq.output_token_ids[at + 1 :]
+                self._finish(seq)
             outputs.append(StepOutput(seq.request_id, [tok], done))
         return outputs
 

@@ -16,6 +16,8 @@ Two paths, one set of semantics:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from backends.kvcache.decode_buffers import DecodeBuffers, DecodeGraphs
@@ -23,6 +25,31 @@ from backends.kvcache.kv_store import PagedKVStore
 from backends.kvcache.policies.base import BatchMeta, CachePolicy, StepBatch
 from backends.kvcache.sampling import sample
 from backends.kvcache.sequence import Sequence
+
+
+@dataclass
+class TokenFeed:
+    """Input tokens still on the device: the decode rows' tokens are rows ``rows`` of ``tokens``
+    (the greedy tokens of a step not yet read back)."""
+
+    tokens: torch.Tensor  # [N] int64 on the device
+    rows: list[int]  # for each decode row, its row in ``tokens``
+
+    def write(self, ids: torch.Tensor) -> None:
+        """Copy the fed tokens into ``ids`` [B] (device-side, no sync)."""
+        if self.rows == list(range(len(self.rows))):
+            ids.copy_(self.tokens[: len(self.rows)])
+        else:
+            ids.copy_(self.tokens[torch.as_tensor(self.rows, device=self.tokens.device)])
+
+
+@dataclass
+class LaunchedStep:
+    """A greedy step whose tokens are not read back yet."""
+
+    tokens: torch.Tensor  # [N] on the device: feeds the next step
+    host: torch.Tensor  # [N] where the tokens land on the host
+    done: torch.cuda.Event | None  # recorded after the copy to ``host`` (None: already there)
 
 
 class ModelRunner:
@@ -47,6 +74,11 @@ class ModelRunner:
         # eviction policies drop their one-entry excess inside the graph (no per-step Python work)
         self.drop_rule = policy.drop_rule() if self.paged else None
         self.dropped: list[Sequence] = []  # sequences whose step already dropped one entry
+        # pinned read-back buffers and their copies' events, used in turn (one step in flight
+        # while the one before is read)
+        self._host_tokens: list[torch.Tensor | None] = [None, None]
+        self._readback_done = [torch.cuda.Event() for _ in range(2)] if device.type == "cuda" else []
+        self._readback = 0
 
     def attend(self, layer, q, k, v, x, k_raw):
         """AttentionContext for the model: delegate to the cache policy."""
@@ -116,28 +148,29 @@ class ModelRunner:
                                 buf.table[:rows], buf.lens[:rows], buf.drop[:rows], buf.first_recent[:rows],
                                 sink, self.store.block_size)
 
-    def _run_graph(self, decode: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run_graph(self, decode: list[Sequence], feed: TokenFeed | None) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.graphs.bucket(len(decode))
         captured = self.graphs.get(rows, lambda: self._graph_forward(rows),
                                    lambda: self.buffers.fill_padding(rows))
         before = self.buffers.fill(decode, rows, *self._drops(decode))
+        if feed is not None:  # the step before has not been read back: its tokens feed this one
+            feed.write(self.buffers.ids[: len(decode)])
         self.policy.begin_step(StepBatch(decode=self.buffers.meta(rows, decode, before), prefill=[],
                                          num_decode=len(decode)))
         captured.graph.replay()
         b = len(decode)
         return captured.tokens[:b], captured.logits[:b]
 
-    @torch.inference_mode()
-    def run(self, decode: list[Sequence], prefill: list[Sequence]) -> tuple[list[int], list[float | None]]:
-        """Forward one step; return the next token of each sequence (decode ones first, then
-        prefill ones), greedy or teacher-forced, and the forced tokens' log-probabilities."""
+    def _forward(self, decode: list[Sequence], prefill: list[Sequence],
+                 feed: TokenFeed | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The step's forward: (greedy tokens [N] on the device, or None on a dry run; logits [N, vocab])."""
         seqs = decode + prefill
         self.dropped = []
         for s in seqs:
             self.store.ensure_blocks(s.block_table)
         cfg = self.model.cfg
         if self.graphs is not None and decode and not prefill:
-            greedy_t, logits = self._run_graph(decode)
+            greedy_t, logits = self._run_graph(decode, feed)
             n_tokens = len(decode)
         else:
             ids = [s.last_token_id for s in decode]
@@ -154,19 +187,61 @@ class ModelRunner:
             )
             self.policy.begin_step(self.step)
             dev = self.device
-            hidden = self.model(torch.as_tensor([ids], device=dev), torch.as_tensor([positions], device=dev), self)
+            ids_t = torch.as_tensor([ids], device=dev)
+            if feed is not None:
+                feed.write(ids_t[0, : len(decode)])
+            hidden = self.model(ids_t, torch.as_tensor([positions], device=dev), self)
             logits = self.model.logits(hidden[0, torch.as_tensor(last_rows, device=dev)])
             self.step = None
             if self.drop_rule is not None and decode and not prefill:
                 self._drop_in_place(len(decode))
             if logits.device.type == "meta":  # dry run: shapes only
                 self.store.flush_writes()
-                return [0] * len(seqs), [None] * len(seqs)
+                return None, logits
             greedy_t = logits.argmax(dim=-1)
             n_tokens = len(ids)
         self.last_activation_bytes = (
             n_tokens * (3 * cfg.hidden_size + 2 * cfg.intermediate_size) * cfg.dtype_bytes + logits.numel() * 4
         )
+        return greedy_t, logits
+
+    @torch.inference_mode()
+    def launch(self, decode: list[Sequence], prefill: list[Sequence], feed: TokenFeed | None = None) -> LaunchedStep:
+        """Start one greedy step without waiting for it: the tokens come back through ``collect``
+        (a pinned copy on a GPU), so the host can prepare the next step while this one runs.
+        Rows whose input token is still on the device take it from ``feed``."""
+        greedy_t, _ = self._forward(decode, prefill, feed)
+        if greedy_t is None:  # dry run
+            zeros = torch.zeros(len(decode) + len(prefill), dtype=torch.int64)
+            return LaunchedStep(zeros, zeros, None)
+        if greedy_t.device.type != "cuda":
+            return LaunchedStep(greedy_t, greedy_t, None)
+        n = greedy_t.shape[0]
+        self._readback = 1 - self._readback  # two buffers: one step in flight while the last is read
+        host = self._host_tokens[self._readback]
+        if host is None or host.shape[0] < n:
+            host = self._host_tokens[self._readback] = torch.empty(max(n, 64), dtype=torch.int64, pin_memory=True)
+        host[:n].copy_(greedy_t, non_blocking=True)
+        done = self._readback_done[self._readback]
+        done.record()
+        # (a graph's token buffer is only rewritten by its next replay, which the feed precedes)
+        return LaunchedStep(greedy_t, host[:n], done)
+
+    def collect(self, launched: LaunchedStep) -> list[int]:
+        """Wait for a launched step and return its tokens."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        self.store.flush_writes()
+        return launched.host.tolist()
+
+    @torch.inference_mode()
+    def run(self, decode: list[Sequence], prefill: list[Sequence]) -> tuple[list[int], list[float | None]]:
+        """Forward one step; return the next token of each sequence (decode ones first, then
+        prefill ones), greedy, sampled or teacher-forced, and the forced tokens' log-probabilities."""
+        seqs = decode + prefill
+        greedy_t, logits = self._forward(decode, prefill, None)
+        if greedy_t is None:
+            return [0] * len(seqs), [None] * len(seqs)
         greedy = greedy_t.tolist()
         self.store.flush_writes()  # (the sync above already waited for the staged copies)
         forced_rows = [b for b, s in enumerate(seqs) if s.forced_token_ids is not None]

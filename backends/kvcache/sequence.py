@@ -7,6 +7,8 @@ from enum import Enum
 
 from backends.kvcache.sampling import SamplingParams
 
+PENDING_TOKEN = -1  # an output token computed on the device and not read back yet
+
 
 class SeqStatus(Enum):
     WAITING = "waiting"

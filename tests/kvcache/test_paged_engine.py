@@ -45,10 +45,10 @@ def prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in LENS]
 
 
-def engine(folder, backend: str, policy: str = "full", **params) -> LLMEngine:
+def engine(folder, backend: str, policy: str = "full", async_scheduling: bool | None = None, **params) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(folder), weights="real", device=DEVICE, attention_backend=backend,
                                   policy=policy, policy_params=params, max_num_seqs=4, max_model_len=96,
-                                  block_size=4))
+                                  block_size=4, async_scheduling=async_scheduling))
 
 
 def test_greedy_tokens_equal_transformers(random_hf_folder):
@@ -102,6 +102,17 @@ def test_drop_in_place_kernel_keeps_what_the_reference_keeps(random_hf_folder, p
                           for layer in range(2)] for i in range(len(ps))]
     assert dropped > 0  # the kernel did the steady-state drops
     assert kept["torch"] == kept["triton"]
+
+
+@pytest.mark.parametrize("policy,params", [("full", {}), ("h2o", {"kv_budget": 0.4})])
+def test_async_steps_feed_the_paged_buffers(random_hf_folder, policy, params):
+    """Steps launched before the last one's tokens are read back take their input tokens from
+    the device (into the persistent decode buffers): the same tokens as synchronous steps."""
+    folder, _ = random_hf_folder
+    ps = prompts(256)
+    sync = engine(folder, "triton", policy, async_scheduling=False, **params).generate(ps, 10)
+    eng = engine(folder, "triton", policy, async_scheduling=True, **params)
+    assert eng.generate(ps, 10) == sync
 
 
 def test_offload_over_prefetched_buffers_equals_full(random_hf_folder):

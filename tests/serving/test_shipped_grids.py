@@ -121,6 +121,10 @@ def test_cuda_graphs_are_the_default_on_a_gpu_and_eager_on_cpu_for_both_engines(
     eager = ServingParams.model_validate({**raw, "device": "cuda", "backend": "full",
                                           "engine": {**raw["engine"], "cuda_graphs": False}})
     assert engine_config(eager).cuda_graphs is False
+    assert engine_config(full).async_scheduling is None  # the engine decides: on for a GPU
+    sync = ServingParams.model_validate({**raw, "device": "cuda", "backend": "full",
+                                         "engine": {**raw["engine"], "async_scheduling": False}})
+    assert engine_config(sync).async_scheduling is False
 
 @pytest.mark.slow
 @pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="needs .venv-vllm (make vllm-env)")

@@ -90,6 +90,9 @@ class EngineParams(Section):
     max_model_len: int | None = Field(default=None, ge=1)
     # Decode under CUDA graphs (ours and vLLM's): None = on for a GPU, off on CPU; false = eager.
     cuda_graphs: bool | None = None
+    # Our engine: launch the next decode step before reading this one's tokens back (hides the
+    # host's work between steps); None = on for a GPU, off on CPU; false = synchronous steps.
+    async_scheduling: bool | None = None
     # vllm only.
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     enable_prefix_caching: bool = False

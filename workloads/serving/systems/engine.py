@@ -52,6 +52,7 @@ def engine_config(params: ServingParams, policy: str | None = None) -> Any:
         kv_cache_blocks=params.engine.kv_cache_blocks,
         **({"block_size": params.engine.block_size} if params.engine.block_size is not None else {}),
         **({"cuda_graphs": params.engine.cuda_graphs} if params.engine.cuda_graphs is not None else {}),
+        async_scheduling=params.engine.async_scheduling,
         max_num_seqs=params.engine.max_num_seqs,
         max_model_len=params.engine.max_model_len,
         seed=params.seed,
