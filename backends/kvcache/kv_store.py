@@ -21,6 +21,14 @@ from backends.kvcache.config import ModelConfig
 SCRATCH_SLOT = 0
 
 
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the device's queue (a blocking copy
+    from pageable memory would wait for the step in flight): pinned first on a GPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
 class DeviceMemory:
     """Bytes held by tensors allocated through it (and transient ones reported to it), with the peak."""
 
@@ -146,7 +154,7 @@ class PagedKVStore:
                 table[b, :n] = torch.as_tensor(bt[:n])
         slot = (table.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)[:, :width]
         valid = torch.arange(width).unsqueeze(0) < torch.as_tensor(lengths).unsqueeze(1)
-        return torch.where(valid, slot, SCRATCH_SLOT).to(self.device)
+        return to_device_async(torch.where(valid, slot, SCRATCH_SLOT), self.device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v rows [N, kv_heads, head_dim] at ``slots`` [N] of ``layer`` (slots on the

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from backends.kvcache.decode_buffers import DecodeBuffers, DecodeGraphs
-from backends.kvcache.kv_store import PagedKVStore
+from backends.kvcache.kv_store import PagedKVStore, to_device_async
 from backends.kvcache.policies.base import BatchMeta, CachePolicy, StepBatch
 from backends.kvcache.sampling import sample
 from backends.kvcache.sequence import Sequence
@@ -107,11 +107,11 @@ class ModelRunner:
         return BatchMeta(
             is_prefill=False,
             seqs=seqs,
-            positions=torch.as_tensor([[s.num_seen] for s in seqs]).to(dev),
+            positions=to_device_async(torch.as_tensor([[s.num_seen] for s in seqs]), dev),
             write_slots=slot_idx[torch.arange(b), prev.to(slot_idx.device)],
             slot_idx=slot_idx,
-            kv_valid=kv_valid.to(dev),
-            prev_len=prev.to(dev),
+            kv_valid=to_device_async(kv_valid, dev),
+            prev_len=to_device_async(prev, dev),
             stored_before=before,
         )
 

@@ -115,6 +115,17 @@ def test_async_steps_feed_the_paged_buffers(random_hf_folder, policy, params):
     assert eng.generate(ps, 10) == sync
 
 
+def test_lossless_infinigen_equals_full(random_hf_folder):
+    """infinigen keeping everything (alpha beyond any score gap, budget 1) gives full's tokens; on
+    a GPU its every layer reads the pinned store in place on the side stream."""
+    folder, _ = random_hf_folder
+    ps = prompts(256)
+    full = engine(folder, "triton").generate(ps, 6)
+    eng = engine(folder, "triton", "infinigen", alpha=1e9, kv_budget=1.0)
+    assert eng.policy.uva == (DEVICE == "cuda")
+    assert eng.generate(ps, 6) == full
+
+
 def test_offload_over_prefetched_buffers_equals_full(random_hf_folder):
     """offload decodes through the paged kernel over its layer-ahead copies of the host store."""
     folder, _ = random_hf_folder

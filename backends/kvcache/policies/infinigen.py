@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
+from backends.kvcache.kv_store import to_device_async
 from backends.kvcache.policies.base import CachePolicy, StepBatch, attention
 from backends.kvcache.policies.registry import POLICIES, PolicyKnobs
 
@@ -237,6 +238,8 @@ class InfiniGenPolicy(CachePolicy):
         super().begin_step(step)
         self.selection.clear()
         self.step_sel.clear()
+        self.write_slots = {id(m): to_device_async(m.write_slots, self.device)
+                            for m in [*step.prefill, *([step.decode] if step.decode is not None else [])]}
         self._grow_partial()
         self.step_meta = None  # per step, not per layer: the decode slots on the device and the counts
         self.step_cols = None
@@ -246,9 +249,11 @@ class InfiniGenPolicy(CachePolicy):
             floors = [min(n, int(self.params["min_tokens"])) for n in stored]
             # dummy weights: the realistic count stands in for alpha's (then capped like it)
             dummy = [math.ceil(self.fetch_ratio * n) for n in stored] if self.fetch_ratio is not None else None
-            self.step_meta = (step.decode.slot_idx.to(self.device), torch.tensor(caps, device=self.device),
-                              torch.tensor(floors, device=self.device), max(caps + floors, default=1),
-                              None if dummy is None else torch.tensor(dummy, device=self.device))
+            # (copies that never wait for the device: the host runs ahead of the GPU all step)
+            self.step_meta = (to_device_async(step.decode.slot_idx, self.device),
+                              to_device_async(torch.tensor(caps), self.device),
+                              to_device_async(torch.tensor(floors), self.device), max(caps + floors, default=1),
+                              None if dummy is None else to_device_async(torch.tensor(dummy), self.device))
             if step.decode.seqs and self.speculated and self.device.type != "meta":
                 self.step_cols = torch.stack([self.columns[s] for s in step.decode.seqs])
 
@@ -284,7 +289,7 @@ class InfiniGenPolicy(CachePolicy):
             rows = k.float().flatten(0, 1)  # [N, KVH, D], as attention sees them (rotated)
             eq = "nkd,kdr->nkr" if batch.is_prefill else "nkd,nkdr->nkr"
             part = torch.einsum(eq, rows, sel).flatten(1)
-            self.partial[layer][batch.write_slots.to(self.device)] = part.to(self.partial.dtype)
+            self.partial[layer][self.write_slots[id(batch)]] = part.to(self.partial.dtype)
         return super().attend_batch(layer, q, k, v, x, k_raw, batch)
 
     def after_attention(self, layer, x, batch):
@@ -364,7 +369,18 @@ class InfiniGenPolicy(CachePolicy):
         self.store.transfers.add_h2d_device(keep.sum() * (kvh * 2 * d * self.store.k.element_size()))
         return kk, vv, ready
 
+    def _select_all(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An unspeculated layer's selection: every stored entry, for every KV head."""
+        slot_idx = self.step_meta[0]
+        b, width, kvh = slot_idx.shape[0], slot_idx.shape[1], self.cfg.num_kv_heads
+        idx = torch.arange(width, device=self.device).expand(b, kvh, width)
+        ok = idx < batch.prev_len.view(b, 1, 1)
+        return idx, ok, batch.prev_len
+
     def context(self, layer, k_new, v_new, batch):
+        if layer not in self.selection and self.uva:  # read in place, on the side stream like the rest
+            idx, ok, keep = self._select_all(batch)
+            self.selection[layer] = (idx, ok, self._prefetch(layer, self.step_meta[0], idx, ok, keep))
         if layer not in self.selection:
             return self.fetch_all(layer, k_new, v_new, batch)
         idx, ok, fetched = self.selection.pop(layer)

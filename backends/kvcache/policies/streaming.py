@@ -29,6 +29,7 @@ import weakref
 import torch
 from pydantic import Field
 
+from backends.kvcache.kv_store import to_device_async
 from backends.kvcache.policies.base import CachePolicy, StepBatch
 from backends.kvcache.policies.registry import POLICIES, PolicyKnobs
 
@@ -116,7 +117,7 @@ class StreamingPolicy(CachePolicy):
             for i, b in enumerate(fresh):
                 self.raw_sinks[moved[b][0]] = raw[:, i]
         raw = torch.stack([self.raw_sinks[s] for s, _ in moved], dim=1)  # [L, B, sinks, KVH, D]
-        gaps = torch.tensor([g for _, g in moved], device=slots.device)
+        gaps = to_device_async(torch.tensor([g for _, g in moved]), slots.device)
         self.store.k[:, slots] = self._rope(raw, own + gaps[:, None]).to(self.store.dtype)
         for s, g in moved:
             self.sink_gap[s] = g
