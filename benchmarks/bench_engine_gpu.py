@@ -142,7 +142,10 @@ def bench_engine_config(model: str, policy: str, params: dict, batches: list[int
         label += " sync"
     for b in batches:
         prompts = torch.randint(100, vocab, (b, args.prompt_len), generator=gen).tolist()
-        engine_decode(engine, prompts, 4)  # warm-up: compiles kernels, captures this bucket's graph
+        # warm-up at full length: compiles kernels, captures this bucket's graph and grows an
+        # evicting policy's store to its steady size (a growth re-captures the graphs: ~40 ms
+        # once, which inside a measured run was most of its spread)
+        engine_decode(engine, prompts, args.output_len)
         torch.cuda.synchronize()
         engine.reset_peaks()
         transfers = engine.policy.store.transfers
