@@ -11,7 +11,7 @@ from backends.kvcache.config import EngineConfig, ModelConfig
 from backends.kvcache.kernels import resolve_backend
 from backends.kvcache.kv_store import PagedKVStore
 from backends.kvcache.loader import load_model
-from backends.kvcache.model_runner import LaunchedStep, ModelRunner, TokenFeed
+from backends.kvcache.model_runner import LaunchedStep, ModelRunner
 from backends.kvcache.policies import make_policy
 from backends.kvcache.sampling import SamplingParams
 from backends.kvcache.scheduler import Scheduler
@@ -45,10 +45,6 @@ class InFlightStep:
     rows: list[tuple[Sequence, int]]  # per row: the sequence and the index of its pending token
     launched: LaunchedStep
 
-    def feed(self, decode: list[Sequence]) -> TokenFeed:
-        """Where each of ``decode``'s input tokens lies among this step's rows."""
-        row_of = {id(seq): r for r, (seq, _) in enumerate(self.rows)}
-        return TokenFeed(self.launched.tokens, [row_of[id(s)] for s in decode])
 
 
 class LLMEngine:
@@ -190,7 +186,8 @@ class LLMEngine:
         launched = None
         if self._async and all(s.forced_token_ids is None and (s.sampling is None or s.sampling.greedy)
                                for s in seqs):
-            feed = self._in_flight.feed(decode) if self._in_flight is not None else None
+            # running ahead, the decode rows are the step in flight's rows, in order
+            feed = self._in_flight.launched.tokens if self._in_flight is not None else None
             launched = self.runner.launch(decode, prefill, feed)
         else:
             tokens, logprobs = self.runner.run(decode, prefill)
@@ -238,8 +235,8 @@ class LLMEngine:
         sched, flight = self.scheduler, self._in_flight
         if sched.waiting or not sched.running or len(sched.running) != len(flight.rows):
             return False
-        if {id(s) for s in sched.running} != {id(s) for s, _ in flight.rows}:
-            return False
+        if any(s is not f for s, (f, _) in zip(sched.running, flight.rows, strict=True)):
+            return False  # (the same sequences in the same order: the fed tokens are row for row)
         if any(len(s.output_token_ids) >= s.max_tokens for s in sched.running):
             return False
         bm = self.block_manager

@@ -28,22 +28,6 @@ from backends.kvcache.sequence import Sequence
 
 
 @dataclass
-class TokenFeed:
-    """Input tokens still on the device: the decode rows' tokens are rows ``rows`` of ``tokens``
-    (the greedy tokens of a step not yet read back)."""
-
-    tokens: torch.Tensor  # [N] int64 on the device
-    rows: list[int]  # for each decode row, its row in ``tokens``
-
-    def write(self, ids: torch.Tensor) -> None:
-        """Copy the fed tokens into ``ids`` [B] (device-side, no sync)."""
-        if self.rows == list(range(len(self.rows))):
-            ids.copy_(self.tokens[: len(self.rows)])
-        else:
-            ids.copy_(self.tokens[torch.as_tensor(self.rows, device=self.tokens.device)])
-
-
-@dataclass
 class LaunchedStep:
     """A greedy step whose tokens are not read back yet."""
 
@@ -148,13 +132,13 @@ class ModelRunner:
                                 buf.table[:rows], buf.lens[:rows], buf.drop[:rows], buf.first_recent[:rows],
                                 sink, self.store.block_size)
 
-    def _run_graph(self, decode: list[Sequence], feed: TokenFeed | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_graph(self, decode: list[Sequence], feed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.graphs.bucket(len(decode))
         captured = self.graphs.get(rows, lambda: self._graph_forward(rows),
                                    lambda: self.buffers.fill_padding(rows))
         before = self.buffers.fill(decode, rows, *self._drops(decode))
         if feed is not None:  # the step before has not been read back: its tokens feed this one
-            feed.write(self.buffers.ids[: len(decode)])
+            self.buffers.ids[: len(decode)].copy_(feed[: len(decode)])
         self.policy.begin_step(StepBatch(decode=self.buffers.meta(rows, decode, before), prefill=[],
                                          num_decode=len(decode)))
         captured.graph.replay()
@@ -162,7 +146,7 @@ class ModelRunner:
         return captured.tokens[:b], captured.logits[:b]
 
     def _forward(self, decode: list[Sequence], prefill: list[Sequence],
-                 feed: TokenFeed | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                 feed: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The step's forward: (greedy tokens [N] on the device, or None on a dry run; logits [N, vocab])."""
         seqs = decode + prefill
         self.dropped = []
@@ -189,7 +173,7 @@ class ModelRunner:
             dev = self.device
             ids_t = torch.as_tensor([ids], device=dev)
             if feed is not None:
-                feed.write(ids_t[0, : len(decode)])
+                ids_t[0, : len(decode)] = feed[: len(decode)]
             hidden = self.model(ids_t, torch.as_tensor([positions], device=dev), self)
             logits = self.model.logits(hidden[0, torch.as_tensor(last_rows, device=dev)])
             self.step = None
@@ -206,10 +190,12 @@ class ModelRunner:
         return greedy_t, logits
 
     @torch.inference_mode()
-    def launch(self, decode: list[Sequence], prefill: list[Sequence], feed: TokenFeed | None = None) -> LaunchedStep:
+    def launch(self, decode: list[Sequence], prefill: list[Sequence], feed: torch.Tensor | None = None) -> LaunchedStep:
         """Start one greedy step without waiting for it: the tokens come back through ``collect``
         (a pinned copy on a GPU), so the host can prepare the next step while this one runs.
-        Rows whose input token is still on the device take it from ``feed``."""
+        With ``feed`` (the tokens of the step before, not read back yet, on the device; its
+        first rows are this step's decode rows, in order) the decode rows' input tokens come
+        from it, copied on the device."""
         greedy_t, _ = self._forward(decode, prefill, feed)
         if greedy_t is None:  # dry run
             zeros = torch.zeros(len(decode) + len(prefill), dtype=torch.int64)
