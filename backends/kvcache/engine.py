@@ -46,7 +46,6 @@ class InFlightStep:
     launched: LaunchedStep
 
 
-
 class LLMEngine:
     """A continuous-batching engine for decoder-only models with a pluggable KV cache policy."""
 
@@ -253,8 +252,7 @@ class LLMEngine:
             if seq.status is SeqStatus.FINISHED:  # ended at the step before (its row ran anyway)
                 continue
             seq.output_token_ids[at] = tok
-            done = at + 1 >= seq.max_tokens or (
-                not seq.ignore_eos and seq.eos_token_id is not None and tok == seq.eos_token_id)
+            done = seq.is_done_after(at + 1)
             if done:
                 del seq.output_token_ids[at + 1 :]
                 self._finish(seq)

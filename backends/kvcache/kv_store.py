@@ -21,13 +21,13 @@ from backends.kvcache.config import ModelConfig
 SCRATCH_SLOT = 0
 
 
-
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor on ``device`` without waiting for the device's queue (a blocking copy
     from pageable memory would wait for the step in flight): pinned first on a GPU."""
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
 
 class DeviceMemory:
     """Bytes held by tensors allocated through it (and transient ones reported to it), with the peak."""

@@ -51,13 +51,18 @@ class Sequence:
 
     def is_done(self) -> bool:
         """Reached max_tokens, or emitted EOS when EOS is honoured."""
-        if len(self.output_token_ids) >= self.max_tokens:
+        return self.is_done_after(len(self.output_token_ids))
+
+    def is_done_after(self, n_outputs: int) -> bool:
+        """Whether the request ends with its first ``n_outputs`` output tokens (later ones may be
+        pending on the device under asynchronous scheduling)."""
+        if n_outputs >= self.max_tokens:
             return True
         return (
             not self.ignore_eos
             and self.eos_token_id is not None
-            and bool(self.output_token_ids)
-            and self.output_token_ids[-1] == self.eos_token_id
+            and n_outputs > 0
+            and self.output_token_ids[n_outputs - 1] == self.eos_token_id
         )
 
     def reset_for_recompute(self) -> None:

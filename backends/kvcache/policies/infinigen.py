@@ -369,18 +369,18 @@ class InfiniGenPolicy(CachePolicy):
         self.store.transfers.add_h2d_device(keep.sum() * (kvh * 2 * d * self.store.k.element_size()))
         return kk, vv, ready
 
-    def _select_all(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """An unspeculated layer's selection: every stored entry, for every KV head."""
+    def _select_all(self, layer, batch) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """An unspeculated layer's selection, every stored entry of every KV head, read in place
+        from the pinned store on the side stream like the speculated layers'."""
         slot_idx = self.step_meta[0]
         b, width, kvh = slot_idx.shape[0], slot_idx.shape[1], self.cfg.num_kv_heads
         idx = torch.arange(width, device=self.device).expand(b, kvh, width)
         ok = idx < batch.prev_len.view(b, 1, 1)
-        return idx, ok, batch.prev_len
+        return idx, ok, self._prefetch(layer, slot_idx, idx, ok, batch.prev_len)
 
     def context(self, layer, k_new, v_new, batch):
-        if layer not in self.selection and self.uva:  # read in place, on the side stream like the rest
-            idx, ok, keep = self._select_all(batch)
-            self.selection[layer] = (idx, ok, self._prefetch(layer, self.step_meta[0], idx, ok, keep))
+        if layer not in self.selection and self.uva:
+            self.selection[layer] = self._select_all(layer, batch)
         if layer not in self.selection:
             return self.fetch_all(layer, k_new, v_new, batch)
         idx, ok, fetched = self.selection.pop(layer)
