@@ -69,19 +69,23 @@ def test_paged_decode_matches_reference(heads, kv_heads, dim, splits):
     assert torch.allclose(lse.cpu(), torch.logsumexp(s, -1), atol=1e-4)
 
 
-def test_column_scores_are_h2o_accumulated_attention():
-    heads, kv_heads, dim = 8, 2, 64
-    q, kc, vc, table, lens = paged_case(heads, kv_heads, dim, [5, 40, 99], seed=7)
+# lengths: one key, part of a tile, several tiles (a split left empty); fewer tiles than a group's heads
+@pytest.mark.parametrize("heads,kv_heads,dim,lens", [(8, 2, 64, [1, 40, 99, 300]), (6, 2, 32, [1, 40, 99, 300]),
+                                                     (8, 1, 32, [1, 20])])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_fused_scores_are_h2o_accumulated_attention(heads, kv_heads, dim, lens, splits):
+    q, kc, vc, table, lens = paged_case(heads, kv_heads, dim, lens, seed=7 + heads)
     scale = dim**-0.5
     _, probs, slots, valid = reference(q, kc, vc, table, lens, scale)  # probs [B,KVH,G,L]
     start = torch.rand(kc.shape[0], kv_heads)  # scores accumulate on top of what is there
     want = start.clone()
     want.index_put_((slots,), (probs.sum(2).transpose(1, 2) * valid[..., None]), accumulate=True)
-    qd, kd, vd, td, ld = to(DEVICE, q, kc, vc, table, lens)
-    _, lse = ops().paged_decode_attention(qd, kd, vd, td, ld, scale, PAGE)
+    args = to(DEVICE, q, kc, vc, table, lens)
+    plain_out, plain_lse = ops().paged_decode_attention(*args, scale, PAGE, splits=splits)
     score = start.to(DEVICE)
-    ops().add_column_scores(qd, kd, td, ld, lse, score, scale, PAGE)
+    out, lse = ops().paged_decode_attention(*args, scale, PAGE, splits=splits, score=score)
     assert torch.allclose(score.cpu(), want, atol=1e-5)
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)  # attention itself is unchanged
 
 
 def test_rms_norm_and_rope_match_the_model_code():

@@ -1,6 +1,6 @@
 """Triton kernels of the GPU engine: paged decode attention (reads the block table directly,
-GQA-aware, split over the sequence for small batches), heavy-hitter column scores from the
-same pass's log-sum-exp, RMSNorm and RoPE in one launch each.
+GQA-aware, split over the sequence for small batches; optionally heavy-hitter column scores in
+the same pass, no extra launch), RMSNorm and RoPE in one launch each.
 
 Import this module only through ``backends.kvcache.kernels``: on a host without a GPU the
 kernels run in Triton's interpreter, which must be chosen (``TRITON_INTERPRET=1``) before the
@@ -19,11 +19,11 @@ MIN_QUERY_ROWS = 16  # tl.dot needs at least 16 rows: a KV head's query group is
 
 @triton.jit
 def _paged_decode(
-    Q, K, V, BT, LENS, OUT, LSE,
+    Q, K, V, BT, LENS, OUT, LSE, S,
     scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_sb, stride_sh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, WRITE_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -47,6 +47,9 @@ def _paged_decode(
         slot = blk.to(tl.int64) * PAGE + offs % PAGE
         k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if WRITE_S:  # kept for the merge, which turns them into probabilities once the lse is known
+            s_ptr = S + b * stride_sb + heads[:, None] * stride_sh + offs[None, :]
+            tl.store(s_ptr, s, mask=row_ok[:, None] & ok[None, :])
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
@@ -64,22 +67,74 @@ def _paged_decode(
 
 
 @triton.jit
-def _combine_splits(
-    OP, LSEP, OUT, LSE, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+def _split_weights(LSEP, b, h, stride_lb, stride_lh, SPLITS: tl.constexpr):
+    lse = tl.load(LSEP + b * stride_lb + h * stride_lh + tl.arange(0, SPLITS))
+    top = tl.max(lse, 0)
+    return tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0), top
+
+
+@triton.jit
+def _merge_head(
+    OP, LSEP, OUT, LSE, b, h, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
     H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, D)
-    lse = tl.load(LSEP + b * stride_lb + h * stride_lh + s)
-    top = tl.max(lse, 0)
-    w = tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0)
+    w, top = _split_weights(LSEP, b, h, stride_lb, stride_lh, SPLITS)
     parts = tl.load(OP + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :])
     total = tl.sum(w, 0)
     out = tl.sum(parts * w[:, None], 0) / total
     tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
     tl.store(LSE + b * H + h, top + tl.log(total))
+
+
+@triton.jit
+def _combine_splits(
+    OP, LSEP, OUT, LSE, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+):
+    _merge_head(OP, LSEP, OUT, LSE, tl.program_id(0), tl.program_id(1), stride_pb, stride_ph, stride_ps,
+                stride_lb, stride_lh, stride_ob, stride_oh, H, D, SPLITS)
+
+
+@triton.jit
+def _combine_and_score(
+    OP, LSEP, OUT, LSE, S, BT, LENS, SCORE,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_sb, stride_sh,
+    stride_bt, stride_ss,
+    H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, G_ROWS: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # program (b, kvh, c) merges head c of the group (c < G) and scores the c-th tile of keys:
+    # a tile's slots belong to it alone (no atomics), and a long sequence's tiles run in parallel
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    c = tl.program_id(2)
+    if SPLITS > 1:
+        if c < G:
+            _merge_head(OP, LSEP, OUT, LSE, b, kvh * G + c, stride_pb, stride_ph, stride_ps,
+                        stride_lb, stride_lh, stride_ob, stride_oh, H, D, SPLITS)
+    length = tl.load(LENS + b)
+    if c * BLOCK_N < length:
+        g = tl.arange(0, G_ROWS)
+        heads = kvh * G + g
+        row_ok = g < G
+        if SPLITS > 1:  # each tile's program merges the group's log-sum-exps itself (a few loads)
+            lse = tl.full([G_ROWS], float("inf"), tl.float32)  # padded rows: exp(-inf - inf) = 0
+            for i in tl.static_range(G):
+                w, top = _split_weights(LSEP, b, kvh * G + i, stride_lb, stride_lh, SPLITS)
+                lse = tl.where(g == i, top + tl.log(tl.sum(w, 0)), lse)
+        else:  # the split kernel wrote the log-sum-exp (a previous launch: visible here)
+            lse = tl.load(LSE + b * H + heads, mask=row_ok, other=float("inf"))
+        offs = c * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = offs < length
+        s_ptr = S + b * stride_sb + heads[:, None] * stride_sh + offs[None, :]
+        s = tl.load(s_ptr, mask=row_ok[:, None] & ok[None, :], other=float("-inf"))
+        col = tl.sum(tl.exp(s - lse[:, None]), 0)
+        blk = tl.load(BT + b * stride_bt + offs // PAGE, mask=ok, other=0)
+        slot = blk.to(tl.int64) * PAGE + offs % PAGE
+        ptr = SCORE + slot * stride_ss + kvh
+        tl.store(ptr, tl.load(ptr, mask=ok, other=0.0) + col, mask=ok)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -99,10 +154,12 @@ def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
 
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    seq_lens: torch.Tensor, scale: float, page: int, splits: int | None = None,
+    seq_lens: torch.Tensor, scale: float, page: int, splits: int | None = None, score: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query token per sequence. q [B,H,D]; caches [slots,KVH,D]; block_table [B,W] int32;
-    seq_lens [B] int32 (>= 1). Returns out [B,H,D] and the log-sum-exp [B,H] (float32)."""
+    seq_lens [B] int32 (>= 1). Returns out [B,H,D] and the log-sum-exp [B,H] (float32). With
+    ``score`` [slots, KVH] float32, the same pass also adds to score[slot, kv_head] the attention
+    probability each cached key got, summed over the query heads of its group (H2O's scores)."""
     b, h, d = q.shape
     kvh = k_cache.shape[1]
     group = h // kvh
@@ -115,70 +172,34 @@ def paged_decode_attention(
     else:
         o_part = torch.empty(b, h, splits, d, device=q.device, dtype=torch.float32)
         lse_part = torch.empty(b, h, splits, device=q.device, dtype=torch.float32)
+    # the scaled logits of every key, for the scores; without scores nothing is written there
+    logits = lse_part if score is None else torch.empty(
+        b, h, block_table.shape[1] * page, device=q.device, dtype=torch.float32)
     _paged_decode[(b, kvh, splits)](
-        q, k_cache, v_cache, block_table, seq_lens, o_part, lse_part,
+        q, k_cache, v_cache, block_table, seq_lens, o_part, lse_part, logits,
         scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), block_table.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        logits.stride(0), logits.stride(1),
         G=group, G_PAD=g_pad, D=d, PAGE=page, BLOCK_N=PAGE_TOKENS_PER_TILE, SPLITS=splits,
-        PRECISION=_precision(q.dtype), num_warps=4,
+        PRECISION=_precision(q.dtype), WRITE_S=score is not None, num_warps=4,
     )
-    if splits > 1:
+    if score is not None:
+        tiles = triton.cdiv(block_table.shape[1] * page, PAGE_TOKENS_PER_TILE)
+        _combine_and_score[(b, kvh, max(tiles, group) if splits > 1 else tiles)](
+            o_part, lse_part, out, lse, logits, block_table, seq_lens, score,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+            out.stride(0), out.stride(1), logits.stride(0), logits.stride(1), block_table.stride(0),
+            score.stride(0),
+            H=h, D=d, SPLITS=splits, G=group, G_ROWS=triton.next_power_of_2(group), PAGE=page,
+            BLOCK_N=PAGE_TOKENS_PER_TILE, num_warps=4,
+        )
+    elif splits > 1:
         _combine_splits[(b, h)](
             o_part, lse_part, out, lse, o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), H=h, D=d, SPLITS=splits,
         )
     return out, lse
-
-
-@triton.jit
-def _column_scores(
-    Q, K, BT, LENS, LSE, SCORE,
-    scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_bt, stride_lb, stride_ss,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    chunk = tl.program_id(2)
-    length = tl.load(LENS + b)
-    if chunk * BLOCK_N < length:
-        g = tl.arange(0, G_PAD)
-        d = tl.arange(0, D)
-        heads = kvh * G + g
-        row_ok = g < G
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + b * stride_lb + heads, mask=row_ok, other=float("inf"))
-        offs = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = offs < length
-        blk = tl.load(BT + b * stride_bt + offs // PAGE, mask=ok, other=0)
-        slot = blk.to(tl.int64) * PAGE + offs % PAGE
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(row_ok[:, None], p, 0.0)
-        col = tl.sum(p, 0)
-        ptr = SCORE + slot * stride_ss + kvh
-        tl.store(ptr, tl.load(ptr, mask=ok, other=0.0) + col, mask=ok)
-
-
-def add_column_scores(
-    q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-    lse: torch.Tensor, score: torch.Tensor, scale: float, page: int,
-) -> None:
-    """score[slot, kv_head] += the attention probability each cached key got, summed over the
-    query heads of its group (H2O's accumulated attention), from the decode pass's log-sum-exp."""
-    b, h, d = q.shape
-    kvh = k_cache.shape[1]
-    group = h // kvh
-    chunks = triton.cdiv(block_table.shape[1] * page, PAGE_TOKENS_PER_TILE)
-    _column_scores[(b, kvh, chunks)](
-        q, k_cache, block_table, seq_lens, lse, score,
-        scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_table.stride(0),
-        lse.stride(0), score.stride(0),
-        G=group, G_PAD=max(MIN_QUERY_ROWS, triton.next_power_of_2(group)), D=d, PAGE=page,
-        BLOCK_N=PAGE_TOKENS_PER_TILE, PRECISION=_precision(q.dtype), num_warps=4,
-    )
 
 
 @triton.jit
@@ -313,3 +334,4 @@ def gather_rows(src: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, out: tor
     rows = 16
     _gather_rows[(triton.cdiv(n, rows),)](src, idx, ok, out, n, D=d, ROWS=rows, num_warps=4)
     return out
+

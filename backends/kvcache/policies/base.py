@@ -246,26 +246,20 @@ class CachePolicy:
     def uses_paged_decode(self) -> bool:
         """Whether decode can run through the paged kernel: the K/V live on the device,
         attention reads every stored entry, and scores (if the policy wants them) come from the
-        kernel's log-sum-exp."""
+        policy's own kernel call (``paged_decode``: H2O's from the attention pass itself)."""
         if self.kv_on_host or type(self).context is not CachePolicy.context:
             return False
-        return not self.wants_probs or type(self).observe_paged is not CachePolicy.observe_paged
+        return not self.wants_probs or type(self).paged_decode is not CachePolicy.paged_decode
 
     def paged_decode(self, layer: int, q: torch.Tensor, batch: BatchMeta) -> torch.Tensor:
-        """Decode attention [B,H,D] straight from the paged store; scores through observe_paged."""
+        """Decode attention [B,H,D] straight from the paged store."""
         from backends.kvcache.kernels import ops
 
-        out, lse = ops().paged_decode_attention(
+        out, _ = ops().paged_decode_attention(
             q, self.store.k[layer], self.store.v[layer], batch.block_table, batch.seq_lens, self.scale,
             batch.block_size,
         )
-        if self.wants_probs:
-            self.observe_paged(layer, q, lse, batch)
         return out
-
-    def observe_paged(self, layer: int, q: torch.Tensor, lse: torch.Tensor, batch: BatchMeta) -> None:
-        """Paged-decode counterpart of ``observe``: q [B,H,D] and the log-sum-exp [B,H]."""
-        raise NotImplementedError
 
     def on_write(self, layer: int, batch: BatchMeta, k_raw: torch.Tensor) -> None:
         """Hook after the new tokens' K/V are stored (side fields)."""

@@ -107,11 +107,15 @@ class H2OPolicy(CachePolicy):
         vals = probs.float().sum(dim=2)[:, :, 0].transpose(1, 2)  # [B,L,KVH]; padded columns are exactly 0
         self.store.fields["score"][layer].index_put_((batch.slot_idx,), vals, accumulate=True)
 
-    def observe_paged(self, layer, q, lse, batch):
+    def paged_decode(self, layer, q, batch):
         from backends.kvcache.kernels import ops
 
-        ops().add_column_scores(q, self.store.k[layer], batch.block_table, batch.seq_lens, lse,
-                                self.store.fields["score"][layer], self.scale, batch.block_size)
+        # the kernel adds each key's probability to its score in the same pass (no second launch)
+        out, _ = ops().paged_decode_attention(
+            q, self.store.k[layer], self.store.v[layer], batch.block_table, batch.seq_lens, self.scale,
+            batch.block_size, score=self.store.fields["score"][layer],
+        )
+        return out
 
     def drop_rule(self):
         return True, 0
