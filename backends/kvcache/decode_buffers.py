@@ -132,14 +132,15 @@ class CapturedStep:
 
 class DecodeGraphs:
     """One CUDA graph per batch-size bucket, captured on first use, sharing one memory pool.
-    Graphs are dropped when the K/V store is reallocated (it grew): they hold its addresses."""
+    Graphs are dropped when the K/V store or a policy buffer they read is reallocated (it grew):
+    they hold its addresses (``storage_key``)."""
 
-    def __init__(self, max_batch: int, storage_ptr: Callable[[], int]):
+    def __init__(self, max_batch: int, storage_key: Callable[[], tuple[int, ...]]):
         self.buckets = buckets(max_batch)
-        self.storage_ptr = storage_ptr
+        self.storage_key = storage_key
         self.captured: dict[int, CapturedStep] = {}
         self.pool = None
-        self._ptr = storage_ptr()
+        self._key = storage_key()
 
     def bucket(self, b: int) -> int:
         """The smallest bucket that holds ``b`` rows."""
@@ -149,10 +150,10 @@ class DecodeGraphs:
             pad: Callable[[], None]) -> CapturedStep:
         """The graph for ``rows`` (captured now if needed: ``pad`` fills harmless metadata, one
         eager ``forward`` compiles the kernels, then the capture)."""
-        if self.storage_ptr() != self._ptr:
+        if self.storage_key() != self._key:
             self.captured.clear()
             self.pool = None
-            self._ptr = self.storage_ptr()
+            self._key = self.storage_key()
         step = self.captured.get(rows)
         if step is None:
             pad()

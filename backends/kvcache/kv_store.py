@@ -58,16 +58,23 @@ class DeviceMemory:
 
 class Transfers:
     """Bytes of host<->device copies issued. Copies whose size only the device knows (rows
-    selected on the GPU) are summed on the device and read when the total is asked for."""
+    selected on the GPU) are summed on the device, in place into one counter (so a captured
+    CUDA graph adds to it at every replay), and read when the total is asked for."""
 
     def __init__(self) -> None:
         self.h2d_host = 0
         self.d2h = 0
         self._h2d_device: torch.Tensor | None = None
 
+    def track_device(self, device: torch.device) -> None:
+        """Allocate the device-side counter (before any graph capture that adds to it)."""
+        if self._h2d_device is None:
+            self._h2d_device = torch.zeros((), dtype=torch.int64, device=device)
+
     def add_h2d_device(self, nbytes: torch.Tensor) -> None:
         """Add a device-side byte count (no host sync)."""
-        self._h2d_device = nbytes if self._h2d_device is None else self._h2d_device + nbytes
+        self.track_device(nbytes.device)
+        self._h2d_device.add_(nbytes)
 
     @property
     def h2d(self) -> int:

@@ -10,8 +10,8 @@ Two paths, one set of semantics:
   runs masked attention;
 - paged (``triton``, GPU): decode reads the block table in a Triton kernel, its metadata lives
   in persistent device buffers, and a pure-decode step replays a CUDA graph captured for its
-  batch-size bucket (policies whose decode reads every stored entry on the device: full, h2o,
-  streaming; infinigen and offload fetch from host memory with per-step shapes and run eager).
+  batch-size bucket (full, h2o, streaming, and infinigen, whose kernels read and write the pinned
+  host store in place; offload copies per-step ranges of the host store and runs eager).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class ModelRunner:
         backend: str = "torch", cuda_graphs: bool = False, max_batch: int = 1, max_model_len: int = 1,
     ):
         self.model, self.policy, self.store, self.device = model, policy, store, device
+        self.max_model_len = max_model_len
         self.step: StepBatch | None = None
         self.last_activation_bytes = 0
         self.paged = backend == "triton" and policy.uses_paged_decode()
@@ -52,7 +53,7 @@ class ModelRunner:
             if self.paged else None
         )
         self.graphs = (
-            DecodeGraphs(max_batch, lambda: self.store.k.data_ptr())
+            DecodeGraphs(max_batch, lambda: (self.store.k.data_ptr(), *policy.graph_addresses()))
             if self.paged and policy.capturable() and cuda_graphs and device.type == "cuda" else None
         )
         # eviction policies drop their one-entry excess inside the graph (no per-step Python work)
@@ -153,7 +154,10 @@ class ModelRunner:
         for s in seqs:
             self.store.ensure_blocks(s.block_table)
         cfg = self.model.cfg
-        if self.graphs is not None and decode and not prefill:
+        graphed = self.graphs is not None and decode and not prefill
+        if decode:
+            self.policy.reserve(self.graphs.bucket(len(decode)) if graphed else len(decode), self.max_model_len)
+        if graphed:
             greedy_t, logits = self._run_graph(decode, feed)
             n_tokens = len(decode)
         else:

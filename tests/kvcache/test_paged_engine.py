@@ -77,6 +77,7 @@ def test_h2o_scores_and_evictions_equal_the_reference_path(random_hf_folder):
     runs = {}
     for backend in ("torch", "triton"):
         eng = engine(folder, backend, "h2o", heavy_ratio=0.25, recent_ratio=0.25)
+        assert eng.runner.paged == (backend == "triton")  # scores from the paged kernel itself
         for i, p in enumerate(ps):
             eng.add_request(str(i), p, 10)
         for _ in range(4):
@@ -138,3 +139,38 @@ def test_offload_over_prefetched_buffers_equals_full(random_hf_folder):
     assert eng.stats().d2h_bytes == (sum(LENS) + 2 * 5) * per_token  # prompts + 5 decoded tokens each
     # each of the 5 decode steps copied, per layer, the slots up to the last block held
     assert eng.stats().h2d_bytes >= 5 * (sum(LENS) + 2) * per_token
+
+
+@pytest.fixture(scope="module")
+def deep_llama_folder(tmp_path_factory):
+    """A random 4-layer Llama: infinigen speculates from layer 2 on, so two layers select."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.25, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    folder = tmp_path_factory.mktemp("llama4")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("params", [{"kv_budget": 0.3}, {"kv_budget": 0.5, "alpha": 0.5}])
+def test_infinigen_paged_decode_equals_the_reference_path(deep_llama_folder, params):
+    """infinigen's decode on the paged path (what a GPU captures in CUDA graphs: fixed-width
+    selections on the device, the host store written and read in place by kernels) gives the
+    reference path's tokens, with selections that change the output against full."""
+    gen = torch.Generator().manual_seed(1)
+    ps = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (5, 21, 40, 13)]  # (a graph bucket)
+    full = engine(deep_llama_folder, "torch").generate(ps, 10)
+    ref = engine(deep_llama_folder, "torch", "infinigen", **params)
+    paged = engine(deep_llama_folder, "triton", "infinigen", **params)
+    assert paged.runner.paged and not ref.runner.paged
+    assert (paged.runner.graphs is not None) == (DEVICE == "cuda")
+    want = ref.generate(ps, 10)
+    assert want != full  # the selections dropped entries that mattered
+    assert paged.generate(ps, 10) == want
+    # every new entry of every layer was written to the host store: prompts + 9 decode steps each
+    assert paged.stats().d2h_bytes == ref.stats().d2h_bytes == (sum(len(p) for p in ps) + 4 * 9) * (
+        paged.model_config.kv_bytes_per_token)

@@ -335,3 +335,21 @@ def gather_rows(src: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, out: tor
     _gather_rows[(triton.cdiv(n, rows),)](src, idx, ok, out, n, D=d, ROWS=rows, num_warps=4)
     return out
 
+
+@triton.jit
+def _scatter_rows(DST, IDX, SRC, n, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    if r < n:
+        row = tl.load(IDX + r).to(tl.int64)
+        c = tl.arange(0, BLOCK)
+        ok = c < WIDTH
+        tl.store(DST + row * WIDTH + c, tl.load(SRC + r.to(tl.int64) * WIDTH + c, mask=ok), mask=ok)
+
+
+def scatter_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[idx[i]] = src[i]. dst [R, ...] contiguous, may be pinned host memory written in place
+    by the GPU (mapped: no staging copy, and a CUDA graph can hold it); idx [N] and src [N, ...]
+    on the device, src contiguous with dst's row shape."""
+    n = idx.numel()
+    width = dst[0].numel()
+    _scatter_rows[(n,)](dst, idx, src, n, WIDTH=width, BLOCK=triton.next_power_of_2(width), num_warps=4)

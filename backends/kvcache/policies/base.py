@@ -243,6 +243,15 @@ class CachePolicy:
         """Whether a decode step can be captured in a CUDA graph (paged, K/V on the device)."""
         return self.uses_paged_decode() and not self.kv_on_host
 
+    def reserve(self, rows: int, max_len: int) -> None:
+        """Grow the device buffers a decode step of ``rows`` rows (sequences up to ``max_len``
+        entries) needs, before a captured graph that holds their addresses is looked up."""
+
+    def graph_addresses(self) -> tuple[int, ...]:
+        """Addresses of the policy's own buffers a captured decode graph holds (a change means
+        the graph is stale)."""
+        return ()
+
     def uses_paged_decode(self) -> bool:
         """Whether decode can run through the paged kernel: the K/V live on the device,
         attention reads every stored entry, and scores (if the policy wants them) come from the

@@ -41,6 +41,13 @@ real weights on KJV text (``MEASURED_FETCH_FRACTION``; the family default's wher
 (state it with results).
 
 ``alpha`` defaults per model family as the original's scripts set it: 5 on Llama, 4 on OPT.
+
+**On a GPU** the decode step is captured in a CUDA graph: kernels write the new K/V into the
+pinned host store and let layers 0 and 1 attend over it in place (mapped memory), the
+speculated layers' rows are gathered by a kernel on a side stream, every shape is fixed (the
+gathered width is the budget's cap at the longest sequence; rows past a sequence's count are
+masked, not read) and the counts come from a table indexed on the device (``_counts``). The
+reference path (CPU) selects the same entries eagerly; a test compares the two token for token.
 """
 
 from __future__ import annotations
@@ -171,6 +178,16 @@ class InfiniGenPolicy(CachePolicy):
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor, tuple | None]] = {}
         self.step_cols: torch.Tensor | None = None  # decode: [B, layers, KVH, r]
         self.step_sel: dict[int, torch.Tensor] = {}  # decode, per layer: skew columns [B, KVH, D, r]
+        # decode: (slot_idx [B, L], caps [B], floors [B], gathered width or None, dummy counts [B]
+        # or None, entries stored before the step [B])
+        self.step_meta: tuple | None = None
+        self.uva = False  # the GPU reads and writes the pinned host store in place (``bind``)
+        # paged decode (persistent, so a captured graph reads them): the rows' partial columns
+        # [rows, layers, KVH, r], filled per step, and per stored count n the (cap, floor, dummy
+        # count) of ``_counts`` [max_len + 1, 3]; the gathered width is the largest cap
+        self.cols_buf: torch.Tensor | None = None
+        self.count_table: torch.Tensor | None = None
+        self.paged_width = 1
 
     # --- offline: the skewing matrices ---------------------------------------------------
     def prepare(self, tokenizer, weights_dir: Path | None) -> None:
@@ -215,6 +232,43 @@ class InfiniGenPolicy(CachePolicy):
         self._grow_partial()
         self.uva = self._probe_uva()  # GPU: selected rows are gathered from host memory in place
         self.stream = torch.cuda.Stream(self.device) if self.uva else None
+        if self.uva:  # the fetched bytes are counted on the device, also inside a captured graph
+            store.transfers.track_device(self.device)
+
+    def uses_paged_decode(self) -> bool:
+        """Decode through the paged path where its kernels can read and write the host store in
+        place: mapped pinned memory on a GPU, or the host's own memory (Triton's interpreter)."""
+        return self.uva or self.device.type == "cpu"
+
+    def capturable(self) -> bool:
+        """A decode step replays a CUDA graph: every shape is fixed (the gathered width is the
+        largest cap) and every copy is a kernel reading or writing mapped host memory."""
+        return self.uva
+
+    def reserve(self, rows: int, max_len: int) -> None:
+        self._grow_partial()
+        if self.device.type == "meta":
+            return
+        if self.speculated and (self.cols_buf is None or self.cols_buf.shape[0] < rows):
+            self.cols_buf = torch.zeros(rows, self.cfg.num_layers, self.cfg.num_kv_heads, self.rank,
+                                        dtype=torch.long, device=self.device)
+        if self.count_table is None or self.count_table.shape[0] <= max_len:
+            table = [self._counts(n) for n in range(max_len + 1)]
+            self.paged_width = max(cap for cap, _, _ in table)
+            rows_ = [(cap, floor, -1 if dummy is None else dummy) for cap, floor, dummy in table]
+            self.count_table = torch.tensor(rows_, dtype=torch.long, device=self.device)
+
+    def graph_addresses(self) -> tuple[int, ...]:
+        tensors = (self.partial, self.cols_buf, self.count_table)
+        return tuple(0 if t is None else t.data_ptr() for t in tensors)
+
+    def _counts(self, n: int) -> tuple[int, int, int | None]:
+        """For a sequence with ``n`` stored entries: the most tokens a speculated layer fetches
+        (the budget), the fewest (``min_tokens``), and the dummy-weight count (None: alpha's)."""
+        cap = self.token_budget(n, math.ceil(self.budget * n))
+        floor = min(n, int(self.params["min_tokens"]))
+        dummy = math.ceil(self.fetch_ratio * n) if self.fetch_ratio is not None else None
+        return cap, floor, dummy
 
     def _grow_partial(self) -> None:
         slots = self.store.k.shape[1]
@@ -238,24 +292,52 @@ class InfiniGenPolicy(CachePolicy):
         super().begin_step(step)
         self.selection.clear()
         self.step_sel.clear()
-        self.write_slots = {id(m): to_device_async(m.write_slots, self.device)
-                            for m in [*step.prefill, *([step.decode] if step.decode is not None else [])]}
+        decode = step.decode
+        paged = decode is not None and decode.block_table is not None
+        reference = [decode] if decode is not None and not paged else []
+        self.write_slots = {id(m): to_device_async(m.write_slots, self.device) for m in [*step.prefill, *reference]}
         self._grow_partial()
         self.step_meta = None  # per step, not per layer: the decode slots on the device and the counts
         self.step_cols = None
-        if step.decode is not None and step.decode.slot_idx is not None:
-            stored = step.decode.stored_before
-            caps = [self.token_budget(n, math.ceil(self.budget * n)) for n in stored]
-            floors = [min(n, int(self.params["min_tokens"])) for n in stored]
+        if paged:
+            self._begin_paged_decode(decode)
+        elif decode is not None and decode.slot_idx is not None:
+            counts = [self._counts(n) for n in decode.stored_before]
+            caps, floors = [c[0] for c in counts], [c[1] for c in counts]
             # dummy weights: the realistic count stands in for alpha's (then capped like it)
-            dummy = [math.ceil(self.fetch_ratio * n) for n in stored] if self.fetch_ratio is not None else None
+            dummy = None if self.fetch_ratio is None else torch.tensor([c[2] for c in counts])
             # (copies that never wait for the device: the host runs ahead of the GPU all step)
-            self.step_meta = (to_device_async(step.decode.slot_idx, self.device),
+            self.step_meta = (to_device_async(decode.slot_idx, self.device),
                               to_device_async(torch.tensor(caps), self.device),
-                              to_device_async(torch.tensor(floors), self.device), max(caps + floors, default=1),
-                              None if dummy is None else to_device_async(torch.tensor(dummy), self.device))
-            if step.decode.seqs and self.speculated and self.device.type != "meta":
-                self.step_cols = torch.stack([self.columns[s] for s in step.decode.seqs])
+                              to_device_async(torch.tensor(floors), self.device),
+                              max(caps + floors, default=1) if self.uva else None,
+                              None if dummy is None else to_device_async(dummy, self.device), decode.prev_len)
+            if decode.seqs and self.speculated and self.device.type != "meta":
+                self.step_cols = torch.stack([self.columns[s] for s in decode.seqs])
+
+    def _begin_paged_decode(self, decode) -> None:
+        """Per step, outside the forward (a replayed graph runs no Python): the rows' partial
+        columns into the persistent buffer, and the step's copies counted as its kernels issue
+        them: every row's new K/V written to the host store in every layer (padding rows write
+        the scratch slot), one speculated layer's fetched rows held on the device at a time (the
+        bytes fetched are counted on the device)."""
+        rows = decode.seq_lens.shape[0]
+        if decode.seqs and self.speculated:
+            self.cols_buf[: len(decode.seqs)].copy_(torch.stack([self.columns[s] for s in decode.seqs]))
+        self.store.transfers.d2h += rows * self.cfg.kv_bytes_per_token
+        if self.speculated:
+            self.count_fetch(2 * rows * self.cfg.num_kv_heads * self.paged_width * self.cfg.head_dim
+                             * self.store.k.element_size())
+
+    def _paged_meta(self, batch) -> tuple:
+        """The decode step's tensors, derived on the device from the persistent decode buffers
+        (so a captured graph recomputes them at every replay)."""
+        prev = batch.seq_lens.long() - 1
+        bs = batch.block_size
+        slot_idx = (batch.block_table.long().unsqueeze(-1) * bs + torch.arange(bs, device=self.device)).flatten(1)
+        counts = self.count_table[prev]  # [B, 3]
+        dummy = counts[:, 2] if self.fetch_ratio is not None else None
+        return slot_idx, counts[:, 0], counts[:, 1], min(self.paged_width, slot_idx.shape[1]), dummy, prev
 
     def _choose_columns(self, layer: int, q: torch.Tensor, batch) -> None:
         """At prefill: the request's partial columns for ``layer``, the top |Q skew| column sums."""
@@ -267,6 +349,13 @@ class InfiniGenPolicy(CachePolicy):
         qs = q[0].float().view(q.shape[1], kvh, -1, d)  # [T, KVH, group, D]
         mass = torch.einsum("tkgd,kde->tkge", qs, self.skew[layer]).abs().sum((0, 2))  # [KVH, D]
         self.columns[seq][layer] = mass.topk(self.rank, dim=-1).indices.sort(dim=-1).values
+
+    def _write_partial(self, layer: int, k: torch.Tensor, slots: torch.Tensor, batch) -> None:
+        """The new tokens' partial keys: their skewed K cut to the request's columns."""
+        sel = self._skew_columns(layer, batch)
+        rows = k.float().flatten(0, 1)  # [N, KVH, D], as attention sees them (rotated)
+        eq = "nkd,kdr->nkr" if batch.is_prefill else "nkd,nkdr->nkr"
+        self.partial[layer][slots] = torch.einsum(eq, rows, sel).flatten(1).to(self.partial.dtype)
 
     def _skew_columns(self, layer: int, batch) -> torch.Tensor:
         """The skew's partial columns for the batch's rows: [KVH, D, r] (prefill) or [B, KVH, D, r]."""
@@ -282,15 +371,40 @@ class InfiniGenPolicy(CachePolicy):
         return self.step_sel[layer]
 
     def attend_batch(self, layer, q, k, v, x, k_raw, batch):
+        if batch.block_table is not None:
+            return self._paged_attend(layer, q, k, v, x, batch)
         if layer in self.speculated and self.device.type != "meta":
             if batch.is_prefill:
                 self._choose_columns(layer, q, batch)
-            sel = self._skew_columns(layer, batch)
-            rows = k.float().flatten(0, 1)  # [N, KVH, D], as attention sees them (rotated)
-            eq = "nkd,kdr->nkr" if batch.is_prefill else "nkd,nkdr->nkr"
-            part = torch.einsum(eq, rows, sel).flatten(1)
-            self.partial[layer][self.write_slots[id(batch)]] = part.to(self.partial.dtype)
+            self._write_partial(layer, k, self.write_slots[id(batch)], batch)
         return super().attend_batch(layer, q, k, v, x, k_raw, batch)
+
+    def _paged_attend(self, layer, q, k, v, x, batch) -> torch.Tensor:
+        """Decode on the paged path: the new K/V written into the host store by a kernel, the
+        unspeculated layers' attention read from it in place by the paged kernel, the
+        speculated layers' over the rows the layer before selected and gathered."""
+        from backends.kvcache.kernels import ops
+
+        if layer == 0:  # everything per step derives from the persistent buffers, on the device
+            self.selection.clear()
+            self.step_sel.clear()
+            self.step_meta = self._paged_meta(batch)
+            self.step_cols = None if self.cols_buf is None else self.cols_buf[: batch.seq_lens.shape[0]]
+        dtype = self.store.dtype
+        ops().scatter_rows(self.store.k[layer], batch.write_slots, k[:, 0].to(dtype).contiguous())
+        ops().scatter_rows(self.store.v[layer], batch.write_slots, v[:, 0].to(dtype).contiguous())
+        if layer in self.speculated:
+            self._write_partial(layer, k, batch.write_slots, batch)
+        if layer in self.selection:
+            kk, vv, mask = self.context(layer, k, v, batch)
+            out, _ = attention(q, kk, vv, mask, self.scale, False)
+        else:
+            out, _ = ops().paged_decode_attention(q[:, 0], self.store.k[layer], self.store.v[layer], batch.block_table,
+                                                  batch.seq_lens, self.scale, batch.block_size)
+            out = out.unsqueeze(1)
+            self.store.transfers.add_h2d_device(batch.seq_lens.sum() * self.token_layer_bytes())
+        self.after_attention(layer, x, batch)
+        return out
 
     def after_attention(self, layer, x, batch):
         nxt = layer + 1
@@ -304,10 +418,10 @@ class InfiniGenPolicy(CachePolicy):
         if self.rope:
             q = self._rope(q, batch.positions[:, 0])
         q = torch.einsum("bkgd,bkdr->bkgr", q.view(b, kvh, -1, cfg.head_dim), self._skew_columns(nxt, batch))
-        slot_idx, caps, floors, max_cap, dummy = self.step_meta
+        slot_idx, caps, floors, max_cap, dummy, prev_len = self.step_meta
         keys = self.partial[nxt][slot_idx].view(b, -1, kvh, r).float()  # [B,L,KVH,r]
         scores = torch.einsum("bkgr,blkr->bkgl", q, keys) * self.scale  # [B,KVH,group,L]
-        prev = torch.arange(scores.shape[-1], device=self.device) < batch.prev_len.unsqueeze(1)  # [B,L]
+        prev = torch.arange(scores.shape[-1], device=self.device) < prev_len.unsqueeze(1)  # [B,L]
         scores = scores.masked_fill(~prev[:, None, None], float("-inf"))
         # rank a KV head's tokens by the attention its query heads together would give them
         # (what the layer's output depends on), in log space so alpha reads as on scores
@@ -318,10 +432,10 @@ class InfiniGenPolicy(CachePolicy):
             count = (per_kv >= top - self.alpha).sum(-1).float().mean(-1).ceil().long()  # [B]
         else:
             count = dummy
-        keep = torch.minimum(torch.maximum(torch.minimum(count, caps), floors), batch.prev_len)
-        # the rows gathered per head: on a GPU the cap (known without a host sync; the kernel
-        # reads only the kept rows), else the most any sequence keeps (what the host copy moves)
-        width = max(1, min(max_cap, scores.shape[-1])) if self.uva else max(1, int(keep.max()))
+        keep = torch.minimum(torch.maximum(torch.minimum(count, caps), floors), prev_len)
+        # the rows gathered per head: on a GPU (and on the paged path) the cap, known without a
+        # host sync (the kernel reads only the kept rows), else the most any sequence keeps
+        width = max(1, min(max_cap, scores.shape[-1])) if max_cap is not None else max(1, int(keep.max()))
         ranked = per_kv.topk(width, dim=-1).indices  # [B,KVH,K] best first
         ok = torch.arange(width, device=self.device) < keep[:, None, None]
         sentinel = per_kv.shape[-1]
@@ -355,13 +469,14 @@ class InfiniGenPolicy(CachePolicy):
         heads = torch.arange(kvh, device=self.device).view(1, kvh, 1)
         rows = (slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width) * kvh + heads).flatten()
         d = self.cfg.head_dim
+        # allocated on the compute stream, which alone reads and frees them (after ``ready``)
+        kk = torch.empty(b, kvh, width, d, dtype=self.store.dtype, device=self.device)
+        vv = torch.empty_like(kk)
+        flat_ok = ok.flatten()
         spec_done = torch.cuda.Event()
         spec_done.record()
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(spec_done)
-            kk = torch.empty(b, kvh, width, d, dtype=self.store.dtype, device=self.device)
-            vv = torch.empty_like(kk)
-            flat_ok = ok.flatten()
             ops().gather_rows(self.store.k[layer].view(-1, d), rows, flat_ok, kk.view(-1, d))
             ops().gather_rows(self.store.v[layer].view(-1, d), rows, flat_ok, vv.view(-1, d))
             ready = torch.cuda.Event()
@@ -388,8 +503,6 @@ class InfiniGenPolicy(CachePolicy):
         if fetched is not None:
             kk, vv, ready = fetched
             torch.cuda.current_stream().wait_event(ready)
-            kk.record_stream(torch.cuda.current_stream())
-            vv.record_stream(torch.cuda.current_stream())
         else:
             slot_idx = self.step_meta[0]
             sel = slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width).to(self.store.device)
