@@ -113,3 +113,29 @@ def test_gather_rows_reads_only_the_selected_rows():
     want = src[idx.cpu()].clone()
     want[2] = 0
     assert torch.equal(out.cpu(), want)
+
+
+# bfloat16 on a GPU only: the interpreter's float32 -> bfloat16 cast does not round to nearest
+@pytest.mark.parametrize("dtype", [torch.float32, *([torch.bfloat16] if DEVICE == "cuda" else [])])
+def test_rerotate_rows_writes_what_the_torch_rotation_writes(dtype):
+    """StreamingLLM's sink re-rotation in one launch: the keys the engine's torch expression
+    (StreamingPolicy._rope) writes, bit for bit, at every layer, head and sink, and nothing else."""
+    from types import SimpleNamespace
+
+    from backends.kvcache.policies.streaming import StreamingPolicy
+
+    gen = torch.Generator().manual_seed(5)
+    layers, b, sinks, kvh, d, slots_n = 3, 2, 4, 2, 16, 40
+    policy = SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+    policy._angles = StreamingPolicy._angles.__get__(policy)
+    raw = torch.randn(layers, b, sinks, kvh, d, generator=gen)
+    slots = torch.tensor([[4, 5, 6, 7], [21, 22, 23, 24]])
+    gaps = torch.tensor([7, 130])
+    k = torch.randn(layers, slots_n, kvh, d, generator=gen).to(dtype)
+    before, want = k.clone(), k.clone()
+    want[:, slots] = StreamingPolicy._rope(policy, raw, torch.arange(sinks) + gaps[:, None]).to(dtype)
+    emb = policy._angles(torch.arange(256))
+    dev = [t.to(DEVICE) for t in (k, raw, slots, gaps, emb.cos(), emb.sin())]
+    ops().rerotate_rows(*dev)
+    assert not torch.equal(want, before)  # the slots do change
+    assert torch.equal(dev[0].cpu(), want)

@@ -253,6 +253,47 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return y
 
 
+
+@triton.jit
+def _rerotate_rows(
+    RAW, GAPS, COS, SIN, SLOTS, K,
+    stride_rl, stride_rb, stride_rs, stride_rh, stride_tp, stride_sb, stride_kl, stride_ks, stride_kh,
+    KVH: tl.constexpr, HALF: tl.constexpr,
+):
+    b = tl.program_id(0)
+    i = tl.program_id(1)
+    layer = (tl.program_id(2) // KVH).to(tl.int64)
+    h = tl.program_id(2) % KVH
+    pos = i + tl.load(GAPS + b)
+    slot = tl.load(SLOTS + b * stride_sb + i).to(tl.int64)
+    j = tl.arange(0, HALF)
+    src = RAW + layer * stride_rl + b * stride_rb + i * stride_rs + h * stride_rh
+    x1 = tl.load(src + j)
+    x2 = tl.load(src + HALF + j)
+    c1 = tl.load(COS + pos * stride_tp + j)
+    c2 = tl.load(COS + pos * stride_tp + HALF + j)
+    s1 = tl.load(SIN + pos * stride_tp + j)
+    s2 = tl.load(SIN + pos * stride_tp + HALF + j)
+    dst = K + layer * stride_kl + slot * stride_ks + h * stride_kh
+    ty = K.dtype.element_ty
+    tl.store(dst + j, (x1 * c1 + (-x2) * s1).to(ty))
+    tl.store(dst + HALF + j, (x2 * c2 + x1 * s2).to(ty))
+
+
+def rerotate_rows(k: torch.Tensor, raw: torch.Tensor, slots: torch.Tensor, gaps: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """StreamingLLM's sink re-rotation in one launch: k[layer, slots[b, i]] = RoPE(raw[layer, b,
+    i]) at position i + gaps[b], with cos/sin rows [positions, D] (float32) of the model's angles.
+    k [L, slots, KVH, D]; raw [L, B, sinks, KVH, D] float32 (keys before RoPE). Products and sums
+    round one by one (no fused multiply-add), as the torch expression does."""
+    layers, b, sinks, kvh, d = raw.shape
+    _rerotate_rows[(b, sinks, layers * kvh)](
+        raw, gaps, cos, sin, slots, k,
+        raw.stride(0), raw.stride(1), raw.stride(2), raw.stride(3), cos.stride(0), slots.stride(0),
+        k.stride(0), k.stride(1), k.stride(2),
+        KVH=kvh, HALF=d // 2, num_warps=1, enable_fp_fusion=False,
+    )
+
 @triton.jit
 def _drop_one(
     BT, LENS, DROP, FIRST_RECENT, K, V, SCORE, POS, sink,

@@ -51,10 +51,18 @@ class StreamingPolicy(CachePolicy):
         super().__init__(params, model, cfg, device)
         self.sinks = int(self.params["sink_tokens"])
         self.rerotate = bool(self.params["rerotate"]) and cfg.arch == "llama" and self.sinks > 0
+        # on a GPU the re-rotation is one Triton launch reading cos/sin rows of every position
+        # (computed as ``_rope`` computes them); elsewhere the torch expression
+        self.rotation_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.rerotate:
+            from backends.kvcache.kernels import triton_usable
             from backends.kvcache.models.llama import rope_inv_freq
 
             self.inv_freq = rope_inv_freq(cfg).to(device)
+            if device.type == "cuda" and triton_usable(device):
+                pos = torch.arange(cfg.max_position_embeddings, device=device)
+                emb = self._angles(pos)
+                self.rotation_tables = (emb.cos().contiguous(), emb.sin().contiguous())
         # per sequence: its sinks' keys before RoPE [layers, sinks, KVH, D] (float32), and the gap
         # (tokens evicted between sinks and window) they are rotated for
         self.raw_sinks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -93,10 +101,14 @@ class StreamingPolicy(CachePolicy):
         if step.decode is not None and step.decode.seqs:
             self._rotate_sinks(step.decode.seqs)
 
+    def _angles(self, pos: torch.Tensor) -> torch.Tensor:
+        """RoPE angles [..., D] at positions ``pos`` [...]."""
+        ang = pos.float().unsqueeze(-1) * self.inv_freq.to(pos.device)
+        return torch.cat([ang, ang], -1)
+
     def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """RoPE on t [L, B, sinks, KVH, D] (float32) at positions pos [B, sinks]."""
-        ang = pos.float().unsqueeze(-1) * self.inv_freq.to(t.device)  # [B, sinks, D/2]
-        emb = torch.cat([ang, ang], -1)[None, :, :, None, :]  # [1, B, sinks, 1, D]
+        emb = self._angles(pos)[None, :, :, None, :]  # [1, B, sinks, 1, D]
         half = t.shape[-1] // 2
         return t * emb.cos() + torch.cat([-t[..., half:], t[..., :half]], -1) * emb.sin()
 
@@ -118,7 +130,12 @@ class StreamingPolicy(CachePolicy):
                 self.raw_sinks[moved[b][0]] = raw[:, i]
         raw = torch.stack([self.raw_sinks[s] for s, _ in moved], dim=1)  # [L, B, sinks, KVH, D]
         gaps = to_device_async(torch.tensor([g for _, g in moved]), slots.device)
-        self.store.k[:, slots] = self._rope(raw, own + gaps[:, None]).to(self.store.dtype)
+        if self.rotation_tables is not None:
+            from backends.kvcache.kernels import ops
+
+            ops().rerotate_rows(self.store.k, raw, slots, gaps, *self.rotation_tables)
+        else:
+            self.store.k[:, slots] = self._rope(raw, own + gaps[:, None]).to(self.store.dtype)
         for s, g in moved:
             self.sink_gap[s] = g
 
