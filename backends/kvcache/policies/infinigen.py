@@ -462,7 +462,8 @@ class InfiniGenPolicy(CachePolicy):
 
     def _prefetch(self, layer, slot_idx, idx, ok, keep):
         """Gather layer ``layer``'s selected K/V straight from pinned host memory on the side
-        stream (ordered after the speculation by an event); returns (k, v, ready event)."""
+        stream (ordered after the speculation by an event); returns (k, v, ready event, the
+        index tensors the side stream reads)."""
         from backends.kvcache.kernels import ops
 
         b, kvh, width = idx.shape
@@ -482,7 +483,10 @@ class InfiniGenPolicy(CachePolicy):
             ready = torch.cuda.Event()
             ready.record(self.stream)
         self.store.transfers.add_h2d_device(keep.sum() * (kvh * 2 * d * self.store.k.element_size()))
-        return kk, vv, ready
+        # the row indices stay referenced until the compute stream has waited for ``ready``:
+        # freed earlier, the compute stream's next allocation could overwrite them while the
+        # side stream still reads them (under a CUDA graph the window is a few microseconds)
+        return kk, vv, ready, (rows, flat_ok)
 
     def _select_all(self, layer, batch) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """An unspeculated layer's selection, every stored entry of every KV head, read in place
@@ -501,7 +505,7 @@ class InfiniGenPolicy(CachePolicy):
         idx, ok, fetched = self.selection.pop(layer)
         b, kvh, width = idx.shape
         if fetched is not None:
-            kk, vv, ready = fetched
+            kk, vv, ready, _indices = fetched
             torch.cuda.current_stream().wait_event(ready)
         else:
             slot_idx = self.step_meta[0]
