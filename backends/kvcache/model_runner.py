@@ -10,8 +10,8 @@ Two paths, one set of semantics:
   runs masked attention;
 - paged (``triton``, GPU): decode reads the block table in a Triton kernel, its metadata lives
   in persistent device buffers, and a pure-decode step replays a CUDA graph captured for its
-  batch-size bucket (full, h2o, streaming, and infinigen, whose kernels read and write the pinned
-  host store in place; offload copies per-step ranges of the host store and runs eager).
+  batch-size bucket (every policy; infinigen's and offload's kernels read and write the pinned
+  host store in place).
 """
 
 from __future__ import annotations

@@ -139,3 +139,20 @@ def test_rerotate_rows_writes_what_the_torch_rotation_writes(dtype):
     ops().rerotate_rows(*dev)
     assert not torch.equal(want, before)  # the slots do change
     assert torch.equal(dev[0].cpu(), want)
+
+
+def test_copy_pages_copies_the_pages_each_sequence_holds():
+    """The layer-ahead copy of a host store: exactly the pages a sequence's first ``lens`` entries
+    occupy, at the same slots, read in place from pinned memory on a GPU."""
+    page, kvh, d = 4, 2, 8
+    src = torch.randn(12 * page, kvh, d).to(torch.bfloat16)
+    if DEVICE == "cuda":
+        src = src.pin_memory()
+    dst = torch.zeros(12 * page, kvh, d, dtype=torch.bfloat16, device=DEVICE)
+    table = torch.tensor([[5, 2, 9, 0], [7, 0, 0, 0]], device=DEVICE)
+    lens = torch.tensor([9, 4], device=DEVICE)  # 3 pages, then 1 page
+    ops().copy_pages(src, dst, table, lens, page)
+    want = torch.zeros_like(dst, device="cpu")
+    for blk in (5, 2, 9, 7):
+        want[blk * page : (blk + 1) * page] = src[blk * page : (blk + 1) * page]
+    assert torch.equal(dst.cpu(), want)

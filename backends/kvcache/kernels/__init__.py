@@ -39,6 +39,21 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def reads_mapped_host(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether kernels on ``device`` can read and write pinned host memory in place (mapped
+    memory under unified addressing): probed once with a tiny gather, False off a GPU."""
+    if device.type != "cuda" or not triton_usable(device):
+        return False
+    src = torch.arange(64, dtype=dtype).view(4, 16).pin_memory()
+    idx = torch.tensor([2, 0, 3], device=device)
+    ok = torch.tensor([True, False, True], device=device)
+    try:
+        out = ops().gather_rows(src, idx, ok, torch.empty(3, 16, dtype=dtype, device=device))
+        return bool(torch.equal(out.cpu(), torch.stack([src[2], torch.zeros(16, dtype=dtype), src[3]])))
+    except Exception:  # noqa: BLE001  (a driver without mapped pinned memory: the caller falls back)
+        return False
+
+
 def ops() -> ModuleType:
     """The Triton kernel module (imported on first use, after the interpreter choice is made)."""
     from backends.kvcache.kernels import triton_kernels
@@ -46,4 +61,4 @@ def ops() -> ModuleType:
     return triton_kernels
 
 
-__all__ = ["BACKENDS", "ops", "resolve_backend", "triton_usable"]
+__all__ = ["BACKENDS", "ops", "reads_mapped_host", "resolve_backend", "triton_usable"]

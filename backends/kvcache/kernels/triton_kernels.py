@@ -394,3 +394,28 @@ def scatter_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> Non
     n = idx.numel()
     width = dst[0].numel()
     _scatter_rows[(n,)](dst, idx, src, n, WIDTH=width, BLOCK=triton.next_power_of_2(width), num_warps=4)
+
+
+@triton.jit
+def _copy_pages(SRC, DST, BT, LENS, stride_bt, PAGE: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    if j * PAGE < tl.load(LENS + b):
+        base = tl.load(BT + b * stride_bt + j).to(tl.int64) * PAGE * WIDTH
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, PAGE * WIDTH, BLOCK):
+            ok = start + offs < PAGE * WIDTH
+            tl.store(DST + base + start + offs, tl.load(SRC + base + start + offs, mask=ok), mask=ok)
+
+
+def copy_pages(src: torch.Tensor, dst: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+               page: int) -> None:
+    """Copy every page a sequence's first ``seq_lens[b]`` entries occupy (per its block table
+    [B, W]) from ``src`` to ``dst``, both [slots, ...] contiguous with the same layout; src may
+    be pinned host memory read in place (a layer-ahead fetch that a CUDA graph can hold, sized
+    by the device-side lengths)."""
+    width = src[0].numel()
+    block = min(triton.next_power_of_2(page * width), 4096)
+    _copy_pages[(block_table.shape[0], block_table.shape[1])](
+        src, dst, block_table, seq_lens, block_table.stride(0), PAGE=page, WIDTH=width, BLOCK=block, num_warps=4,
+    )

@@ -62,6 +62,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
+from backends.kvcache.kernels import reads_mapped_host
 from backends.kvcache.kv_store import to_device_async
 from backends.kvcache.policies.base import CachePolicy, StepBatch, attention
 from backends.kvcache.policies.registry import POLICIES, PolicyKnobs
@@ -230,7 +231,8 @@ class InfiniGenPolicy(CachePolicy):
             raise RuntimeError("InfiniGenPolicy.prepare() must run before bind()")
         super().bind(store)
         self._grow_partial()
-        self.uva = self._probe_uva()  # GPU: selected rows are gathered from host memory in place
+        # GPU: the store is written, read and gathered from in place by kernels
+        self.uva = store.pin_memory and reads_mapped_host(self.device, store.dtype)
         self.stream = torch.cuda.Stream(self.device) if self.uva else None
         if self.uva:  # the fetched bytes are counted on the device, also inside a captured graph
             store.transfers.track_device(self.device)
@@ -444,21 +446,6 @@ class InfiniGenPolicy(CachePolicy):
         idx = idx.clamp(max=sentinel - 1)
         fetched = self._prefetch(nxt, slot_idx, idx, ok, keep) if self.uva else None
         self.selection[nxt] = (idx, ok, fetched)
-
-    def _probe_uva(self) -> bool:
-        """Whether the GPU can read the pinned host store in place (mapped pinned memory)."""
-        if self.device.type != "cuda" or not self.store.pin_memory:
-            return False
-        from backends.kvcache.kernels import ops
-
-        src = torch.arange(64, dtype=self.store.dtype).view(4, 16).pin_memory()
-        idx = torch.tensor([2, 0, 3], device=self.device)
-        ok = torch.tensor([True, False, True], device=self.device)
-        try:
-            out = ops().gather_rows(src, idx, ok, torch.empty(3, 16, dtype=src.dtype, device=self.device))
-            return bool(torch.equal(out.cpu(), torch.stack([src[2], torch.zeros(16, dtype=src.dtype), src[3]])))
-        except Exception:  # noqa: BLE001  (a driver without mapped pinned memory: fall back to host gathers)
-            return False
 
     def _prefetch(self, layer, slot_idx, idx, ok, keep):
         """Gather layer ``layer``'s selected K/V straight from pinned host memory on the side

@@ -1,8 +1,13 @@
 """Layer-ahead prefetch of a host-resident K/V store (FlexGen-style): while layer i computes,
 layer i+1's K/V are copied from pinned host memory into the other of two device buffers, on a
-side CUDA stream ordered by events. A copy is one contiguous range per tensor (the slots from 0
-to the last block a decoding sequence holds), so it runs at the link's bandwidth; the buffers
-have the store's slot layout, so the paged kernel reads them with the same block tables.
+side CUDA stream ordered by events. The buffers have the store's slot layout, so the paged
+kernel reads them with the same block tables. Two ways to copy:
+
+- a range (``start``): one contiguous copy per tensor, the slots from 0 to the last block a
+  decoding sequence holds, sized on the host;
+- pages (``start_paged``, where kernels read mapped pinned memory): a kernel copies the pages
+  each sequence's block table holds, sized by the device-side lengths, so the whole step,
+  copies and events included, is captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ class LayerPrefetcher:
         self.free: list = [None, None]  # event: the compute stream is done reading the buffer
         self.slots = 0
         self.layer = -1  # the layer whose copy was issued last
+        self.batch = None  # paged copies: the decode step's BatchMeta (block tables, lengths)
+        self.copy_bytes: torch.Tensor | None = None  # paged copies: bytes per layer, on the device
 
-    def _ensure_buffers(self) -> None:
+    def ensure_buffers(self) -> None:
+        """Device buffers as large as the store (before a graph that holds them is captured)."""
         cap = self.store.k.shape[1]
         if self.buffers and self.buffers[0][0].shape[0] >= cap:
             return
@@ -43,8 +51,20 @@ class LayerPrefetcher:
 
     def start(self, block_tables: list[list[int]]) -> None:
         """A new step: copy layer 0's used slots."""
-        self._ensure_buffers()
+        self.ensure_buffers()
         self.slots = self.store.used_slots(block_tables)
+        self.batch = None
+        self._begin()
+
+    def start_paged(self, batch) -> None:
+        """A new step inside the forward: copy layer 0's pages of ``batch``'s block tables."""
+        self.batch = batch
+        bs = batch.block_size
+        row_bytes = self.store.k[0, 0].numel() * self.store.k.element_size()
+        self.copy_bytes = ((batch.seq_lens + bs - 1) // bs).sum() * (2 * bs * row_bytes)
+        self._begin()
+
+    def _begin(self) -> None:
         if self.cuda:  # the last step's layers may still read either buffer
             for buf in range(2):
                 self.free[buf] = torch.cuda.Event()
@@ -59,15 +79,28 @@ class LayerPrefetcher:
             with torch.cuda.stream(self.stream):
                 if self.free[buf] is not None:
                     self.stream.wait_event(self.free[buf])
-                kb[:n].copy_(store.k[layer, :n], non_blocking=True)
-                vb[:n].copy_(store.v[layer, :n], non_blocking=True)
+                self._copy(layer, kb, vb, n)
                 self.ready[buf] = torch.cuda.Event()
                 self.ready[buf].record(self.stream)
         else:
-            kb[:n].copy_(store.k[layer, :n])
-            vb[:n].copy_(store.v[layer, :n])
-        store.transfers.h2d_host += 2 * n * kb[0].numel() * kb.element_size()
+            self._copy(layer, kb, vb, n)
+        if self.batch is not None:
+            store.transfers.add_h2d_device(self.copy_bytes)
+        else:
+            store.transfers.h2d_host += 2 * n * kb[0].numel() * kb.element_size()
         self.layer = layer
+
+    def _copy(self, layer: int, kb: torch.Tensor, vb: torch.Tensor, n: int) -> None:
+        store = self.store
+        if self.batch is None:
+            kb[:n].copy_(store.k[layer, :n], non_blocking=True)
+            vb[:n].copy_(store.v[layer, :n], non_blocking=True)
+            return
+        from backends.kvcache.kernels import ops
+
+        b = self.batch
+        ops().copy_pages(store.k[layer], kb, b.block_table, b.seq_lens, b.block_size)
+        ops().copy_pages(store.v[layer], vb, b.block_table, b.seq_lens, b.block_size)
 
     def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s K/V buffers, [slots, kv_heads, D] each, ready for the compute stream;
