@@ -212,7 +212,7 @@ def profile(engine: LLMEngine, model: str, vocab: int, args, label: str, batch: 
     with out.open("a") as f:
         f.write(f"\n## {label} batch {batch}: 10 decode steps, {1e3 * wall:.2f} ms per step (wall, profiled)\n")
         f.write(split)
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     print(f"  profile of {label} batch {batch} appended to {out}")
 
 

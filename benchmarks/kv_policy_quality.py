@@ -41,7 +41,7 @@ def record_selection(policy) -> list[tuple[int, int, bool]]:
         inner(layer, x, batch)
         if layer + 1 in policy.selection:
             _, ok, _ = policy.selection[layer + 1]
-            _, caps, _, _, _ = policy.step_meta
+            caps = policy.step_meta[1]
             fetched = ok[:, 0].sum(-1)  # the same count for every KV head
             for b in range(ok.shape[0]):
                 n = int(batch.prev_len[b])

@@ -71,6 +71,11 @@ class Transfers:
         if self._h2d_device is None:
             self._h2d_device = torch.zeros((), dtype=torch.int64, device=device)
 
+    def device_counter(self, device: torch.device) -> torch.Tensor:
+        """The device-side host-to-device byte counter, for kernels that add to it themselves."""
+        self.track_device(device)
+        return self._h2d_device
+
     def add_h2d_device(self, nbytes: torch.Tensor) -> None:
         """Add a device-side byte count (no host sync)."""
         self.track_device(nbytes.device)

@@ -419,3 +419,217 @@ def copy_pages(src: torch.Tensor, dst: torch.Tensor, block_table: torch.Tensor, 
     _copy_pages[(block_table.shape[0], block_table.shape[1])](
         src, dst, block_table, seq_lens, block_table.stride(0), PAGE=page, WIDTH=width, BLOCK=block, num_warps=4,
     )
+
+
+# --- InfiniGen's decode: speculation, selection and the new entry, one launch each -------------
+
+
+@triton.jit
+def _partial_scores(qs, PART, BT, b, kh, n, valid, stride_bt, stride_ps, scale,
+                    R: tl.constexpr, R_PAD: tl.constexpr, PAGE: tl.constexpr):
+    """Speculated scores [G_PAD, BLOCK_N] of the entries ``n`` (-inf where not ``valid``)."""
+    blk = tl.load(BT + b * stride_bt + n // PAGE, mask=valid, other=0)
+    slot = blk.to(tl.int64) * PAGE + n % PAGE
+    r = tl.arange(0, R_PAD)
+    keys = tl.load(PART + slot[:, None] * stride_ps + kh * R + r[None, :], mask=valid[:, None] & (r < R)[None, :],
+                   other=0.0).to(tl.float32)
+    s = tl.sum(qs[:, None, :] * keys[None, :, :], axis=2) * scale
+    return tl.where(valid[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _log_mass(s, m, z, gm):
+    """log of the query group's summed softmax probabilities per entry (-inf where none)."""
+    total = tl.sum(tl.where(gm[:, None], tl.exp(s - m[:, None]) / z[:, None], 0.0), 0)
+    return tl.where(total > 0, tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _speculate(
+    Q, COS, SIN, SEL, PART, BT, PREV, MASS, CNT,
+    scale, alpha, stride_q, stride_cs, stride_sb, stride_sk, stride_sd, stride_ps, stride_bt, stride_mb, stride_mk,
+    KVH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+    R_PAD: tl.constexpr, PAGE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
+    COUNT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    r = tl.arange(0, R_PAD)
+    gm = g < G
+    qrow = Q + b * stride_q + (kh * G + g)[:, None] * D
+    q = tl.load(qrow + d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+    if ROPE:  # x * cos + rotate_half(x) * sin, at the new token's position
+        q2 = tl.load(qrow + ((d + D // 2) % D)[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        cos = tl.load(COS + b * stride_cs + d)
+        sin = tl.load(SIN + b * stride_cs + d)
+        q = q * cos[None, :] + (sign[None, :] * q2) * sin[None, :]
+    sel = tl.load(SEL + b * stride_sb + kh * stride_sk + d[:, None] * stride_sd + r[None, :],
+                  mask=(r < R)[None, :], other=0.0)
+    qs = tl.sum(q[:, :, None] * sel[None, :, :], axis=1)  # [G_PAD, R_PAD]: the skewed partial query
+    n_prev = tl.load(PREV + b)
+    offs = tl.arange(0, BLOCK_N)
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    z = tl.zeros([G_PAD], tl.float32)
+    for n0 in range(0, n_prev, BLOCK_N):  # each query head's softmax normaliser (online)
+        n = n0 + offs
+        s = _partial_scores(qs, PART, BT, b, kh, n, n < n_prev, stride_bt, stride_ps, scale, R, R_PAD, PAGE)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m = m_new
+    m = tl.where(z > 0, m, 0.0)
+    z = tl.where(z > 0, z, 1.0)
+    best = tl.full([], float("-inf"), tl.float32)
+    for n0 in range(0, L, BLOCK_N):  # the group's summed probabilities, in log space
+        n = n0 + offs
+        s = _partial_scores(qs, PART, BT, b, kh, n, n < n_prev, stride_bt, stride_ps, scale, R, R_PAD, PAGE)
+        mass = _log_mass(s, m, z, gm)
+        tl.store(MASS + b * stride_mb + kh * stride_mk + n, mass, mask=n < L)
+        best = tl.maximum(best, tl.max(mass, 0))
+    if COUNT:  # the entries within alpha of the head's best (recomputed: the same values)
+        count = tl.zeros([], tl.int32)
+        for n0 in range(0, n_prev, BLOCK_N):
+            n = n0 + offs
+            s = _partial_scores(qs, PART, BT, b, kh, n, n < n_prev, stride_bt, stride_ps, scale, R, R_PAD, PAGE)
+            mass = _log_mass(s, m, z, gm)
+            count += tl.sum(((mass >= best - alpha) & (n < n_prev)).to(tl.int32), 0)
+        tl.store(CNT + b * KVH + kh, count.to(tl.float32))
+
+
+def speculate(q: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, sel: torch.Tensor,
+              partial: torch.Tensor, block_table: torch.Tensor, prev: torch.Tensor, scale: float, page: int,
+              alpha: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """InfiniGen's speculation for one layer in one launch. q [B, H*D] (the layer's query
+    projection, before RoPE); cos/sin [B, D] float32 at each row's position (None: no RoPE);
+    sel [B, KVH, D, r] float32 (the skew's partial columns); partial [slots, KVH*r] (partial
+    keys); block_table [B, W] int32; prev [B] (entries stored before the step). Returns the log
+    of the attention mass each KV head's query group gives each entry, [B, KVH, W*page] float32
+    (-inf past prev), and with ``alpha`` per KV head the count of entries within alpha of its best."""
+    b, kvh, d, r = sel.shape
+    group = q.shape[1] // (kvh * d)
+    length = block_table.shape[1] * page
+    mass = torch.empty(b, kvh, length, device=q.device, dtype=torch.float32)
+    count = torch.empty(b, kvh, device=q.device, dtype=torch.float32) if alpha is not None else mass
+    cos = sel if cos is None else cos
+    sin = sel if sin is None else sin
+    _speculate[(b, kvh)](
+        q, cos, sin, sel, partial, block_table, prev, mass, count,
+        scale, 0.0 if alpha is None else alpha, q.stride(0), cos.stride(0), sel.stride(0), sel.stride(1),
+        sel.stride(2), partial.stride(0), block_table.stride(0), mass.stride(0), mass.stride(1),
+        KVH=kvh, G=group, G_PAD=triton.next_power_of_2(group), D=d, R=r, R_PAD=triton.next_power_of_2(r),
+        PAGE=page, L=length, BLOCK_N=32, ROPE=cos is not sel, COUNT=alpha is not None, num_warps=4,
+    )
+    return mass, count if alpha is not None else None
+
+
+@triton.jit
+def _select_rows(
+    MASS, CNT, COUNTS, PREV, BT, ROWS, OK, SEQ, NEW, H2D,
+    stride_mb, stride_mk, stride_bt, stride_cb, row_bytes,
+    KVH: tl.constexpr, KVH_PAD: tl.constexpr, PAGE: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr,
+    W: tl.constexpr, W_PAD: tl.constexpr, DUMMY: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    n_prev = tl.load(PREV + b)
+    if DUMMY:
+        count = tl.load(COUNTS + b * stride_cb + 2)
+    else:  # the mean over the KV heads of each head's count, rounded up
+        h = tl.arange(0, KVH_PAD)
+        count = tl.ceil(tl.sum(tl.load(CNT + b * KVH + h, mask=h < KVH, other=0.0), 0) / KVH).to(tl.int64)
+    cap = tl.load(COUNTS + b * stride_cb)
+    floor = tl.load(COUNTS + b * stride_cb + 1)
+    keep = tl.minimum(tl.maximum(tl.minimum(count, cap), floor), n_prev)
+    # the keep best entries without a sort: the keep-th largest value by bisection over the
+    # float's order-preserving integer key, ties taken in entry order
+    n = tl.arange(0, L_PAD)
+    x = tl.load(MASS + b * stride_mb + kh * stride_mk + n, mask=n < L, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    key = tl.where(n < n_prev, key, -(2**31) - 1)  # below every float's key: never taken
+    lo = tl.full([], -(2**31), tl.int64)
+    hi = tl.full([], 2**31 - 1, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((key >= mid).to(tl.int32), 0) >= keep
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = key > lo
+    ties = (key == lo).to(tl.int32)
+    take = above | ((ties != 0) & (tl.cumsum(ties, 0) <= keep - tl.sum(above.to(tl.int32), 0)))
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1  # entry order, as the reference path's sort
+    blk = tl.load(BT + b * stride_bt + n // PAGE, mask=take, other=0)
+    row = (blk.to(tl.int64) * PAGE + n % PAGE) * KVH + kh
+    out = (b * W + pos).to(tl.int64) * KVH + kh
+    tl.store(ROWS + out, row, mask=take)
+    j = tl.arange(0, W_PAD)
+    tl.store(OK + (b * W + j).to(tl.int64) * KVH + kh, (j < keep).to(tl.int8), mask=j < W)
+    tl.atomic_add(H2D, keep * row_bytes)
+    if kh == 0:
+        tl.store(SEQ + b, (keep + 1).to(tl.int32))
+        tl.store(NEW + b, b * W + keep)
+
+
+def select_rows(mass: torch.Tensor, count: torch.Tensor | None, counts: torch.Tensor, prev: torch.Tensor,
+                block_table: torch.Tensor, page: int, width: int, h2d: torch.Tensor, row_bytes: int,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """InfiniGen's selection in one launch: per row b the kept count (``count`` [B, KVH]'s mean
+    over heads rounded up, or with ``count`` None the dummy count ``counts[b, 2]``, between the
+    floor ``counts[b, 1]`` and the cap ``counts[b, 0]``, at most ``prev[b]``), and per KV head
+    its best-massed entries in entry order. Returns the store rows (slot * KVH + head) and a
+    read flag, both [B * width * KVH] in the order of a gathered [B * width, KVH, D] buffer, the
+    attention lengths (kept + 1, int32) and the new entry's row in that buffer, [B] each. Adds
+    the kept rows' bytes (``row_bytes`` per head) to ``h2d``."""
+    b, kvh, length = mass.shape
+    rows = torch.empty(b * width * kvh, device=mass.device, dtype=torch.int64)
+    ok = torch.empty(b * width * kvh, device=mass.device, dtype=torch.int8)
+    seq = torch.empty(b, device=mass.device, dtype=torch.int32)
+    new = torch.empty(b, device=mass.device, dtype=torch.int64)
+    _select_rows[(b, kvh)](
+        mass, mass if count is None else count, counts, prev, block_table, rows, ok, seq, new, h2d,
+        mass.stride(0), mass.stride(1), block_table.stride(0), counts.stride(0), row_bytes,
+        KVH=kvh, KVH_PAD=triton.next_power_of_2(kvh), PAGE=page, L=length, L_PAD=triton.next_power_of_2(length),
+        W=width, W_PAD=triton.next_power_of_2(width), DUMMY=count is None, num_warps=4,
+    )
+    return rows, ok, seq, new
+
+
+@triton.jit
+def _store_entry(
+    K, V, SLOTS, SK, SV, SEL, PART,
+    stride_kb, stride_kh, stride_vb, stride_vh, stride_ss, stride_sh, stride_sb, stride_sk, stride_sd, stride_ps,
+    D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, PARTIAL: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    slot = tl.load(SLOTS + b).to(tl.int64)
+    d = tl.arange(0, D)
+    k = tl.load(K + b * stride_kb + kh * stride_kh + d)
+    tl.store(SK + slot * stride_ss + kh * stride_sh + d, k.to(SK.dtype.element_ty))
+    tl.store(SV + slot * stride_ss + kh * stride_sh + d,
+             tl.load(V + b * stride_vb + kh * stride_vh + d).to(SV.dtype.element_ty))
+    if PARTIAL:
+        r = tl.arange(0, R_PAD)
+        sel = tl.load(SEL + b * stride_sb + kh * stride_sk + d[:, None] * stride_sd + r[None, :],
+                      mask=(r < R)[None, :], other=0.0)
+        pk = tl.sum(k.to(tl.float32)[:, None] * sel, 0)
+        tl.store(PART + slot * stride_ps + kh * R + r, pk.to(PART.dtype.element_ty), mask=r < R)
+
+
+def store_entry(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_store: torch.Tensor,
+                v_store: torch.Tensor, sel: torch.Tensor | None = None, partial: torch.Tensor | None = None) -> None:
+    """Each row's new entry in one launch: k, v [B, KVH, D] into k_store, v_store [slots, KVH, D]
+    (may be pinned host memory written in place) at ``slots`` [B], and with ``sel`` [B, KVH, D, r]
+    float32 its partial key (k's skewed columns) into ``partial`` [slots, KVH*r]."""
+    b, kvh, d = k.shape
+    r = 1 if sel is None else sel.shape[-1]
+    sel_ = k if sel is None else sel
+    part = k_store if partial is None else partial
+    _store_entry[(b, kvh)](
+        k, v, slots, k_store, v_store, sel_, part,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_store.stride(0), k_store.stride(1),
+        sel_.stride(0), sel_.stride(1), sel_.stride(2) if sel is not None else 0, part.stride(0),
+        D=d, R=r, R_PAD=triton.next_power_of_2(r), PARTIAL=sel is not None, num_warps=1,
+    )

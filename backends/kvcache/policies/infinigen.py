@@ -177,6 +177,15 @@ class InfiniGenPolicy(CachePolicy):
                 self.norm_ratio[layer] = torch.where(w_prev.abs() > 0, w_here / w_prev, torch.zeros_like(w_here))
         self.partial: torch.Tensor | None = None  # [L, slots, KVH*r] on the device
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor, tuple | None]] = {}
+        # paged decode, per speculated layer: (kept counts [B], gathered K, V [B*W, KVH, D] laid
+        # out as pages, the side stream's ready event or None, the indices it reads)
+        self.gathered: dict[int, tuple] = {}
+        # paged decode, per step: (cap, floor, dummy count) per row [B, 3], RoPE's cos and sin at
+        # the rows' positions, the gathered K/V's entries per row and its block table [B, pages]
+        self.step_counts: torch.Tensor | None = None
+        self.step_rope: tuple = (None, None)
+        self.gathered_entries = 0
+        self.gathered_table: torch.Tensor | None = None
         self.step_cols: torch.Tensor | None = None  # decode: [B, layers, KVH, r]
         self.step_sel: dict[int, torch.Tensor] = {}  # decode, per layer: skew columns [B, KVH, D, r]
         # decode: (slot_idx [B, L], caps [B], floors [B], gathered width or None, dummy counts [B]
@@ -218,12 +227,17 @@ class InfiniGenPolicy(CachePolicy):
             tmp.replace(path)  # atomic: parallel trials never read half a file
         self.skew = skew.to(self.device)
 
+    def _rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [N, D] (float32) of the model's RoPE angles at positions pos [N]."""
+        ang = pos.float().unsqueeze(1) * self.inv_freq
+        ang = torch.cat([ang, ang], -1)
+        return ang.cos(), ang.sin()
+
     def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """RoPE on t [N, heads, D] (float32) at positions pos [N], as the model applies it."""
-        ang = pos.float().unsqueeze(1) * self.inv_freq
-        cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
+        cos, sin = self._rope_tables(pos)
         half = t.shape[-1] // 2
-        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+        return t * cos[:, None] + torch.cat([-t[..., half:], t[..., :half]], -1) * sin[:, None]
 
     # --- storage -------------------------------------------------------------------------
     def bind(self, store):
@@ -328,8 +342,9 @@ class InfiniGenPolicy(CachePolicy):
             self.cols_buf[: len(decode.seqs)].copy_(torch.stack([self.columns[s] for s in decode.seqs]))
         self.store.transfers.d2h += rows * self.cfg.kv_bytes_per_token
         if self.speculated:
-            self.count_fetch(2 * rows * self.cfg.num_kv_heads * self.paged_width * self.cfg.head_dim
-                             * self.store.k.element_size())
+            table_width = decode.block_table.shape[1] * decode.block_size
+            width = self._gathered_width(min(self.paged_width, table_width), decode.block_size)
+            self.count_fetch(2 * rows * self.cfg.num_kv_heads * width * self.cfg.head_dim * self.store.k.element_size())
 
     def _paged_meta(self, batch) -> tuple:
         """The decode step's tensors, derived on the device from the persistent decode buffers
@@ -339,7 +354,21 @@ class InfiniGenPolicy(CachePolicy):
         slot_idx = (batch.block_table.long().unsqueeze(-1) * bs + torch.arange(bs, device=self.device)).flatten(1)
         counts = self.count_table[prev]  # [B, 3]
         dummy = counts[:, 2] if self.fetch_ratio is not None else None
-        return slot_idx, counts[:, 0], counts[:, 1], min(self.paged_width, slot_idx.shape[1]), dummy, prev
+        width = min(self.paged_width, slot_idx.shape[1])
+        # a speculated layer's gathered rows, as pages of their own: row b holds its kept entries
+        # (then the new one) in pages b*P .. b*P+P-1 of the gathered K/V, so the paged kernel
+        # attends over them with no mask
+        self.step_counts = counts
+        self.step_rope = self._rope_tables(batch.positions[:, 0]) if self.rope else (None, None)
+        self.gathered_entries = self._gathered_width(width, bs)
+        pages = self.gathered_entries // bs
+        self.gathered_table = torch.arange(prev.shape[0] * pages, dtype=torch.int32, device=self.device).view(-1, pages)
+        return slot_idx, counts[:, 0], counts[:, 1], width, dummy, prev
+
+    @staticmethod
+    def _gathered_width(width: int, page: int) -> int:
+        """Entries per row of the gathered K/V: the widest selection and the new entry, in whole pages."""
+        return -(-(width + 1) // page) * page
 
     def _choose_columns(self, layer: int, q: torch.Tensor, batch) -> None:
         """At prefill: the request's partial columns for ``layer``, the top |Q skew| column sums."""
@@ -388,30 +417,63 @@ class InfiniGenPolicy(CachePolicy):
         from backends.kvcache.kernels import ops
 
         if layer == 0:  # everything per step derives from the persistent buffers, on the device
-            self.selection.clear()
+            self.gathered.clear()
             self.step_sel.clear()
             self.step_meta = self._paged_meta(batch)
             self.step_cols = None if self.cols_buf is None else self.cols_buf[: batch.seq_lens.shape[0]]
         dtype = self.store.dtype
-        ops().scatter_rows(self.store.k[layer], batch.write_slots, k[:, 0].to(dtype).contiguous())
-        ops().scatter_rows(self.store.v[layer], batch.write_slots, v[:, 0].to(dtype).contiguous())
-        if layer in self.speculated:
-            self._write_partial(layer, k, batch.write_slots, batch)
-        if layer in self.selection:
-            kk, vv, mask = self.context(layer, k, v, batch)
-            out, _ = attention(q, kk, vv, mask, self.scale, False)
+        speculated = layer in self.speculated
+        # the new entry into the host store (and its partial key), one kernel
+        ops().store_entry(k[:, 0], v[:, 0], batch.write_slots, self.store.k[layer], self.store.v[layer],
+                          self._skew_columns(layer, batch) if speculated else None,
+                          self.partial[layer] if speculated else None)
+        if layer in self.gathered:
+            seq_lens, new_rows, kk, vv, ready, _indices = self.gathered.pop(layer)
+            if ready is not None:
+                torch.cuda.current_stream().wait_event(ready)
+            # the new entry after the kept ones (the gather zeroed that row)
+            ops().scatter_rows(kk, new_rows, k[:, 0].to(dtype).contiguous())
+            ops().scatter_rows(vv, new_rows, v[:, 0].to(dtype).contiguous())
+            out, _ = ops().paged_decode_attention(q[:, 0], kk, vv, self.gathered_table, seq_lens, self.scale,
+                                                  batch.block_size)
         else:
             out, _ = ops().paged_decode_attention(q[:, 0], self.store.k[layer], self.store.v[layer], batch.block_table,
                                                   batch.seq_lens, self.scale, batch.block_size)
-            out = out.unsqueeze(1)
             self.store.transfers.add_h2d_device(batch.seq_lens.sum() * self.token_layer_bytes())
         self.after_attention(layer, x, batch)
-        return out
+        return out.unsqueeze(1)
 
     def after_attention(self, layer, x, batch):
         nxt = layer + 1
         if batch.is_prefill or nxt not in self.speculated or self.device.type == "meta":
             return  # (a meta dry run has no scores to rank: the layer fetches everything)
+        if batch.block_table is not None:
+            self.gathered[nxt] = self._gather_paged(nxt, x, batch)
+            return
+        per_kv = self._speculate(nxt, x, batch)
+        _, caps, floors, max_cap, dummy, prev_len = self.step_meta
+        if dummy is None:
+            top = per_kv.amax(dim=-1, keepdim=True)
+            # tokens per KV head: the mean over heads of those within alpha of the head's best
+            count = (per_kv >= top - self.alpha).sum(-1).float().mean(-1).ceil().long()  # [B]
+        else:
+            count = dummy
+        keep = torch.minimum(torch.maximum(torch.minimum(count, caps), floors), prev_len)
+        # the rows gathered per head: on a GPU the cap, known without a host sync (the kernel
+        # reads only the kept rows), else the most any sequence keeps
+        width = max(1, min(max_cap, per_kv.shape[-1])) if max_cap is not None else max(1, int(keep.max()))
+        ranked = per_kv.topk(width, dim=-1).indices  # [B,KVH,K] best first
+        ok = torch.arange(width, device=self.device) < keep[:, None, None]
+        sentinel = per_kv.shape[-1]
+        idx, _ = torch.where(ok, ranked, sentinel).sort(dim=-1)  # ascending = original order
+        ok = idx < sentinel
+        idx = idx.clamp(max=sentinel - 1)
+        fetched = self._prefetch(nxt, self.step_meta[0], idx, ok, keep) if self.uva else None
+        self.selection[nxt] = (idx, ok, fetched)
+
+    def _speculate(self, nxt: int, x: torch.Tensor, batch) -> torch.Tensor:
+        """Layer ``nxt``'s speculated attention mass per KV head and stored token, in log space
+        (-inf past the entries stored before the step): [B, KVH, L]."""
         cfg, r = self.cfg, self.rank
         b, kvh = x.shape[0], cfg.num_kv_heads
         wq, bq, _, _ = self.model.attention_weights(nxt)
@@ -420,32 +482,55 @@ class InfiniGenPolicy(CachePolicy):
         if self.rope:
             q = self._rope(q, batch.positions[:, 0])
         q = torch.einsum("bkgd,bkdr->bkgr", q.view(b, kvh, -1, cfg.head_dim), self._skew_columns(nxt, batch))
-        slot_idx, caps, floors, max_cap, dummy, prev_len = self.step_meta
+        slot_idx, prev_len = self.step_meta[0], self.step_meta[5]
         keys = self.partial[nxt][slot_idx].view(b, -1, kvh, r).float()  # [B,L,KVH,r]
         scores = torch.einsum("bkgr,blkr->bkgl", q, keys) * self.scale  # [B,KVH,group,L]
         prev = torch.arange(scores.shape[-1], device=self.device) < prev_len.unsqueeze(1)  # [B,L]
         scores = scores.masked_fill(~prev[:, None, None], float("-inf"))
         # rank a KV head's tokens by the attention its query heads together would give them
         # (what the layer's output depends on), in log space so alpha reads as on scores
-        per_kv = torch.softmax(scores, dim=-1).sum(dim=2).log()  # [B,KVH,L]
-        if dummy is None:
-            top = per_kv.amax(dim=-1, keepdim=True)
-            # tokens per KV head: the mean over heads of those within alpha of the head's best
-            count = (per_kv >= top - self.alpha).sum(-1).float().mean(-1).ceil().long()  # [B]
-        else:
-            count = dummy
-        keep = torch.minimum(torch.maximum(torch.minimum(count, caps), floors), prev_len)
-        # the rows gathered per head: on a GPU (and on the paged path) the cap, known without a
-        # host sync (the kernel reads only the kept rows), else the most any sequence keeps
-        width = max(1, min(max_cap, scores.shape[-1])) if max_cap is not None else max(1, int(keep.max()))
-        ranked = per_kv.topk(width, dim=-1).indices  # [B,KVH,K] best first
-        ok = torch.arange(width, device=self.device) < keep[:, None, None]
-        sentinel = per_kv.shape[-1]
-        idx, _ = torch.where(ok, ranked, sentinel).sort(dim=-1)  # ascending = original order
-        ok = idx < sentinel
-        idx = idx.clamp(max=sentinel - 1)
-        fetched = self._prefetch(nxt, slot_idx, idx, ok, keep) if self.uva else None
-        self.selection[nxt] = (idx, ok, fetched)
+        return torch.softmax(scores, dim=-1).sum(dim=2).log()
+
+    def _gather_paged(self, layer: int, x: torch.Tensor, batch) -> tuple:
+        """The paged path's speculation and selection for ``layer`` (one kernel each: the same
+        entries as the reference path, in entry order) and the kept entries gathered from the
+        host store into pages of their own, on the side stream where the GPU reads the store in
+        place. Returns (attention lengths, the new entry's rows, K, V, ready event or None, the
+        indices the gather reads)."""
+        from backends.kvcache.kernels import ops
+
+        cfg, d = self.cfg, self.cfg.head_dim
+        wq, bq, _, _ = self.model.attention_weights(layer)
+        h = x[:, 0] * self.norm_ratio[layer].to(x.dtype) if self.rope else x[:, 0]
+        q = torch.nn.functional.linear(h, wq, bq)
+        prev = self.step_meta[5]
+        cos, sin = self.step_rope
+        alpha = None if self.fetch_ratio is not None else self.alpha
+        mass, count = ops().speculate(q, cos, sin, self._skew_columns(layer, batch), self.partial[layer],
+                                      batch.block_table, prev, self.scale, batch.block_size, alpha)
+        elt = self.store.k.element_size()
+        counter = self.store.transfers.device_counter(self.device)
+        rows, ok, seq_lens, new_rows = ops().select_rows(mass, count, self.step_counts, prev, batch.block_table,
+                                                         batch.block_size, self.gathered_entries, counter, 2 * d * elt)
+        kvh = cfg.num_kv_heads
+        # allocated on the compute stream, which alone reads and frees them (after ``ready``)
+        kk = torch.empty(prev.shape[0] * self.gathered_entries, kvh, d, dtype=self.store.dtype, device=self.device)
+        vv = torch.empty_like(kk)
+        if not self.uva:
+            ops().gather_rows(self.store.k[layer].view(-1, d), rows, ok, kk.view(-1, d))
+            ops().gather_rows(self.store.v[layer].view(-1, d), rows, ok, vv.view(-1, d))
+            return seq_lens, new_rows, kk, vv, None, None
+        spec_done = torch.cuda.Event()
+        spec_done.record()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(spec_done)
+            ops().gather_rows(self.store.k[layer].view(-1, d), rows, ok, kk.view(-1, d))
+            ops().gather_rows(self.store.v[layer].view(-1, d), rows, ok, vv.view(-1, d))
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        # the row indices stay referenced until the compute stream has waited for ``ready``
+        # (see ``_prefetch``)
+        return seq_lens, new_rows, kk, vv, ready, (rows, ok)
 
     def _prefetch(self, layer, slot_idx, idx, ok, keep):
         """Gather layer ``layer``'s selected K/V straight from pinned host memory on the side
