@@ -438,22 +438,20 @@ def _partial_scores(qs, PART, BT, b, kh, n, valid, stride_bt, stride_ps, scale,
 
 
 @triton.jit
-def _log_mass(s, m, z, gm):
-    """log of the query group's summed softmax probabilities per entry (-inf where none)."""
-    total = tl.sum(tl.where(gm[:, None], tl.exp(s - m[:, None]) / z[:, None], 0.0), 0)
-    return tl.where(total > 0, tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
-
-
-@triton.jit
-def _speculate(
-    Q, COS, SIN, SEL, PART, BT, PREV, MASS, CNT,
-    scale, alpha, stride_q, stride_cs, stride_sb, stride_sk, stride_sd, stride_ps, stride_bt, stride_mb, stride_mk,
-    KVH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-    R_PAD: tl.constexpr, PAGE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
-    COUNT: tl.constexpr,
+def _spec_scores(
+    Q, COS, SIN, SEL, PART, BT, PREV, S, M, Z,
+    scale, stride_q, stride_cs, stride_sb, stride_sk, stride_sd, stride_ps, stride_bt, stride_s0, stride_s1,
+    stride_s2, stride_m0, stride_m1, stride_m2,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, ROPE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kh = tl.program_id(1)
+    sp = tl.program_id(2)
+    n_prev = tl.load(PREV + b)
+    per = tl.cdiv(tl.cdiv(n_prev, SPLITS), BLOCK_N) * BLOCK_N
+    start = sp * per
+    end = tl.minimum(start + per, n_prev)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
     r = tl.arange(0, R_PAD)
@@ -469,83 +467,123 @@ def _speculate(
     sel = tl.load(SEL + b * stride_sb + kh * stride_sk + d[:, None] * stride_sd + r[None, :],
                   mask=(r < R)[None, :], other=0.0)
     qs = tl.sum(q[:, :, None] * sel[None, :, :], axis=1)  # [G_PAD, R_PAD]: the skewed partial query
-    n_prev = tl.load(PREV + b)
     offs = tl.arange(0, BLOCK_N)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     z = tl.zeros([G_PAD], tl.float32)
-    for n0 in range(0, n_prev, BLOCK_N):  # each query head's softmax normaliser (online)
+    for n0 in range(start, end, BLOCK_N):  # this split's scores, and each head's softmax sums over them
         n = n0 + offs
-        s = _partial_scores(qs, PART, BT, b, kh, n, n < n_prev, stride_bt, stride_ps, scale, R, R_PAD, PAGE)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        valid = n < end
+        blk = tl.load(BT + b * stride_bt + n // PAGE, mask=valid, other=0)
+        slot = blk.to(tl.int64) * PAGE + n % PAGE
+        keys = tl.load(PART + slot[:, None] * stride_ps + kh * R + r[None, :],
+                       mask=valid[:, None] & (r < R)[None, :], other=0.0).to(tl.float32)
+        sc = tl.sum(qs[:, None, :] * keys[None, :, :], axis=2) * scale
+        sc = tl.where(valid[None, :], sc, float("-inf"))
+        tl.store(S + b * stride_s0 + kh * stride_s1 + g[:, None] * stride_s2 + n[None, :], sc,
+                 mask=gm[:, None] & valid[None, :])
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(sc - m_new[:, None]), 1)
         m = m_new
-    m = tl.where(z > 0, m, 0.0)
-    z = tl.where(z > 0, z, 1.0)
-    best = tl.full([], float("-inf"), tl.float32)
-    for n0 in range(0, L, BLOCK_N):  # the group's summed probabilities, in log space
-        n = n0 + offs
-        s = _partial_scores(qs, PART, BT, b, kh, n, n < n_prev, stride_bt, stride_ps, scale, R, R_PAD, PAGE)
-        mass = _log_mass(s, m, z, gm)
-        tl.store(MASS + b * stride_mb + kh * stride_mk + n, mass, mask=n < L)
-        best = tl.maximum(best, tl.max(mass, 0))
-    if COUNT:  # the entries within alpha of the head's best (recomputed: the same values)
-        count = tl.zeros([], tl.int32)
-        for n0 in range(0, n_prev, BLOCK_N):
-            n = n0 + offs
-            s = _partial_scores(qs, PART, BT, b, kh, n, n < n_prev, stride_bt, stride_ps, scale, R, R_PAD, PAGE)
-            mass = _log_mass(s, m, z, gm)
-            count += tl.sum(((mass >= best - alpha) & (n < n_prev)).to(tl.int32), 0)
-        tl.store(CNT + b * KVH + kh, count.to(tl.float32))
+    part = b * stride_m0 + kh * stride_m1 + sp * stride_m2 + g
+    tl.store(M + part, m, mask=gm)
+    tl.store(Z + part, z, mask=gm)
+
+
+@triton.jit
+def _spec_mass(
+    S, M, Z, PREV, MASS,
+    stride_s0, stride_s1, stride_s2, stride_m0, stride_m1, stride_m2, stride_mb, stride_mk,
+    G: tl.constexpr, G_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_prev = tl.load(PREV + b)
+    if tl.program_id(2) * BLOCK_N < n_prev:
+        g = tl.arange(0, G_PAD)
+        gm = g < G
+        sp = tl.arange(0, SPLITS)
+        part = b * stride_m0 + kh * stride_m1 + sp[:, None] * stride_m2 + g[None, :]
+        mp = tl.load(M + part, mask=gm[None, :], other=float("-inf"))  # [SPLITS, G_PAD]
+        zp = tl.load(Z + part, mask=gm[None, :], other=0.0)
+        m = tl.max(mp, 0)
+        m = tl.where(m > float("-inf"), m, 0.0)
+        z = tl.sum(zp * tl.exp(mp - m[None, :]), 0)
+        z = tl.where(z > 0, z, 1.0)
+        valid = n < n_prev
+        sc = tl.load(S + b * stride_s0 + kh * stride_s1 + g[:, None] * stride_s2 + n[None, :],
+                     mask=gm[:, None] & valid[None, :], other=float("-inf"))
+        # the query group's summed probabilities, in log space (-inf where none)
+        total = tl.sum(tl.where(gm[:, None], tl.exp(sc - m[:, None]) / z[:, None], 0.0), 0)
+        mass = tl.where(total > 0, tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+        tl.store(MASS + b * stride_mb + kh * stride_mk + n, mass, mask=valid)
 
 
 def speculate(q: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, sel: torch.Tensor,
-              partial: torch.Tensor, block_table: torch.Tensor, prev: torch.Tensor, scale: float, page: int,
-              alpha: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """InfiniGen's speculation for one layer in one launch. q [B, H*D] (the layer's query
-    projection, before RoPE); cos/sin [B, D] float32 at each row's position (None: no RoPE);
-    sel [B, KVH, D, r] float32 (the skew's partial columns); partial [slots, KVH*r] (partial
-    keys); block_table [B, W] int32; prev [B] (entries stored before the step). Returns the log
-    of the attention mass each KV head's query group gives each entry, [B, KVH, W*page] float32
-    (-inf past prev), and with ``alpha`` per KV head the count of entries within alpha of its best."""
+              partial: torch.Tensor, block_table: torch.Tensor, prev: torch.Tensor, scale: float,
+              page: int) -> torch.Tensor:
+    """InfiniGen's speculation for one layer (two launches, split over the entries so a small
+    batch fills the GPU). q [B, H*D] (the layer's query projection, before RoPE); cos/sin [B, D]
+    float32 at each row's position (None: no RoPE); sel [B, KVH, D, r] float32 (the skew's
+    partial columns); partial [slots, KVH*r] (partial keys); block_table [B, W] int32; prev [B]
+    (entries stored before the step). Returns the log of the attention mass each KV head's
+    query group gives each entry, [B, KVH, W*page] float32, defined below prev[b] only."""
     b, kvh, d, r = sel.shape
     group = q.shape[1] // (kvh * d)
+    g_pad = triton.next_power_of_2(group)
     length = block_table.shape[1] * page
+    block = 32
+    splits = num_splits(b, kvh, q.device)
+    scores = torch.empty(b, kvh, g_pad, length, device=q.device, dtype=torch.float32)
+    m = torch.empty(b, kvh, splits, g_pad, device=q.device, dtype=torch.float32)
+    z = torch.empty_like(m)
     mass = torch.empty(b, kvh, length, device=q.device, dtype=torch.float32)
-    count = torch.empty(b, kvh, device=q.device, dtype=torch.float32) if alpha is not None else mass
-    cos = sel if cos is None else cos
-    sin = sel if sin is None else sin
-    _speculate[(b, kvh)](
-        q, cos, sin, sel, partial, block_table, prev, mass, count,
-        scale, 0.0 if alpha is None else alpha, q.stride(0), cos.stride(0), sel.stride(0), sel.stride(1),
-        sel.stride(2), partial.stride(0), block_table.stride(0), mass.stride(0), mass.stride(1),
-        KVH=kvh, G=group, G_PAD=triton.next_power_of_2(group), D=d, R=r, R_PAD=triton.next_power_of_2(r),
-        PAGE=page, L=length, BLOCK_N=32, ROPE=cos is not sel, COUNT=alpha is not None, num_warps=4,
+    rope = cos is not None
+    cos = cos if rope else sel
+    sin = sin if rope else sel
+    _spec_scores[(b, kvh, splits)](
+        q, cos, sin, sel, partial, block_table, prev, scores, m, z,
+        scale, q.stride(0), cos.stride(0), sel.stride(0), sel.stride(1), sel.stride(2), partial.stride(0),
+        block_table.stride(0), scores.stride(0), scores.stride(1), scores.stride(2), m.stride(0), m.stride(1),
+        m.stride(2),
+        G=group, G_PAD=g_pad, D=d, R=r, R_PAD=triton.next_power_of_2(r), PAGE=page, BLOCK_N=block,
+        SPLITS=splits, ROPE=rope, num_warps=4,
     )
-    return mass, count if alpha is not None else None
+    _spec_mass[(b, kvh, triton.cdiv(length, block))](
+        scores, m, z, prev, mass,
+        scores.stride(0), scores.stride(1), scores.stride(2), m.stride(0), m.stride(1), m.stride(2),
+        mass.stride(0), mass.stride(1),
+        G=group, G_PAD=g_pad, SPLITS=splits, BLOCK_N=block, num_warps=4,
+    )
+    return mass
 
 
 @triton.jit
 def _select_rows(
-    MASS, CNT, COUNTS, PREV, BT, ROWS, OK, SEQ, NEW, H2D,
-    stride_mb, stride_mk, stride_bt, stride_cb, row_bytes,
-    KVH: tl.constexpr, KVH_PAD: tl.constexpr, PAGE: tl.constexpr, L: tl.constexpr, L_PAD: tl.constexpr,
-    W: tl.constexpr, W_PAD: tl.constexpr, DUMMY: tl.constexpr,
+    MASS, COUNTS, PREV, BT, ROWS, OK, SEQ, NEW, H2D,
+    alpha, stride_mb, stride_mk, stride_bt, stride_cb, row_bytes,
+    KVH: tl.constexpr, PAGE: tl.constexpr, L_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
+    DUMMY: tl.constexpr,
 ):
     b = tl.program_id(0)
     kh = tl.program_id(1)
     n_prev = tl.load(PREV + b)
+    n = tl.arange(0, L_PAD)
     if DUMMY:
         count = tl.load(COUNTS + b * stride_cb + 2)
-    else:  # the mean over the KV heads of each head's count, rounded up
-        h = tl.arange(0, KVH_PAD)
-        count = tl.ceil(tl.sum(tl.load(CNT + b * KVH + h, mask=h < KVH, other=0.0), 0) / KVH).to(tl.int64)
+    else:  # the mean over the KV heads of the entries within alpha of each head's best, rounded up
+        within = tl.zeros([], tl.int32)
+        for h in range(KVH):
+            xh = tl.load(MASS + b * stride_mb + h * stride_mk + n, mask=n < n_prev, other=float("-inf"))
+            best = tl.max(xh, 0)
+            within += tl.sum(((xh >= best - alpha) & (n < n_prev)).to(tl.int32), 0)
+        count = tl.ceil(within.to(tl.float32) / KVH).to(tl.int64)
     cap = tl.load(COUNTS + b * stride_cb)
     floor = tl.load(COUNTS + b * stride_cb + 1)
     keep = tl.minimum(tl.maximum(tl.minimum(count, cap), floor), n_prev)
     # the keep best entries without a sort: the keep-th largest value by bisection over the
     # float's order-preserving integer key, ties taken in entry order
-    n = tl.arange(0, L_PAD)
-    x = tl.load(MASS + b * stride_mb + kh * stride_mk + n, mask=n < L, other=float("-inf"))
+    x = tl.load(MASS + b * stride_mb + kh * stride_mk + n, mask=n < n_prev, other=float("-inf"))
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
     key = tl.where(n < n_prev, key, -(2**31) - 1)  # below every float's key: never taken
@@ -572,13 +610,14 @@ def _select_rows(
         tl.store(NEW + b, b * W + keep)
 
 
-def select_rows(mass: torch.Tensor, count: torch.Tensor | None, counts: torch.Tensor, prev: torch.Tensor,
+def select_rows(mass: torch.Tensor, alpha: float | None, counts: torch.Tensor, prev: torch.Tensor,
                 block_table: torch.Tensor, page: int, width: int, h2d: torch.Tensor, row_bytes: int,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """InfiniGen's selection in one launch: per row b the kept count (``count`` [B, KVH]'s mean
-    over heads rounded up, or with ``count`` None the dummy count ``counts[b, 2]``, between the
-    floor ``counts[b, 1]`` and the cap ``counts[b, 0]``, at most ``prev[b]``), and per KV head
-    its best-massed entries in entry order. Returns the store rows (slot * KVH + head) and a
+    """InfiniGen's selection in one launch, over ``mass`` [B, KVH, L] (defined below prev[b]):
+    per row b the kept count (the mean over KV heads of the entries within ``alpha`` of the
+    head's best, rounded up, or with ``alpha`` None the dummy count ``counts[b, 2]``; then
+    between the floor ``counts[b, 1]`` and the cap ``counts[b, 0]``, at most ``prev[b]``), and
+    per KV head its best-massed entries in entry order. Returns the store rows (slot * KVH + head) and a
     read flag, both [B * width * KVH] in the order of a gathered [B * width, KVH, D] buffer, the
     attention lengths (kept + 1, int32) and the new entry's row in that buffer, [B] each. Adds
     the kept rows' bytes (``row_bytes`` per head) to ``h2d``."""
@@ -588,10 +627,11 @@ def select_rows(mass: torch.Tensor, count: torch.Tensor | None, counts: torch.Te
     seq = torch.empty(b, device=mass.device, dtype=torch.int32)
     new = torch.empty(b, device=mass.device, dtype=torch.int64)
     _select_rows[(b, kvh)](
-        mass, mass if count is None else count, counts, prev, block_table, rows, ok, seq, new, h2d,
-        mass.stride(0), mass.stride(1), block_table.stride(0), counts.stride(0), row_bytes,
-        KVH=kvh, KVH_PAD=triton.next_power_of_2(kvh), PAGE=page, L=length, L_PAD=triton.next_power_of_2(length),
-        W=width, W_PAD=triton.next_power_of_2(width), DUMMY=count is None, num_warps=4,
+        mass, counts, prev, block_table, rows, ok, seq, new, h2d,
+        0.0 if alpha is None else alpha, mass.stride(0), mass.stride(1), block_table.stride(0), counts.stride(0),
+        row_bytes,
+        KVH=kvh, PAGE=page, L_PAD=triton.next_power_of_2(length), W=width, W_PAD=triton.next_power_of_2(width),
+        DUMMY=alpha is None, num_warps=4,
     )
     return rows, ok, seq, new
 

@@ -506,11 +506,11 @@ class InfiniGenPolicy(CachePolicy):
         prev = self.step_meta[5]
         cos, sin = self.step_rope
         alpha = None if self.fetch_ratio is not None else self.alpha
-        mass, count = ops().speculate(q, cos, sin, self._skew_columns(layer, batch), self.partial[layer],
-                                      batch.block_table, prev, self.scale, batch.block_size, alpha)
+        mass = ops().speculate(q, cos, sin, self._skew_columns(layer, batch), self.partial[layer],
+                               batch.block_table, prev, self.scale, batch.block_size)
         elt = self.store.k.element_size()
         counter = self.store.transfers.device_counter(self.device)
-        rows, ok, seq_lens, new_rows = ops().select_rows(mass, count, self.step_counts, prev, batch.block_table,
+        rows, ok, seq_lens, new_rows = ops().select_rows(mass, alpha, self.step_counts, prev, batch.block_table,
                                                          batch.block_size, self.gathered_entries, counter, 2 * d * elt)
         kvh = cfg.num_kv_heads
         # allocated on the compute stream, which alone reads and frees them (after ``ready``)
