@@ -156,3 +156,39 @@ def test_copy_pages_copies_the_pages_each_sequence_holds():
     for blk in (5, 2, 9, 7):
         want[blk * page : (blk + 1) * page] = src[blk * page : (blk + 1) * page]
     assert torch.equal(dst.cpu(), want)
+
+
+@pytest.mark.parametrize("alpha", [None, 1.5])
+def test_select_rows_keeps_each_heads_best_entries_in_entry_order(alpha):
+    """InfiniGen's selection kernel: the kept count (alpha's mean over heads, or the dummy count,
+    within floor and cap), each head's best entries (ties to the earlier entry) in entry order,
+    the attention lengths, the new entry's row and the bytes added to the counter."""
+    page, kvh, width, row_bytes = 4, 2, 12, 7
+    gen = torch.Generator().manual_seed(3)
+    mass = (torch.randn(3, kvh, 8 * page, generator=gen) * 2).round() / 2  # halves: exact ties and alpha bounds
+    mass[1, 0, :6] = 0.5  # a run of equal values across the cut
+    prev = torch.tensor([30, 9, 0])
+    counts = torch.tensor([[10, 2, 5], [4, 1, 3], [6, 1, 2]])  # per row (cap, floor, dummy count)
+    table = torch.stack([torch.randperm(8, generator=gen) for _ in range(3)]).int()
+    h2d = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    got = ops().select_rows(*to(DEVICE, mass), alpha, *to(DEVICE, counts, prev, table), page, width, h2d, row_bytes)
+    rows, ok, seq, new = (t.cpu() for t in got)
+    ok = ok.view(3, width, kvh).bool()
+    rows = rows.view(3, width, kvh)
+    total = 0
+    for b in range(3):
+        n = int(prev[b])
+        if alpha is None:
+            count = int(counts[b, 2])
+        else:
+            within = sum(int((mass[b, h, :n] >= mass[b, h, :n].max() - alpha).sum()) for h in range(kvh)) if n else 0
+            count = -(-within // kvh)
+        keep = min(max(min(count, int(counts[b, 0])), int(counts[b, 1])), n)
+        assert int(seq[b]) == keep + 1 and int(new[b]) == b * width + keep
+        assert ok[b].sum(0).tolist() == [keep] * kvh
+        for h in range(kvh):
+            best = sorted(range(n), key=lambda i, b=b, h=h: (-float(mass[b, h, i]), i))[:keep]
+            slots = [int(table[b, i // page]) * page + i % page for i in sorted(best)]
+            assert rows[b, :keep, h].tolist() == [s * kvh + h for s in slots]
+        total += keep * kvh * row_bytes
+    assert int(h2d) == total
