@@ -78,10 +78,10 @@ class LLMEngine:
         )
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []
-        # asynchronous scheduling: on a GPU unless disabled; a host-resident store is written
-        # back from staging at each step's end, so it stays synchronous
+        # asynchronous scheduling: on a GPU unless disabled (a host-resident store's staged
+        # writes land at the read-back, so a step with staged writes does not run ahead)
         wanted = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
-        self._async = bool(wanted) and not self.policy.kv_on_host
+        self._async = bool(wanted)
         self._in_flight: InFlightStep | None = None
         self.weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
         self.reset_peaks()
@@ -232,6 +232,8 @@ class LLMEngine:
         """Whether the next step may launch before the step in flight is read back: the same
         sequences decode again (no admission, none at its length limit, no preemption)."""
         sched, flight = self.scheduler, self._in_flight
+        if self.store.has_staged_writes():  # K/V staged for a host store land there at the read-back
+            return False
         if sched.waiting or not sched.running or len(sched.running) != len(flight.rows):
             return False
         if any(s is not f for s, (f, _) in zip(sched.running, flight.rows, strict=True)):

@@ -193,6 +193,10 @@ class PagedKVStore:
         self._staged.append((layer, slots.to("cpu"), offset, n))
         self._staged_used[layer] = offset + n
 
+    def has_staged_writes(self) -> bool:
+        """Whether new K/V wait in pinned staging for ``flush_writes`` (a host-resident store)."""
+        return bool(self._staged)
+
     def flush_writes(self) -> None:
         """Wait for the staged device-to-host copies and put their rows into the store."""
         if not self._staged:

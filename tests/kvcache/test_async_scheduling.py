@@ -10,7 +10,8 @@ import torch
 
 from backends.kvcache import EngineConfig, LLMEngine
 
-POLICIES = {"full": {}, "h2o": {"kv_budget": 0.4}, "streaming": {"kv_budget": 0.4, "sink_tokens": 2}}
+POLICIES = {"full": {}, "h2o": {"kv_budget": 0.4}, "streaming": {"kv_budget": 0.4, "sink_tokens": 2},
+            "offload": {}, "infinigen": {"kv_budget": 0.4}}
 
 
 def _workload(seed: int = 0) -> list[tuple[list[int], int, int]]:

@@ -106,14 +106,17 @@ def test_drop_in_place_kernel_keeps_what_the_reference_keeps(random_hf_folder, p
     assert kept["torch"] == kept["triton"]
 
 
-def test_async_steps_feed_the_paged_buffers(random_hf_folder):
+@pytest.mark.parametrize("policy", ["h2o", "offload", "infinigen"])
+def test_async_steps_feed_the_paged_buffers(random_hf_folder, policy):
     """Steps launched before the last one's tokens are read back take their input tokens from
     the device (into the persistent decode buffers): the same tokens as synchronous steps, with
-    h2o's in-place drops (test_async_scheduling.py covers every policy on the reference path)."""
+    h2o's in-place drops, and with the host stores (whose prompts' staged K/V land before a
+    step runs ahead); test_async_scheduling.py covers every policy on the reference path."""
     folder, _ = random_hf_folder
     ps = prompts(256)
-    sync = engine(folder, "triton", "h2o", async_scheduling=False, kv_budget=0.4).generate(ps, 10)
-    eng = engine(folder, "triton", "h2o", async_scheduling=True, kv_budget=0.4)
+    params = {} if policy == "offload" else {"kv_budget": 0.4}
+    sync = engine(folder, "triton", policy, async_scheduling=False, **params).generate(ps, 10)
+    eng = engine(folder, "triton", policy, async_scheduling=True, **params)
     assert eng.generate(ps, 10) == sync
 
 
