@@ -43,10 +43,12 @@ real weights on KJV text (``MEASURED_FETCH_FRACTION``; the family default's wher
 ``alpha`` defaults per model family as the original's scripts set it: 5 on Llama, 4 on OPT.
 
 **On a GPU** the decode step is captured in a CUDA graph: kernels write the new K/V into the
-pinned host store and let layers 0 and 1 attend over it in place (mapped memory), the
-speculated layers' rows are gathered by a kernel on a side stream, every shape is fixed (the
-gathered width is the budget's cap at the longest sequence; rows past a sequence's count are
-masked, not read) and the counts come from a table indexed on the device (``_counts``). The
+pinned host store and let layers 0 and 1 attend over it in place (mapped memory); for each
+speculated layer one kernel scores, one selects (each KV head's best entries, in entry order)
+and one gathers the kept rows on a side stream into pages of their own, which the paged kernel
+attends over; every shape is fixed (the gathered width is the budget's cap at the longest
+sequence; rows past a sequence's count are not read) and the counts come from a table indexed
+on the device (``_counts``). The
 reference path (CPU) selects the same entries eagerly; a test compares the two token for token.
 """
 
@@ -177,8 +179,9 @@ class InfiniGenPolicy(CachePolicy):
                 self.norm_ratio[layer] = torch.where(w_prev.abs() > 0, w_here / w_prev, torch.zeros_like(w_here))
         self.partial: torch.Tensor | None = None  # [L, slots, KVH*r] on the device
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor, tuple | None]] = {}
-        # paged decode, per speculated layer: (kept counts [B], gathered K, V [B*W, KVH, D] laid
-        # out as pages, the side stream's ready event or None, the indices it reads)
+        # paged decode, per speculated layer: (attention lengths [B], the new entry's rows [B],
+        # gathered K, V [B*W, KVH, D] laid out as pages, the side stream's ready event or None,
+        # the indices it reads)
         self.gathered: dict[int, tuple] = {}
         # paged decode, per step: (cap, floor, dummy count) per row [B, 3], RoPE's cos and sin at
         # the rows' positions, the gathered K/V's entries per row and its block table [B, pages]
@@ -355,11 +358,11 @@ class InfiniGenPolicy(CachePolicy):
         counts = self.count_table[prev]  # [B, 3]
         dummy = counts[:, 2] if self.fetch_ratio is not None else None
         width = min(self.paged_width, slot_idx.shape[1])
+        self.step_counts = counts
+        self.step_rope = self._rope_tables(batch.positions[:, 0]) if self.rope else (None, None)
         # a speculated layer's gathered rows, as pages of their own: row b holds its kept entries
         # (then the new one) in pages b*P .. b*P+P-1 of the gathered K/V, so the paged kernel
         # attends over them with no mask
-        self.step_counts = counts
-        self.step_rope = self._rope_tables(batch.positions[:, 0]) if self.rope else (None, None)
         self.gathered_entries = self._gathered_width(width, bs)
         pages = self.gathered_entries // bs
         self.gathered_table = torch.arange(prev.shape[0] * pages, dtype=torch.int32, device=self.device).view(-1, pages)
