@@ -1,6 +1,8 @@
 """Triton kernels of the GPU engine: paged decode attention (reads the block table directly,
 GQA-aware, split over the sequence for small batches; optionally heavy-hitter column scores in
-the same pass, no extra launch), RMSNorm and RoPE in one launch each.
+the same pass, no extra launch), RMSNorm and RoPE in one launch each, and the host-store
+kernels of the offloading policies (rows and pages read and written in pinned memory in place;
+InfiniGen's speculation, selection and new entry).
 
 Import this module only through ``backends.kvcache.kernels``: on a host without a GPU the
 kernels run in Triton's interpreter, which must be chosen (``TRITON_INTERPRET=1``) before the
