@@ -519,28 +519,37 @@ class InfiniGenPolicy(CachePolicy):
         # allocated on the compute stream, which alone reads and frees them (after ``ready``)
         kk = torch.empty(prev.shape[0] * self.gathered_entries, kvh, d, dtype=self.store.dtype, device=self.device)
         vv = torch.empty_like(kk)
+        ready = self._gather(layer, rows, ok, kk, vv)
+        return seq_lens, new_rows, kk, vv, ready, (rows, ok)
+
+    def _gather(self, layer: int, rows: torch.Tensor, ok: torch.Tensor, kk: torch.Tensor,
+                vv: torch.Tensor) -> torch.cuda.Event | None:
+        """Gather the store rows ``rows`` (where ``ok``) of ``layer`` into kk, vv: on a GPU on the
+        side stream, ordered after the work issued so far (returns the event marking the end);
+        elsewhere in place (None). The caller keeps ``rows`` and ``ok`` referenced until the
+        compute stream has waited for the event: freed earlier, its next allocation could
+        overwrite them while the side stream still reads them."""
+        from backends.kvcache.kernels import ops
+
+        d = self.cfg.head_dim
         if not self.uva:
             ops().gather_rows(self.store.k[layer].view(-1, d), rows, ok, kk.view(-1, d))
             ops().gather_rows(self.store.v[layer].view(-1, d), rows, ok, vv.view(-1, d))
-            return seq_lens, new_rows, kk, vv, None, None
-        spec_done = torch.cuda.Event()
-        spec_done.record()
+            return None
+        issued = torch.cuda.Event()
+        issued.record()
         with torch.cuda.stream(self.stream):
-            self.stream.wait_event(spec_done)
+            self.stream.wait_event(issued)
             ops().gather_rows(self.store.k[layer].view(-1, d), rows, ok, kk.view(-1, d))
             ops().gather_rows(self.store.v[layer].view(-1, d), rows, ok, vv.view(-1, d))
             ready = torch.cuda.Event()
             ready.record(self.stream)
-        # the row indices stay referenced until the compute stream has waited for ``ready``
-        # (see ``_prefetch``)
-        return seq_lens, new_rows, kk, vv, ready, (rows, ok)
+        return ready
 
     def _prefetch(self, layer, slot_idx, idx, ok, keep):
         """Gather layer ``layer``'s selected K/V straight from pinned host memory on the side
         stream (ordered after the speculation by an event); returns (k, v, ready event, the
         index tensors the side stream reads)."""
-        from backends.kvcache.kernels import ops
-
         b, kvh, width = idx.shape
         heads = torch.arange(kvh, device=self.device).view(1, kvh, 1)
         rows = (slot_idx.gather(1, idx.flatten(1)).view(b, kvh, width) * kvh + heads).flatten()
@@ -549,19 +558,9 @@ class InfiniGenPolicy(CachePolicy):
         kk = torch.empty(b, kvh, width, d, dtype=self.store.dtype, device=self.device)
         vv = torch.empty_like(kk)
         flat_ok = ok.flatten()
-        spec_done = torch.cuda.Event()
-        spec_done.record()
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(spec_done)
-            ops().gather_rows(self.store.k[layer].view(-1, d), rows, flat_ok, kk.view(-1, d))
-            ops().gather_rows(self.store.v[layer].view(-1, d), rows, flat_ok, vv.view(-1, d))
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
+        ready = self._gather(layer, rows, flat_ok, kk, vv)
         self.store.transfers.add_h2d_device(keep.sum() * (kvh * 2 * d * self.store.k.element_size()))
-        # the row indices stay referenced until the compute stream has waited for ``ready``:
-        # freed earlier, the compute stream's next allocation could overwrite them while the
-        # side stream still reads them (under a CUDA graph the window is a few microseconds)
-        return kk, vv, ready, (rows, flat_ok)
+        return kk, vv, ready, (rows, flat_ok)  # the indices outlive the side stream's reads
 
     def _select_all(self, layer, batch) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """An unspeculated layer's selection, every stored entry of every KV head, read in place
