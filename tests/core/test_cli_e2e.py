@@ -16,6 +16,7 @@ import pytest
 from orchestrator.store import ExperimentStore
 from tests.conftest import REPO
 from tests.core.helpers import ORCH, mlflow_trial_runs, orch, parquet_trial_ids, write_grid
+from tests.support.procs import stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +26,6 @@ def _start(grid: Path, results: Path, *extra: str) -> subprocess.Popen:
         [*ORCH, "submit", str(grid), "--results", str(results), "--num-cpus", "2", *extra],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Clean up what the driver started (it runs in its own session)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(30)
 
 
 def _wait_for(predicate, timeout_s: float = 180.0, what: str = "condition") -> None:
@@ -72,7 +64,7 @@ def test_ctrl_c_cancels_running_trials_and_records_them(tmp_path: Path, sig: int
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode == 130, output
     finally:
-        _stop_group(proc)
+        stop_group(proc, signal.SIGKILL)
     manifest = ExperimentStore(results, "interrupt").load_manifest()
     states = sorted(e["state"] for e in manifest["trials"].values())
     assert states == ["cancelled", "cancelled", "queued", "queued"]
@@ -95,7 +87,7 @@ def test_killed_driver_then_resubmit_completes_and_all_records_agree(tmp_path: P
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
-        _stop_group(proc)
+        stop_group(proc, signal.SIGKILL)
     before = _states(results, "crash")
     assert before.get("done", 0) < 6
     second = orch("submit", str(grid), "--results", str(results), "--no-dashboard", "--num-cpus", "2")
@@ -137,7 +129,7 @@ def test_orch_ui_serves_the_mlflow_ui_on_loopback(tmp_path: Path) -> None:
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert page.status_code == 200 and "mlflow" in page.text.lower()
     finally:
-        _stop_group(proc)
+        stop_group(proc, signal.SIGKILL)
 
 
 def test_two_experiments_submitted_side_by_side_both_complete(tmp_path: Path) -> None:
@@ -150,9 +142,9 @@ def test_two_experiments_submitted_side_by_side_both_complete(tmp_path: Path) ->
             out_second, _ = second.communicate(timeout=240)
             out_first, _ = first.communicate(timeout=240)
         finally:
-            _stop_group(second)
+            stop_group(second, signal.SIGKILL)
     finally:
-        _stop_group(first)
+        stop_group(first, signal.SIGKILL)
     assert (first.returncode, second.returncode) == (0, 0), out_first + out_second
     # the second embedded Ray found the dashboard port taken and started beside the first
     assert "embedded Ray started beside another Ray on this machine (port 8265 is taken)" in out_second

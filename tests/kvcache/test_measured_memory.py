@@ -42,7 +42,8 @@ def test_host_store_counts_transfers_not_device_memory():
 
 
 def _decode(policy: str, steps: int, **params) -> LLMEngine:
-    engine = LLMEngine(EngineConfig(model="llama-3-8b", device="meta", dtype="bfloat16", policy=policy,
+    # The store's growth is the policy's, whatever the shape: a 2-layer one decodes 10x faster on meta.
+    engine = LLMEngine(EngineConfig(model="tiny-llama", device="meta", dtype="bfloat16", policy=policy,
                                     policy_params=params))
     for i in range(2):
         engine.add_request(str(i), list(range(1, 41)), max_tokens=steps)

@@ -4,7 +4,7 @@ Used to cross-check our HTTP transport and metric code: the same server, the sam
 (random dataset with fixed input and output lengths, Poisson arrivals, ``--ignore-eos``, a fixed
 seed), and the numbers must agree. ``bench_schedule`` turns vLLM's per-request results into a
 trace (send offsets and lengths) that our load generator replays, and
-``run_vllm_bench_alongside`` starts our replay the moment vLLM's client starts the same
+``VLLMBench.run_alongside`` starts our replay the moment vLLM's client starts the same
 schedule again (same seed), so each request has a twin sent at the same time by the other client
 and both clients measure under the same server conditions.
 """
@@ -12,6 +12,7 @@ and both clients measure under the same server conditions.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -36,11 +37,10 @@ class BenchLoad:
     seed: int = 0
 
 
-def bench_command(python: str, base_url: str, model: str, tokenizer: str, load: BenchLoad,
-                  result_dir: Path, result_file: str) -> list[str]:
-    """The ``vllm bench serve`` command line."""
+def bench_args(base_url: str, model: str, tokenizer: str, load: BenchLoad, result_dir: Path,
+               result_file: str) -> list[str]:
+    """The flags of ``vllm bench serve`` for ``load`` (what follows ``vllm bench serve`` on its command line)."""
     return [
-        str(resolve_python(python)), "-m", "vllm.entrypoints.cli.main", "bench", "serve",
         "--backend", "vllm",
         "--base-url", base_url,
         "--endpoint", "/v1/completions",
@@ -67,51 +67,84 @@ def bench_command(python: str, base_url: str, model: str, tokenizer: str, load: 
 
 # vLLM's client prints this right before it sends the first request of the measured run.
 START_LINE = b"Starting main benchmark run"
+WORKER = Path(__file__).with_name("bench_worker.py")
 
 
-def run_vllm_bench(base_url: str, model: str, tokenizer: str, load: BenchLoad,
-                   python: str = DEFAULT_PYTHON, timeout_s: float = 600.0) -> dict:
-    """Run ``vllm bench serve`` to completion and return its saved results (JSON as a dict)."""
-    return run_vllm_bench_alongside(base_url, model, tokenizer, load, lambda: None, python, timeout_s)[0]
+class VLLMBench:
+    """vLLM's client in one process of vLLM's venv, run as often as asked (vLLM imports once).
 
-
-def run_vllm_bench_alongside(base_url: str, model: str, tokenizer: str, load: BenchLoad,
-                             during: Callable[[], T], python: str = DEFAULT_PYTHON,
-                             timeout_s: float = 600.0) -> tuple[dict, T]:
-    """Run ``vllm bench serve`` and call ``during()`` the moment its measured run starts.
-
-    Returns vLLM's saved results and what ``during`` returned. Running another client at the same
-    time puts both under the same server conditions, whatever else the machine is doing.
+    Each run is ``vllm bench serve`` with ``bench_args``: vLLM's own entry, in-process
+    (tests/vllm/bench_worker.py). Use as a context manager; closing ends the process.
     """
-    with tempfile.TemporaryDirectory(prefix="vllm-bench-") as tmp:
-        out = Path(tmp)
-        log = out / "bench.log"
-        cmd = bench_command(python, base_url, model, tokenizer, load, out, "result.json")
-        with open(log, "wb") as sink:
-            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=vllm_env(),
-                                    stdin=subprocess.DEVNULL)
+
+    def __init__(self, python: str = DEFAULT_PYTHON, timeout_s: float = 600.0) -> None:
+        self.timeout_s = timeout_s
+        self.folder = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
+        self.runs = 0
+        with open(self.folder / "worker.log", "wb") as sink:
+            self.proc = subprocess.Popen([str(resolve_python(python)), "-u", str(WORKER)], stdin=subprocess.PIPE,
+                                         stdout=sink, stderr=subprocess.STDOUT, env=vllm_env())
+
+    def __enter__(self) -> VLLMBench:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the process (its stdin closed, then killed if it lingers) and remove its files."""
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
             try:
-                _wait_for_start(proc, log, time.monotonic() + timeout_s)
-                value = during()
-                code = proc.wait(timeout=timeout_s)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        result = out / "result.json"
-        if code != 0 or not result.exists():
-            raise RuntimeError(f"vllm bench serve failed with code {code}; last lines:\n{log_tail(log)}")
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def run(self, base_url: str, model: str, tokenizer: str, load: BenchLoad) -> dict:
+        """One run to completion: its saved results (JSON as a dict)."""
+        return self.run_alongside(base_url, model, tokenizer, load, lambda: None)[0]
+
+    def run_alongside(self, base_url: str, model: str, tokenizer: str, load: BenchLoad,
+                      during: Callable[[], T]) -> tuple[dict, T]:
+        """One run; ``during()`` is called the moment its measured run starts.
+
+        Returns vLLM's saved results and what ``during`` returned. Running another client at the same
+        time puts both under the same server conditions, whatever else the machine is doing.
+        """
+        self.runs += 1
+        run = self.folder / f"run{self.runs}"
+        run.mkdir()
+        log, done = run / "bench.log", run / "done"
+        log.touch()
+        request = {"args": bench_args(base_url, model, tokenizer, load, run, "result.json"), "log": str(log),
+                   "done": str(done)}
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + self.timeout_s
+        self._wait(lambda: START_LINE in log.read_bytes() or done.exists(), deadline, "start its measured run", log)
+        if START_LINE not in log.read_bytes():
+            raise RuntimeError(f"vllm bench serve ended before its measured run; last lines:\n{log_tail(log)}")
+        value = during()
+        self._wait(done.exists, deadline, "finish", log)
+        result = run / "result.json"
+        code = done.read_text()
+        if code != "0" or not result.exists():
+            raise RuntimeError(f"vllm bench serve failed ({code}); last lines:\n{log_tail(log)}")
         return json.loads(result.read_text()), value
 
-
-def _wait_for_start(proc: subprocess.Popen, log: Path, deadline: float) -> None:
-    """Poll the client's log until it starts its measured run (or fails)."""
-    while START_LINE not in log.read_bytes():
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm bench serve exited with code {proc.returncode}; last lines:\n{log_tail(log)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"vllm bench serve did not start in time; last lines:\n{log_tail(log)}")
-        time.sleep(0.005)
+    def _wait(self, ready: Callable[[], bool], deadline: float, what: str, log: Path) -> None:
+        """Poll ``ready`` until it holds; fail if the process died or the deadline passed."""
+        while not ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm bench serve's process exited with code {self.proc.returncode}; last lines:\n"
+                                   f"{log_tail(log) or log_tail(self.folder / 'worker.log')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vllm bench serve did not {what} in time; last lines:\n{log_tail(log)}")
+            time.sleep(0.005)
 
 
 def bench_schedule(result: dict) -> list[dict]:

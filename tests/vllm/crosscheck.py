@@ -17,12 +17,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from tests.vllm.bench_client import (
-    BenchLoad,
-    bench_schedule,
-    run_vllm_bench,
-    run_vllm_bench_alongside,
-)
+from tests.vllm.bench_client import BenchLoad, VLLMBench, bench_schedule
 from workloads.serving.load import build_load
 from workloads.serving.metrics.latency import ServingMetrics, compute_metrics
 from workloads.serving.params import LoadParams
@@ -57,23 +52,22 @@ def cross_check(base_url: str, model: str, tokenizer: str, load: BenchLoad, voca
     answers later). Returns the joint runs [(our metrics, vLLM's results)] and vLLM's results of
     the solo run.
     """
-    solo = run_vllm_bench(base_url, model, tokenizer, load)
-    trace = workdir / "bench-schedule.jsonl"
-    trace.write_text("".join(json.dumps(line) + "\n" for line in bench_schedule(solo)))
-    shift = 0.25 / load.request_rate
-    # Prompts as text, as vLLM's random dataset sends them (decoded random ids): the server then
-    # does the same work (tokenizing) for both clients' requests.
-    text_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    replay = build_load(LoadParams(arrival="trace", trace=str(trace), seed=0), vocab_size, text_tokenizer)
-    requests = [replace(r, arrival_s=r.arrival_s + (shift if i % 2 == 0 else -shift), prompt_token_ids=[],
-                        prompt_text=text_tokenizer.decode(r.prompt_token_ids)) for i, r in enumerate(replay)]
-    transport = HttpTransport(HttpTarget(base_url, model))
-    runs = []
-    for _ in range(RUNS):
-        theirs, records = run_vllm_bench_alongside(
-            base_url, model, tokenizer, load, lambda: transport.run(requests, None)
-        )
-        runs.append((compute_metrics(records), theirs))
+    with VLLMBench() as bench:  # one process for the four runs: vLLM imports once
+        solo = bench.run(base_url, model, tokenizer, load)
+        trace = workdir / "bench-schedule.jsonl"
+        trace.write_text("".join(json.dumps(line) + "\n" for line in bench_schedule(solo)))
+        shift = 0.25 / load.request_rate
+        # Prompts as text, as vLLM's random dataset sends them (decoded random ids): the server then
+        # does the same work (tokenizing) for both clients' requests.
+        text_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        replay = build_load(LoadParams(arrival="trace", trace=str(trace), seed=0), vocab_size, text_tokenizer)
+        requests = [replace(r, arrival_s=r.arrival_s + (shift if i % 2 == 0 else -shift), prompt_token_ids=[],
+                            prompt_text=text_tokenizer.decode(r.prompt_token_ids)) for i, r in enumerate(replay)]
+        transport = HttpTransport(HttpTarget(base_url, model))
+        runs = []
+        for _ in range(RUNS):
+            theirs, records = bench.run_alongside(base_url, model, tokenizer, load, lambda: transport.run(requests, None))
+            runs.append((compute_metrics(records), theirs))
     return runs, solo
 
 
