@@ -115,11 +115,11 @@ class VLLMBench:
         time puts both under the same server conditions, whatever else the machine is doing.
         """
         self.runs += 1
-        run = self.folder / f"run{self.runs}"
-        run.mkdir()
-        log, done = run / "bench.log", run / "done"
+        folder = self.folder / f"run{self.runs}"
+        folder.mkdir()
+        log, done = folder / "bench.log", folder / "done"
         log.touch()
-        request = {"args": bench_args(base_url, model, tokenizer, load, run, "result.json"), "log": str(log),
+        request = {"args": bench_args(base_url, model, tokenizer, load, folder, "result.json"), "log": str(log),
                    "done": str(done)}
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
@@ -130,7 +130,7 @@ class VLLMBench:
             raise RuntimeError(f"vllm bench serve ended before its measured run; last lines:\n{log_tail(log)}")
         value = during()
         self._wait(done.exists, deadline, "finish", log)
-        result = run / "result.json"
+        result = folder / "result.json"
         code = done.read_text()
         if code != "0" or not result.exists():
             raise RuntimeError(f"vllm bench serve failed ({code}); last lines:\n{log_tail(log)}")

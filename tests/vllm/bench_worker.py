@@ -4,7 +4,7 @@ Importing vLLM takes ~18 s on a 2-core host, more than a cross-check run itself;
 once. Each run is vLLM's own entry (``vllm.benchmarks.serve.main``, what the CLI calls) with the
 command's flags. One JSON line per run on stdin: ``{"args": [...], "log": path, "done": path}``;
 the run's output (prints and vLLM's logging, file descriptors 1 and 2) goes to ``log``, and its
-exit code is written to ``done`` when it ends. Run with ``python -u`` (the client watches ``log``).
+exit code is written to ``done`` (atomically) when it ends. Run with ``python -u`` (the client watches ``log``).
 """
 
 from __future__ import annotations
@@ -46,5 +46,8 @@ if __name__ == "__main__":
     for line in sys.stdin:
         request = json.loads(line)
         code = run(request["args"], request["log"])
-        with open(request["done"], "w") as done:
+        # Written whole, then renamed: the client polls for the file and reads it at once.
+        partial = request["done"] + ".partial"
+        with open(partial, "w") as done:
             done.write(str(code))
+        os.replace(partial, request["done"])
