@@ -31,8 +31,9 @@ def _params(model_dir: Path, **load) -> ServingParams:
         "backend": {"name": "vllm", "startup_timeout_s": 300},
         "transport": "http",
         "engine": {"block_size": 32, "max_num_seqs": 16, "max_model_len": 512, "kv_cache_bytes": 16 << 20},
-        # All at once, long enough that the 0.2 s /metrics samples see requests running.
-        "load": {"num_requests": 16, "request_rate": float("inf"), "input_len": 48, "output_len": 256, **load},
+        # Spread over ~4 s: sent all at once, the load could end (~0.5 s) inside one /metrics scrape,
+        # which takes ~1 s on a busy 2-core host, and no sample saw a request running.
+        "load": {"num_requests": 16, "request_rate": 4.0, "input_len": 48, "output_len": 256, **load},
     })
 
 
