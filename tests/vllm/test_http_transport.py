@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.vllm.fake_openai import METRICS_TEXT, FakeOpenAI
 from workloads.serving.metrics.latency import compute_metrics
@@ -116,3 +120,82 @@ def test_sends_follow_the_schedule_not_the_answers() -> None:
     lags = [r.send_s - r.arrival_s for r in records]
     assert min(lags) >= 0 and max(lags) < 0.3, lags
     assert all(r.error is None for r in records)
+
+
+
+class ClosingServer:
+    """A keep-alive streaming server (aiohttp) that closes connections as ``mode`` says:
+    ``reused_once``: the first request to arrive on a reused connection gets no answer (the
+    server's keep-alive timer fired as it arrived); ``always``: no request gets an answer;
+    ``mid_stream``: every answer breaks off after its first chunk."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.posts = 0
+        self.unanswered = 0
+        self.url = ""
+        self._requests_per_connection: dict[int, int] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.posts += 1
+        connection = id(request.transport)
+        seen = self._requests_per_connection[connection] = self._requests_per_connection.get(connection, 0) + 1
+        if self.mode == "always" or (self.mode == "reused_once" and seen == 2 and not self.unanswered):
+            self.unanswered += 1
+            request.transport.abort()
+            return web.Response()  # (the connection is gone: nothing reaches the client)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(body["max_tokens"]):
+            await response.write(f"data: {json.dumps({'choices': [{'index': 0, 'token_ids': [i]}]})}\n\n".encode())
+            if self.mode == "mid_stream":
+                request.transport.abort()
+                return response
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    def __enter__(self) -> ClosingServer:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._complete)
+        self._runner = web.AppRunner(app)
+        self._thread.start()
+        self._call(self._runner.setup())
+        self._call(web.TCPSite(self._runner, "127.0.0.1", 0).start())
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._call(self._runner.cleanup())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def test_a_request_on_a_reused_connection_closed_before_its_answer_is_sent_again() -> None:
+    with ClosingServer("reused_once") as server:
+        # The second request leaves after the first is done: on the first one's kept-alive connection.
+        first, second = HttpTransport(HttpTarget(server.url, "m")).run([_spec(0, 0.0, 3), _spec(1, 0.3, 3)], None)
+    assert server.posts == 3 and server.unanswered == 1
+    assert first.error is None and second.error is None
+    assert first.output_token_ids == second.output_token_ids == [0, 1, 2]
+    assert second.send_s >= 0.3 and second.first_token_s > second.send_s
+
+
+def test_a_server_that_never_answers_fails_the_request_after_one_more_send() -> None:
+    with ClosingServer("always") as server:
+        (record,) = HttpTransport(HttpTarget(server.url, "m")).run([_spec(0, 0.0, 3)], None)
+    assert server.posts == 2
+    assert record.error is not None and "ServerDisconnectedError" in record.error and record.output_tokens == 0
+
+
+def test_an_answer_broken_off_is_a_failed_request_not_sent_again() -> None:
+    with ClosingServer("mid_stream") as server:
+        (record,) = HttpTransport(HttpTarget(server.url, "m")).run([_spec(0, 0.0, 3)], None)
+    assert server.posts == 1
+    assert record.error is not None and compute_metrics([record]).failed == 1

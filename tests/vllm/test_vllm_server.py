@@ -49,9 +49,10 @@ def test_a_serving_trial_runs_against_vllm(vllm_system: VLLMSystem, model_dir: P
     ctx = TrialContext("vllm-test", "t0", 0, 0, tmp_path, {})
     out = ServingKind().run(ServingSession(system=vllm_system, params=params), params, ctx)
     summary = out.tables["serving_summary"].to_pylist()[0]
-    assert summary["backend"] == "vllm" and summary["completed"] == 16 and summary["failed"] == 0
-    assert summary["total_output_tokens"] == 16 * 256 and summary["total_input_tokens"] == 16 * 48
     requests = out.tables["requests"].to_pylist()
+    errors = [r["error"] for r in requests if r["error"]]
+    assert summary["backend"] == "vllm" and summary["completed"] == 16 and summary["failed"] == 0, errors
+    assert summary["total_output_tokens"] == 16 * 256 and summary["total_input_tokens"] == 16 * 48
     # One ITL per streamed chunk; vLLM may put several tokens in one chunk when its API server lags.
     assert all(r["output_tokens"] == 256 and 1 <= len(r["itl_s"]) <= 255 for r in requests)
     steps = out.tables["engine_steps"].to_pylist()

@@ -81,8 +81,8 @@ async def _stream_into(
     body = completion_body(target, spec)
     chunks_with_choice = 0
     usage_tokens: int | None = None
-    record.send_s = time.perf_counter() - t0
-    async with client.post(f"{target.base_url}/v1/completions", json=body) as response:
+    response = await _post(client, f"{target.base_url}/v1/completions", body, t0, record)
+    async with response:
         if response.status != 200:
             text = (await response.read()).decode(errors="replace")
             record.error = f"HTTP {response.status}: {text[:500]}"
@@ -114,6 +114,25 @@ async def _stream_into(
         record.output_tokens = len(record.output_token_ids)
     else:
         record.output_tokens = chunks_with_choice
+
+
+async def _post(
+    client: aiohttp.ClientSession, url: str, body: dict[str, Any], t0: float, record: RequestRecord
+) -> aiohttp.ClientResponse:
+    """POST and wait for the response's headers; sent again once if the connection closed first.
+
+    A pooled keep-alive connection can be closed by the server's idle timer just as the request
+    goes out on it (uvicorn's is 5 s; a server whose event loop lags, on a busy host, fires it
+    late): the server never read the request. aiohttp re-sends only idempotent methods then; a
+    greedy, forced-length completion is idempotent too. ``send_s`` restarts with the new send, so
+    the wait shows in the send lag, not in TTFT.
+    """
+    record.send_s = time.perf_counter() - t0
+    try:
+        return await client.post(url, json=body)
+    except aiohttp.ServerDisconnectedError:
+        record.send_s = time.perf_counter() - t0
+        return await client.post(url, json=body)
 
 
 async def run_schedule(
