@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 import threading
 from typing import Any
 
@@ -126,7 +128,8 @@ def test_sends_follow_the_schedule_not_the_answers() -> None:
 class ClosingServer:
     """A keep-alive streaming server (aiohttp) that closes connections as ``mode`` says:
     ``reused_once``: the first request to arrive on a reused connection gets no answer (the
-    server's keep-alive timer fired as it arrived); ``always``: no request gets an answer;
+    server's keep-alive timer fired as it arrived), ``reused_once_reset`` the same with a reset;
+    ``always``: no request gets an answer;
     ``mid_stream``: every answer breaks off after its first chunk."""
 
     def __init__(self, mode: str):
@@ -143,20 +146,23 @@ class ClosingServer:
         self.posts += 1
         connection = id(request.transport)
         seen = self._requests_per_connection[connection] = self._requests_per_connection.get(connection, 0) + 1
-        if self.mode == "always" or (self.mode == "reused_once" and seen == 2 and not self.unanswered):
+        if self.mode == "always" or (self.mode.startswith("reused_once") and seen == 2 and not self.unanswered):
             self.unanswered += 1
+            if self.mode == "reused_once_reset":  # closed with a reset (RST), not an orderly close (FIN)
+                request.transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             request.transport.abort()
             return web.Response()  # (the connection is gone: nothing reaches the client)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for i in range(body["max_tokens"]):
-            await response.write(f"data: {json.dumps({'choices': [{'index': 0, 'token_ids': [i]}]})}\n\n".encode())
-            if self.mode == "mid_stream":
-                request.transport.abort()
-                return response
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+        events = [f"data: {json.dumps({'choices': [{'index': 0, 'token_ids': [i]}]})}\n\n" for i in range(body["max_tokens"])]
+        if self.mode == "mid_stream":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(events[0].encode())
+            request.transport.abort()
+            return response
+        # The whole stream in one body: the client has read all of it at [DONE], so the
+        # connection goes back to the pool for the next request (reuse is what is tested).
+        return web.Response(text="".join(events) + "data: [DONE]\n\n", content_type="text/event-stream")
 
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
@@ -177,8 +183,9 @@ class ClosingServer:
         self._thread.join(10)
 
 
-def test_a_request_on_a_reused_connection_closed_before_its_answer_is_sent_again() -> None:
-    with ClosingServer("reused_once") as server:
+@pytest.mark.parametrize("mode", ["reused_once", "reused_once_reset"])
+def test_a_request_on_a_reused_connection_closed_before_its_answer_is_sent_again(mode: str) -> None:
+    with ClosingServer(mode) as server:
         # The second request leaves after the first is done: on the first one's kept-alive connection.
         first, second = HttpTransport(HttpTarget(server.url, "m")).run([_spec(0, 0.0, 3), _spec(1, 0.3, 3)], None)
     assert server.posts == 3 and server.unanswered == 1

@@ -123,14 +123,17 @@ async def _post(
 
     A pooled keep-alive connection can be closed by the server's idle timer just as the request
     goes out on it (uvicorn's is 5 s; a server whose event loop lags, on a busy host, fires it
-    late): the server never read the request. aiohttp re-sends only idempotent methods then; a
-    greedy, forced-length completion is idempotent too. ``send_s`` restarts with the new send, so
-    the wait shows in the send lag, not in TTFT.
+    late): the server never read the request. The client sees the close (FIN) or, when the request
+    was still unread in the server's socket, a reset. aiohttp re-sends only idempotent methods then
+    (the same errors, a failed connect excepted); a greedy, forced-length completion is idempotent
+    too. ``send_s`` restarts with the new send, so the wait shows in the send lag, not in TTFT.
     """
     record.send_s = time.perf_counter() - t0
     try:
         return await client.post(url, json=body)
-    except aiohttp.ServerDisconnectedError:
+    except aiohttp.ClientConnectorError:
+        raise
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
         record.send_s = time.perf_counter() - t0
         return await client.post(url, json=body)
 
