@@ -116,7 +116,8 @@ def _wait_for_engine_core(tag: str, submit: subprocess.Popen, exclude: set[int],
             if pid not in exclude and _cmdline(pid).startswith("VLLM::EngineCore"):
                 return pid
         time.sleep(0.5)
-    raise AssertionError("vLLM's engine core did not start")
+    ended = "" if submit.poll() is None else f"; the submit ended ({submit.returncode}):\n{submit.communicate()[0][-4000:]}"
+    raise AssertionError(f"vLLM's engine core did not start{ended}")
 
 
 def _alive(pids: list[int]) -> list[int]:
