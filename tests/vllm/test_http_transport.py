@@ -15,7 +15,7 @@ from aiohttp import web
 from tests.vllm.fake_openai import METRICS_TEXT, FakeOpenAI
 from workloads.serving.metrics.latency import compute_metrics
 from workloads.serving.transports.base import RequestSpec
-from workloads.serving.transports.http import HttpTarget, HttpTransport, completion_body
+from workloads.serving.transports.http import CONNECTION_IDLE_S, HttpTarget, HttpTransport, completion_body
 from workloads.serving.transports.prometheus import PrometheusStepSampler, cache_shape, parse_prometheus
 
 
@@ -130,7 +130,7 @@ class ClosingServer:
     ``reused_once``: the first request to arrive on a reused connection gets no answer (the
     server's keep-alive timer fired as it arrived), ``reused_once_reset`` the same with a reset;
     ``always``: no request gets an answer;
-    ``mid_stream``: every answer breaks off after its first chunk."""
+    ``mid_stream``: every answer breaks off after its first chunk; ``never``: every request is answered."""
 
     def __init__(self, mode: str):
         self.mode = mode
@@ -181,6 +181,16 @@ class ClosingServer:
         self._call(self._runner.cleanup())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+def test_a_connection_idle_longer_than_the_client_keeps_it_is_not_reused() -> None:
+    # Idle 0.3 s: reused. Idle about 2.7 s (over CONNECTION_IDLE_S, under servers' 5 s): a fresh one.
+    assert CONNECTION_IDLE_S < 2.7
+    with ClosingServer("never") as server:
+        records = HttpTransport(HttpTarget(server.url, "m")).run([_spec(0, 0.0, 3), _spec(1, 0.3, 3), _spec(2, 3.0, 3)],
+                                                                  None)
+    assert all(r.error is None for r in records)
+    assert server.posts == 3 and sorted(server._requests_per_connection.values()) == [1, 2]
 
 
 @pytest.mark.parametrize("mode", ["reused_once", "reused_once_reset"])

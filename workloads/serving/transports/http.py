@@ -31,6 +31,11 @@ from workloads.serving.transports.open_loop import run_open_loop
 # What fails one request (not the trial): the server's errors, broken streams, bad JSON, timeouts.
 SEND_ERRORS = (TimeoutError, aiohttp.ClientError, ValueError, OSError)
 
+# An idle pooled connection is reused only this long, below the servers' own idle timeouts
+# (vLLM's 5 s, uvicorn's default; Ray Serve's 90 s): the client lets a connection go before the
+# server closes it, so a request rarely meets a close in flight (``_post`` sends again if one does).
+CONNECTION_IDLE_S = 2.0
+
 
 class StepSampler(Protocol):
     """Samples server-side state (running, waiting, KV usage) while a load runs."""
@@ -122,7 +127,7 @@ async def _post(
     """POST and wait for the response's headers; sent again once if the connection closed first.
 
     A pooled keep-alive connection can be closed by the server's idle timer just as the request
-    goes out on it (uvicorn's is 5 s; a server whose event loop lags, on a busy host, fires it
+    goes out on it (vLLM's is 5 s; a server whose event loop lags, on a busy host, fires it
     late): the server never read the request. The client sees the close (FIN) or, when the request
     was still unread in the server's socket, a reset. aiohttp re-sends only idempotent methods then
     (the same errors, a failed connect excepted); a greedy, forced-length completion is idempotent
@@ -144,7 +149,7 @@ async def run_schedule(
     """Send every request at its arrival time (open loop); one record per request, in order."""
     connections = max_concurrency or max(1, len(requests))
     timeout = aiohttp.ClientTimeout(total=target.request_timeout_s, connect=30.0)
-    connector = aiohttp.TCPConnector(limit=connections)
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=CONNECTION_IDLE_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as client:
 
         async def send(spec: RequestSpec, t0: float, record: RequestRecord) -> None:
