@@ -33,7 +33,8 @@ SEND_ERRORS = (TimeoutError, aiohttp.ClientError, ValueError, OSError)
 
 # An idle pooled connection is reused only this long, below the servers' own idle timeouts
 # (vLLM's 5 s, uvicorn's default; Ray Serve's 90 s): the client lets a connection go before the
-# server closes it, so a request rarely meets a close in flight (``_post`` sends again if one does).
+# server closes it, so a request rarely meets a close in flight. A client that lags reads the end
+# of an answer late and starts its idle clock late, so ``_post`` still sends again after a close.
 CONNECTION_IDLE_S = 2.0
 
 
