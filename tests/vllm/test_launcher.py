@@ -15,6 +15,7 @@ import pytest
 
 from backends.kvcache.vllm.model_folder import complete_hf_config, dummy_folder, kv_bytes_per_token
 from backends.kvcache.vllm.server import (
+    SCRATCH_PREFIX,
     SUPERVISOR,
     VLLMServer,
     VLLMServerConfig,
@@ -99,15 +100,23 @@ def test_a_server_that_dies_during_startup_fails_with_its_log_and_leaves_nothing
     assert time.monotonic() - start < 30
     assert "exited with code" in str(failure.value) and "No module named" in str(failure.value)
     assert server.pids() == []
+    log = Path(server.log_path)  # kept for the error's reader; the scratch folder is gone
+    assert log.name.startswith("vllm-serve-") and "No module named" in log.read_text()
+    assert not log.parent.name.startswith(SCRATCH_PREFIX)
+    log.unlink()
 
 
-def _start_supervised(tmp_path: Path) -> tuple[subprocess.Popen, int]:
-    """A starter process that supervises `sh` with a grandchild, then waits; returns (starter, group)."""
+def _start_supervised(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    """A starter process that supervises `sh` with a grandchild, then waits; returns (starter,
+    group, the scratch folder the supervisor is to remove, with a file in it)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "left-by-vllm").write_text("")
     script = tmp_path / "starter.py"
     script.write_text(textwrap.dedent(f"""
         import subprocess, sys, time, os
-        proc = subprocess.Popen([sys.executable, {str(SUPERVISOR)!r}, str(os.getpid()), "--",
-                                 "/bin/sh", "-c", "sleep 300 & sleep 300"], start_new_session=True)
+        proc = subprocess.Popen([sys.executable, {str(SUPERVISOR)!r}, str(os.getpid()), "--remove", {str(scratch)!r},
+                                 "--", "/bin/sh", "-c", "sleep 300 & sleep 300"], start_new_session=True)
         print(proc.pid, flush=True)
         time.sleep(300)
     """))
@@ -116,24 +125,27 @@ def _start_supervised(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     deadline = time.monotonic() + 10
     while len(group_pids(group)) < 3 and time.monotonic() < deadline:  # supervisor, sh, sleep
         time.sleep(0.05)
-    return starter, group
+    return starter, group, scratch
 
 
 def test_killing_the_starter_ends_the_whole_server_group(tmp_path: Path) -> None:
-    starter, group = _start_supervised(tmp_path)
+    starter, group, scratch = _start_supervised(tmp_path)
     pids = group_pids(group)
     assert len(pids) >= 3
     os.kill(starter.pid, signal.SIGKILL)  # a trial actor killed without any clean-up
     starter.wait()
     assert _gone(pids, within_s=15), f"left behind: {[p for p in pids if _alive(p)]}"
+    assert not scratch.exists()  # the starter cannot remove it: the supervisor did, its last act
 
 
 def test_terminating_the_supervisor_ends_its_children(tmp_path: Path) -> None:
-    starter, group = _start_supervised(tmp_path)
+    starter, group, scratch = _start_supervised(tmp_path)
     pids = group_pids(group)
+    assert scratch.exists()
     os.kill(group, signal.SIGTERM)
     try:
         assert _gone(pids, within_s=15)
+        assert scratch.exists()  # the starter, alive, removes it (after keeping what it wants)
     finally:
         starter.kill()
         starter.wait()

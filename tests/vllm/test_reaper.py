@@ -27,8 +27,12 @@ def _wait_gone(pids: list[int], within_s: float) -> list[int]:
 
 
 def _owner(tmp_path: Path, then: str) -> tuple[subprocess.Popen, int, int, list[int]]:
-    """An owner process: a child started before its reaper, then the reaper, then `sh` with a
-    grandchild; it prints (old child, reaper, covered pids) and does ``then``."""
+    """An owner process: a child started before its reaper, then the reaper (which is to remove
+    ``tmp_path / "scratch"``), then `sh` with a grandchild; it prints (old child, reaper, covered
+    pids) and does ``then``."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "left-by-vllm").write_text("")
     script = tmp_path / "owner.py"
     script.write_text(textwrap.dedent(f"""
         import subprocess, sys, time
@@ -36,7 +40,7 @@ def _owner(tmp_path: Path, then: str) -> tuple[subprocess.Popen, int, int, list[
         from backends.procs import descendants
         from backends.kvcache.vllm.reaper import Reaper
         old = subprocess.Popen(["sleep", "300"])
-        reaper = Reaper.start()
+        reaper = Reaper.start(remove={str(scratch)!r})
         sh = subprocess.Popen(["/bin/sh", "-c", "sleep 301 & sleep 302"])
         while len(descendants(sh.pid)) < 2:
             time.sleep(0.01)
@@ -59,6 +63,7 @@ def test_killing_the_owner_ends_what_it_started_after_the_reaper(tmp_path: Path)
         owner.wait()
         assert _wait_gone(covered, within_s=15) == []
         assert _wait_gone([reaper], within_s=10) == []
+        assert not (tmp_path / "scratch").exists()
         assert _alive(old)  # started before the reaper: not its business
     finally:
         os.kill(old, signal.SIGKILL)
@@ -71,6 +76,7 @@ def test_close_kills_only_leftovers_and_ends_the_reaper(tmp_path: Path) -> None:
         # grace period, and the reaper exits.
         assert _wait_gone(covered, within_s=20) == []
         assert _wait_gone([reaper], within_s=10) == []
+        assert not (tmp_path / "scratch").exists()
         assert _alive(owner.pid) and _alive(old)
     finally:
         owner.kill()

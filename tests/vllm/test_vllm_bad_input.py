@@ -1,5 +1,6 @@
 """vLLM that cannot start fails the trial within the start-up timeout, with vLLM's own last log
-lines in the error, and leaves no process behind. The failing starts run in parallel to save time."""
+lines in the error and its log kept, and leaves no process and no scratch folder behind. The
+failing starts run in parallel to save time."""
 
 from __future__ import annotations
 
@@ -24,22 +25,25 @@ pytestmark = pytest.mark.slow
 STARTUP_TIMEOUT_S = 240.0
 
 
-def _attempt(config: VLLMServerConfig) -> tuple[str, float, list[int]]:
-    """Start a server that must fail: (error text, seconds it took, pids seen while it ran)."""
+def _attempt(config: VLLMServerConfig) -> tuple[str, float, list[int], str]:
+    """Start a server that must fail: (error text, seconds it took, pids seen while it ran, its
+    scratch folder)."""
     server = VLLMServer(config)
     seen: list[int] = []
+    scratch: list[str] = []
     start = time.monotonic()
     original_wait = server._serves_our_model
 
-    def watching(client):  # record the server's processes while it is starting
+    def watching(client):  # record the server's processes and scratch folder while it is starting
         seen.extend(p for p in server.pids() if p not in seen)
+        scratch[:] = [server.scratch]
         return original_wait(client)
 
     server._serves_our_model = watching
     try:
         server.start()
     except VLLMStartupError as exc:
-        return str(exc), time.monotonic() - start, seen
+        return str(exc), time.monotonic() - start, seen, scratch[0]
     server.stop()
     raise AssertionError(f"vLLM started although it should not have: {config}")
 
@@ -85,7 +89,7 @@ def failures(tmp_path_factory: pytest.TempPathFactory):
     ],
 )
 def test_bad_start_fails_in_time_with_vllm_log_and_no_leftover(failures, case: str, expected: str) -> None:
-    error, seconds, pids = failures[case]
+    error, seconds, pids, scratch = failures[case]
     assert seconds < STARTUP_TIMEOUT_S
     assert "last lines of" in error and "exited with code" in error
     # vLLM's own words, pulled out of its log into the error.
@@ -93,6 +97,11 @@ def test_bad_start_fails_in_time_with_vllm_log_and_no_leftover(failures, case: s
     assert expected in causes, error[-3000:]
     assert pids, "the server's processes were never seen"
     assert not [p for p in pids if _alive(p)]
+    # The log the error names was kept, out of the scratch folder, which is gone.
+    log = Path(error.split("last lines of ", 1)[1].split(":\n", 1)[0])
+    assert expected in log.read_text() and not log.is_relative_to(scratch)
+    assert not Path(scratch).exists()
+    log.unlink()
 
 
 def test_unknown_model_fails_the_trial_before_starting_anything(tmp_path: Path) -> None:
@@ -134,5 +143,9 @@ def test_in_process_bad_starts_fail_in_time_with_vllm_log_and_no_leftover(tmp_pa
         result = results[case]
         assert result["error"] is not None and expected in result["error"], (case, result["error"])
         assert result["left"] == [], (case, result["left"])
+        assert result["scratch_left"] == [], (case, result["scratch_left"])
+        log = Path(result["error"].split("last lines of ", 1)[1].split(":\n", 1)[0])
+        assert log.name.startswith("vllm-engine-") and log.exists(), result["error"]  # kept for its reader
+        log.unlink()
     assert "vLLM's errors:" in results["kv_too_small"]["error"]  # the root cause, from the engine core's log
     assert results["timeout"]["seconds"] < 60

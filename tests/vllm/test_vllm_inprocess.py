@@ -3,7 +3,8 @@ environment that has both vLLM and orch (as a GPU node with vLLM installed next 
 
 Checked: ``transport: auto`` picks the in-process engine when vLLM imports; one ``engine_steps``
 row per engine iteration; and a trial actor killed with
-SIGKILL mid-load leaves none of vLLM's processes behind, and a cancelled submit nothing at all.
+SIGKILL mid-load leaves none of vLLM's processes and none of its temporary files behind, and a
+cancelled submit nothing at all.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ def _tagged(tag: str) -> list[int]:
     return found
 
 
+def _environ(pid: int) -> dict[str, str]:
+    """The environment a process was started with."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -142,14 +150,18 @@ def test_a_killed_trial_actor_leaves_no_vllm_process(tmp_path: Path) -> None:
         assert "TrialRunner" in _cmdline(actor)
         vllm_pids = [p for p in _tagged(tag) if _cmdline(p).startswith("VLLM::")]
         assert len(vllm_pids) >= 2  # engine core and its CPU worker
+        scratch = Path(_environ(first)["TMPDIR"])
+        assert scratch.name.startswith("orch-vllm-") and any(scratch.iterdir())  # vLLM's files are there
         os.kill(actor, signal.SIGKILL)  # no clean-up in the actor can run
         deadline = time.monotonic() + 20
-        while _alive(vllm_pids) and time.monotonic() < deadline:
+        while (_alive(vllm_pids) or scratch.exists()) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _alive(vllm_pids) == [], [_cmdline(p) for p in _alive(vllm_pids)]
+        assert not scratch.exists()  # the reaper removed it
         assert submit.poll() is None  # ended while Ray and the submit ran on, not by their exit
         # The retry starts a fresh engine; cancelling the submit then ends everything it started.
-        _wait_for_engine_core(tag, submit, set(vllm_pids), within_s=300)
+        retry = _wait_for_engine_core(tag, submit, set(vllm_pids), within_s=300)
+        retry_scratch = Path(_environ(retry)["TMPDIR"])
         submit.send_signal(signal.SIGTERM)
         out, _ = submit.communicate(timeout=300)
         manifest = ExperimentStore(results, "vllm-killed").load_manifest()
@@ -159,6 +171,7 @@ def test_a_killed_trial_actor_leaves_no_vllm_process(tmp_path: Path) -> None:
         while _tagged(tag) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert _tagged(tag) == [], [_cmdline(p) for p in _tagged(tag)]
+        assert retry_scratch != scratch and not retry_scratch.exists()
     finally:
         if submit.poll() is None:
             submit.kill()

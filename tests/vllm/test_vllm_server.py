@@ -78,12 +78,15 @@ def test_our_client_agrees_with_vllm_bench_serve(vllm_system: VLLMSystem, tmp_pa
                                          vllm_system.vocab_size, tmp_path)
 
 
-def test_close_stops_every_vllm_process(vllm_system: VLLMSystem) -> None:
+def test_close_stops_every_vllm_process_and_removes_its_scratch_folder(vllm_system: VLLMSystem) -> None:
     pids = vllm_system.server.pids()
     assert len(pids) >= 3  # supervisor, API server, engine core (+ workers)
+    scratch = Path(vllm_system.server.scratch)
+    assert any(f.is_socket() for f in scratch.iterdir())  # vLLM's IPC sockets are in it, not in /tmp
     vllm_system.close()
     vllm_system.close()  # idempotent
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+    assert not scratch.exists()

@@ -9,15 +9,15 @@ engine configuration. Engine-side rows come from a vLLM stat logger: one row per
 iteration, not a sampled ``/metrics``.
 
 vLLM runs its engine core (and on CPU a worker) as child processes. They are covered by a
-``Reaper`` (killed if this process dies without clean-up), their output goes to a log file
-whose last lines a start-up failure reports, and start-up is bounded by a timeout.
+``Reaper`` (killed if this process dies without clean-up), their temporary files go to a scratch
+folder the reaper removes, their output goes to a log file whose last lines a start-up failure
+reports, and start-up is bounded by a timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -42,8 +42,11 @@ from backends.kvcache.vllm.server import (
     VLLMStartupError,
     engine_flags,
     error_lines,
+    keep_log,
     kv_env_overrides,
     log_tail,
+    scratch_dir,
+    scratch_env,
 )
 from backends.procs import descendants
 
@@ -140,8 +143,6 @@ class AsyncEngineHost:
 
     def __init__(self, config: VLLMServerConfig, kv_bytes_per_token: int):
         self.config = config
-        self.log_path = config.log_path or tempfile.mkstemp(prefix="vllm-engine-", suffix=".log")[1]
-        self._own_log, self._failed = config.log_path is None, False
         self.recorder = StepRecorder(kv_bytes_per_token)
         self.engine: AsyncLLM | None = None
         self._configure_environment(config)
@@ -150,9 +151,14 @@ class AsyncEngineHost:
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-async-engine", daemon=True)
         self._thread.start()
         # multiprocessing's resource tracker lives as long as this process and is shared by later
-        # engines here: start it before the reaper, which then leaves it alone.
+        # engines here: start it before the reaper, which then leaves it alone (and before the
+        # scratch folder, which it would outlive).
         resource_tracker.ensure_running()
-        self._reaper = Reaper.start()
+        scratch = scratch_dir()
+        self.log_path = config.log_path or str(Path(scratch) / "vllm.log")
+        self._saved_env = {name: os.environ.get(name) for name in scratch_env(scratch)}
+        os.environ.update(scratch_env(scratch))  # vLLM's processes inherit it; restored on close
+        self._reaper = Reaper.start(remove=scratch)
         self._before = {(d.pid, d.start_ticks) for d in descendants(os.getpid())}
         try:
             self._start(args)
@@ -193,7 +199,8 @@ class AsyncEngineHost:
         self.recorder.num_blocks, self.recorder.block_size = int(cache.num_gpu_blocks or 0), int(cache.block_size)
 
     def _failure(self, why: str) -> str:
-        self._failed = True  # the log stays, for the error's reader
+        if self.config.log_path is None:  # the error's reader gets the log, not a removed folder
+            self.log_path = keep_log(self.log_path, "vllm-engine-")
         causes = error_lines(self.log_path)
         cause = "vLLM's errors:\n" + "\n".join(causes) + "\n" if causes else ""
         return (f"{why} (model {self.config.model_path}); {cause}last lines of {self.log_path}:\n"
@@ -232,6 +239,10 @@ class AsyncEngineHost:
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
-        self._reaper.close()
-        if self._own_log and not self._failed:
-            Path(self.log_path).unlink(missing_ok=True)
+        self._reaper.close()  # it removes the scratch folder once vLLM's processes are gone
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+

@@ -8,21 +8,26 @@ and cores. A reaper is a small process in its own session that watches the owner
 start time, so a reused pid is never hit); when the owner is gone it sends SIGTERM to the
 recorded ones still alive and their children, then SIGKILL after ``GRACE_S``. When the owner
 closes it normally (``Reaper.close``), leftovers of a shutdown that did not finish are killed
-after the same grace.
+after the same grace. Either way it then removes the folder it was given (the engine's scratch
+folder, where vLLM's leftover temporary files are). The reaper is a grandchild of the owner, not
+a child: a Ray worker that exits kills its own children, which would end the reaper before its
+clean-up.
 
-Run as ``python reaper.py <owner-pid> <owner-start-ticks>`` with the owner holding a pipe to
-its stdin (``Reaper.start`` does this).
+Run as ``python reaper.py <owner-pid> <owner-start-ticks> [<folder>]`` with the owner holding a
+pipe to its stdin (``Reaper.start`` does this).
 """
 
 from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 if __package__:  # imported as backends.kvcache.vllm.reaper
     from backends.procs import ProcStat, all_stats, descendants, read_stat
@@ -34,22 +39,24 @@ POLL_S = 0.5
 GRACE_S = 5.0
 CLOSE = b"close\n"
 KILL = b"kill\n"
-READY = b"ready\n"
+READY = b"ready"  # followed by the reaper's pid
 READY_TIMEOUT_S = 30.0
 
 
 class Reaper:
     """The owner's handle on its reaper process."""
 
-    def __init__(self, proc: subprocess.Popen):
-        self._proc = proc
+    def __init__(self, pid: int, commands: IO[bytes]):
+        self._pid = pid
+        self._commands = commands
 
     @classmethod
-    def start(cls) -> Reaper:
-        """Start a reaper that watches this process; what it starts from now on is covered."""
+    def start(cls, remove: str | None = None) -> Reaper:
+        """Start a reaper that watches this process; what it starts from now on is covered, and
+        ``remove`` (a folder) is removed once the reaper has ended it."""
         me = read_stat(os.getpid())
         proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__)), str(me.pid), str(me.start_ticks)],
+            [sys.executable, str(Path(__file__)), str(me.pid), str(me.start_ticks), *([remove] if remove else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -57,16 +64,18 @@ class Reaper:
         )
         # Wait for its first snapshot: a child started before it would count as pre-existing.
         ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT_S)
-        if not ready or proc.stdout.readline() != READY:
+        words = proc.stdout.readline().split() if ready else []
+        proc.stdout.close()
+        if words[:1] != [READY] or len(words) != 2:
             proc.kill()
             raise RuntimeError(f"the process reaper did not start within {READY_TIMEOUT_S:g} s")
-        proc.stdout.close()
-        return cls(proc)
+        proc.wait()  # the intermediate process, which exited once the reaper was forked
+        return cls(int(words[1]), proc.stdin)
 
     @property
     def pid(self) -> int:
         """The reaper's pid."""
-        return self._proc.pid
+        return self._pid
 
     def kill_covered(self) -> None:
         """End what is covered now (SIGTERM, then SIGKILL after the grace) and keep watching."""
@@ -77,14 +86,14 @@ class Reaper:
         self._send(CLOSE, last=True)
 
     def _send(self, command: bytes, last: bool = False) -> None:
-        if self._proc.poll() is not None or self._proc.stdin is None or self._proc.stdin.closed:
+        if self._commands.closed:
             return
         try:
-            self._proc.stdin.write(command)
-            self._proc.stdin.flush()
+            self._commands.write(command)
+            self._commands.flush()
             if last:
-                self._proc.stdin.close()
-        except (BrokenPipeError, OSError):
+                self._commands.close()
+        except OSError:  # the reaper is gone (BrokenPipeError)
             pass
 
 
@@ -131,13 +140,24 @@ def _end(seen: dict[int, int], terminate_first: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Watch ``argv[0]`` (pid) started at ``argv[1]`` (ticks) until it closes us or dies."""
-    owner, owner_ticks = int(argv[0]), int(argv[1])
+    """Watch ``argv[0]`` (pid) started at ``argv[1]`` (ticks) until it closes us or dies, then
+    remove the folder ``argv[2]`` if given."""
+    if os.fork() > 0:  # go on as a grandchild of the owner (see the module's docstring)
+        os._exit(0)
+    try:
+        return _watch(int(argv[0]), int(argv[1]))
+    finally:
+        if len(argv) > 2:
+            shutil.rmtree(argv[2], ignore_errors=True)
+
+
+def _watch(owner: int, owner_ticks: int) -> int:
+    """Record and end the owner's new descendants (see the module's docstring)."""
     me = os.getpid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal is the owner's business
     preexisting = {(s.pid, s.start_ticks) for s in descendants(owner)}
     seen: dict[int, int] = {}
-    sys.stdout.buffer.write(READY)
+    sys.stdout.buffer.write(READY + b" %d\n" % me)
     sys.stdout.buffer.flush()
     stdin = sys.stdin.buffer
     while True:

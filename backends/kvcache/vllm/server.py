@@ -7,6 +7,11 @@ also ends the group when this process dies (a trial actor killed with SIGKILL), 
 parent-death signal plus an ``atexit`` hook cover the remaining ways out. Start-up failures (bad
 model path, port taken, KV cache too small, a crash) raise ``VLLMStartupError`` within the
 start-up timeout, carrying the last lines of vLLM's log.
+
+vLLM leaves files in the temp folder that outlive a killed engine (ZMQ IPC sockets, its
+distributed-init file, multiprocessing's folders): four or so per start, thousands on a node
+that runs a long grid. Each engine gets a scratch folder of its own for them instead, removed
+when the engine is stopped, and by the supervisor (or the in-process reaper) when its owner dies.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import atexit
 import ctypes
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -32,6 +38,7 @@ from backends.procs import group_pids
 DEFAULT_PYTHON = ".venv-vllm/bin/python"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SUPERVISOR = Path(__file__).with_name("supervise.py")
+SCRATCH_PREFIX = "orch-vllm-"
 LOG_TAIL_LINES = 40
 # vLLM's CPU attention kernels take blocks of a multiple of this many tokens.
 CPU_BLOCK_MULTIPLE = 32
@@ -65,7 +72,7 @@ class VLLMServerConfig:
     startup_timeout_s: float = 300.0
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. VLLM_CPU_KVCACHE_SPACE)
-    log_path: str | None = None  # default: a temp file
+    log_path: str | None = None  # default: one in the engine's scratch folder (a failed start's is kept)
 
     def __post_init__(self) -> None:
         if self.device == "cpu" and self.block_size is not None and self.block_size % CPU_BLOCK_MULTIPLE:
@@ -137,6 +144,34 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
+def scratch_dir() -> str:
+    """A fresh folder for one engine's temporary files."""
+    return tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+
+
+def scratch_env(folder: str) -> dict[str, str]:
+    """Environment that puts vLLM's temporary files in ``folder``: its IPC sockets
+    (``VLLM_RPC_BASE_PATH``) and whatever its processes create through ``tempfile``."""
+    return {"TMPDIR": folder, "VLLM_RPC_BASE_PATH": folder}
+
+
+def remove_scratch(folder: str | None) -> None:
+    """Remove an engine's scratch folder (nothing when it is gone already)."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def keep_log(path: str, prefix: str) -> str:
+    """Move a failed start's log out of the scratch folder, which is removed; its new path."""
+    fd, kept = tempfile.mkstemp(prefix=prefix, suffix=".log")
+    os.close(fd)
+    try:
+        shutil.move(path, kept)  # vLLM's processes may still write to it: the move keeps the file
+    except OSError:
+        return path
+    return kept
+
+
 def kv_env_overrides(config: VLLMServerConfig) -> list[str]:
     """Environment variables to drop because the config sizes the KV cache explicitly."""
     if config.kv_cache_bytes is not None or config.gpu_memory_utilization is not None:
@@ -144,11 +179,12 @@ def kv_env_overrides(config: VLLMServerConfig) -> list[str]:
     return []
 
 
-def serve_env(config: VLLMServerConfig) -> dict[str, str]:
-    """The server's environment: ``vllm_env()`` plus the config's settings."""
+def serve_env(config: VLLMServerConfig, scratch: str) -> dict[str, str]:
+    """The server's environment: ``vllm_env()``, its scratch folder, then the config's settings."""
     env = vllm_env()
     for name in kv_env_overrides(config):
         env.pop(name, None)
+    env.update(scratch_env(scratch))
     env.update(config.env)
     return env
 
@@ -197,9 +233,8 @@ class VLLMServer:
         self.base_url = f"http://{config.host}:{self.port}"
         self._proc: subprocess.Popen | None = None
         self._log_file = None
-        self._own_log = config.log_path is None
-        self.log_path = config.log_path or tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1]
-        self._failed = False
+        self.scratch: str | None = None  # the running server's scratch folder
+        self.log_path = config.log_path or ""  # our own log is made in the scratch folder by start()
         self._lock = threading.Lock()
 
     @property
@@ -218,14 +253,17 @@ class VLLMServer:
             raise VLLMStartupError(
                 f"no Python at {self.config.python!r} for vLLM (backend.python); build it with `make vllm-env`"
             )
+        self.scratch = scratch_dir()
+        self.log_path = self.config.log_path or str(Path(self.scratch) / "vllm.log")
         self._log_file = open(self.log_path, "ab")
         on_main_thread = threading.current_thread() is threading.main_thread()
         self._proc = subprocess.Popen(
-            [str(python), str(SUPERVISOR), str(os.getpid()), "--", *serve_command(self.config, self.port)],
+            [str(python), str(SUPERVISOR), str(os.getpid()), "--remove", self.scratch, "--",
+             *serve_command(self.config, self.port)],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            env=serve_env(self.config),
+            env=serve_env(self.config, self.scratch),
             start_new_session=True,  # own process group: one killpg ends vLLM's helpers too
             # The death signal follows the *thread* that forks: only safe from the main thread.
             preexec_fn=_parent_death_signal if on_main_thread else None,
@@ -262,7 +300,8 @@ class VLLMServer:
         return any(m.get("id") == self.config.served_model_name for m in models)
 
     def _fail(self, why: str) -> None:
-        self._failed = True
+        if self.config.log_path is None:  # the error's reader gets the log, not a removed folder
+            self.log_path = keep_log(self.log_path, "vllm-serve-")
         self.stop()
         causes = error_lines(self.log_path)
         cause = "vLLM's errors:\n" + "\n".join(causes) + "\n" if causes else ""
@@ -278,11 +317,12 @@ class VLLMServer:
             _LIVE.discard(self)
             if proc is not None:
                 _stop_group(proc, timeout_s)
+            # The supervisor removes it too, unless it was killed along with its group.
+            remove_scratch(self.scratch)
+            self.scratch = None
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
-                if self._own_log and not self._failed:  # a failed start's log stays, for its error
-                    Path(self.log_path).unlink(missing_ok=True)
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last lines of the server's log."""

@@ -1,16 +1,19 @@
 """Runs one command as a child and takes its whole process group down with it (stdlib only).
 
 Started by ``server.py`` as the leader of a new process group, from the vLLM virtualenv's Python,
-as ``python supervise.py <parent-pid> -- <command...>``. vLLM spawns engine-core processes of
+as ``python supervise.py <parent-pid> [--remove <folder>] -- <command...>``. vLLM spawns engine-core processes of
 its own; they stay in this group, so one ``killpg`` ends them all. The supervisor ends the group
 when it is told to (SIGTERM/SIGINT), when the command exits, or when the process that started
 it is gone (its parent pid changes) — that last case covers a trial actor killed with SIGKILL,
-which cannot run any clean-up of its own.
+which cannot run any clean-up of its own. In that case it also removes ``<folder>`` once the group
+has ended (the server's scratch folder, where vLLM's leftover temporary files are), which
+otherwise is the starter's to remove: it may keep a failed start's log from there first.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,9 +57,19 @@ def _end_group(child: subprocess.Popen) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Supervise ``argv[2:]`` (after ``--``) on behalf of the process ``argv[0]``."""
+    """Supervise the command after ``--`` on behalf of the process ``argv[0]``."""
     parent = int(argv[0])
-    command = argv[2:] if argv[1:2] == ["--"] else argv[1:]
+    options, command = argv[1:argv.index("--")], argv[argv.index("--") + 1:]
+    remove = options[1] if options[:1] == ["--remove"] else None
+    try:
+        return _supervise(parent, command)
+    finally:
+        if remove is not None and os.getppid() != parent:  # nobody else is left to do it
+            shutil.rmtree(remove, ignore_errors=True)
+
+
+def _supervise(parent: int, command: list[str]) -> int:
+    """Run ``command`` until it exits or we are told to stop or orphaned; its exit code."""
     stopping = {"flag": False}
 
     def request_stop(_signum: int, _frame: object) -> None:
