@@ -183,6 +183,9 @@ class InfiniGenPolicy(CachePolicy):
         # gathered K, V [B*W, KVH, D] laid out as pages, the side stream's ready event or None,
         # the indices it reads)
         self.gathered: dict[int, tuple] = {}
+        # decode, per layer: the inputs of the previous layer's new entry, written on the side
+        # stream; referenced until the compute stream has waited for that stream at this layer
+        self.entries_aside: dict[int, tuple] = {}
         # paged decode, per step: (cap, floor, dummy count) per row [B, 3], RoPE's cos and sin at
         # the rows' positions, the gathered K/V's entries per row and its block table [B, pages]
         self.step_counts: torch.Tensor | None = None
@@ -421,19 +424,25 @@ class InfiniGenPolicy(CachePolicy):
 
         if layer == 0:  # everything per step derives from the persistent buffers, on the device
             self.gathered.clear()
+            self.entries_aside.clear()
             self.step_sel.clear()
             self.step_meta = self._paged_meta(batch)
             self.step_cols = None if self.cols_buf is None else self.cols_buf[: batch.seq_lens.shape[0]]
         dtype = self.store.dtype
         speculated = layer in self.speculated
         # the new entry into the host store (and its partial key), one kernel
-        ops().store_entry(k[:, 0], v[:, 0], batch.write_slots, self.store.k[layer], self.store.v[layer],
-                          self._skew_columns(layer, batch) if speculated else None,
-                          self.partial[layer] if speculated else None)
+        entry = (k[:, 0], v[:, 0], batch.write_slots, self.store.k[layer], self.store.v[layer],
+                 self._skew_columns(layer, batch) if speculated else None,
+                 self.partial[layer] if speculated else None)
+        if self.uva and speculated and layer + 1 in self.speculated and not batch.is_prefill:
+            self._store_entry_aside(layer, entry)
+        else:
+            ops().store_entry(*entry)
         if layer in self.gathered:
             seq_lens, new_rows, kk, vv, ready, _indices = self.gathered.pop(layer)
             if ready is not None:
                 torch.cuda.current_stream().wait_event(ready)
+                self.entries_aside.pop(layer, None)
             # the new entry after the kept ones (the gather zeroed that row)
             ops().scatter_rows(kk, new_rows, k[:, 0].to(dtype).contiguous())
             ops().scatter_rows(vv, new_rows, v[:, 0].to(dtype).contiguous())
@@ -445,6 +454,22 @@ class InfiniGenPolicy(CachePolicy):
             self.store.transfers.add_h2d_device(batch.seq_lens.sum() * self.token_layer_bytes())
         self.after_attention(layer, x, batch)
         return out.unsqueeze(1)
+
+    def _store_entry_aside(self, layer: int, entry: tuple) -> None:
+        """A speculated layer's new entry into the host store, on the side stream, off the
+        step's critical path: this step's attention of the layer reads its gathered rows plus the
+        new entry scattered on the compute stream, not the store. The next layer's gather follows
+        on the same stream and the compute stream waits for it, which orders the write before any
+        later read of the store or of the partial keys."""
+        from backends.kvcache.kernels import ops
+
+        issued = torch.cuda.Event()
+        issued.record()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(issued)
+            ops().store_entry(*entry)
+        # freed earlier, the inputs' memory could be reused while the side stream still reads it
+        self.entries_aside[layer + 1] = entry
 
     def after_attention(self, layer, x, batch):
         nxt = layer + 1
