@@ -59,6 +59,7 @@ import json
 import math
 import os
 import weakref
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -183,9 +184,9 @@ class InfiniGenPolicy(CachePolicy):
         # gathered K, V [B*W, KVH, D] laid out as pages, the side stream's ready event or None,
         # the indices it reads)
         self.gathered: dict[int, tuple] = {}
-        # decode, per layer: the inputs of the previous layer's new entry, written on the side
-        # stream; referenced until the compute stream has waited for that stream at this layer
-        self.entries_aside: dict[int, tuple] = {}
+        # paged decode, per layer: the inputs of the side stream's work issued at the layer
+        # before; referenced until the compute stream has waited for it at this layer
+        self.aside: dict[int, tuple] = {}
         # paged decode, per step: (cap, floor, dummy count) per row [B, 3], RoPE's cos and sin at
         # the rows' positions, the gathered K/V's entries per row and its block table [B, pages]
         self.step_counts: torch.Tensor | None = None
@@ -419,65 +420,65 @@ class InfiniGenPolicy(CachePolicy):
     def _paged_attend(self, layer, q, k, v, x, batch) -> torch.Tensor:
         """Decode on the paged path: the new K/V written into the host store by a kernel, the
         unspeculated layers' attention read from it in place by the paged kernel, the
-        speculated layers' over the rows the layer before selected and gathered."""
+        speculated layers' over the rows the layer before selected and gathered.
+
+        On a GPU the work for the next layer runs on the side stream, off the step's critical
+        path: this layer's new entry into the store (where the next layer is speculated: its
+        gather then follows on that stream, and the compute stream waits for it) and the next
+        layer's speculation, selection and gather, issued before this layer's attention so that
+        they overlap it and the rest of the layer. Nothing this layer computes reads them."""
         from backends.kvcache.kernels import ops
 
         if layer == 0:  # everything per step derives from the persistent buffers, on the device
             self.gathered.clear()
-            self.entries_aside.clear()
+            self.aside.clear()
             self.step_sel.clear()
             self.step_meta = self._paged_meta(batch)
             self.step_cols = None if self.cols_buf is None else self.cols_buf[: batch.seq_lens.shape[0]]
-        dtype = self.store.dtype
-        speculated = layer in self.speculated
+        gathered = self.gathered.pop(layer, None)
+        if gathered is not None and gathered[4] is not None:
+            # the side stream's work issued at the layer before (its ready event marks the end)
+            torch.cuda.current_stream().wait_event(gathered[4])
+            self.aside.pop(layer, None)
+        speculated, ahead = layer in self.speculated, self._speculates_next(layer, batch)
+        side = self.stream if self.uva and ahead else None
+        issued = None
+        if side is not None:
+            issued = torch.cuda.Event()
+            issued.record()
         # the new entry into the host store (and its partial key), one kernel
         entry = (k[:, 0], v[:, 0], batch.write_slots, self.store.k[layer], self.store.v[layer],
                  self._skew_columns(layer, batch) if speculated else None,
                  self.partial[layer] if speculated else None)
-        if self.uva and speculated and layer + 1 in self.speculated and not batch.is_prefill:
-            self._store_entry_aside(layer, entry)
-        else:
+        with torch.cuda.stream(side) if speculated and side is not None else nullcontext():
+            if speculated and side is not None:
+                side.wait_event(issued)
             ops().store_entry(*entry)
-        if layer in self.gathered:
-            seq_lens, new_rows, kk, vv, ready, _indices = self.gathered.pop(layer)
-            if ready is not None:
-                torch.cuda.current_stream().wait_event(ready)
-                self.entries_aside.pop(layer, None)
+        if ahead:
+            self.gathered[layer + 1] = self._gather_paged(layer + 1, x, batch, issued)
+            # freed earlier, the side stream's inputs could be reused while it still reads them
+            self.aside[layer + 1] = (entry, x)
+        if gathered is not None:
+            seq_lens, new_rows, kk, vv, _ready = gathered
             # the new entry after the kept ones (the gather zeroed that row)
-            ops().scatter_rows(kk, new_rows, k[:, 0].to(dtype).contiguous())
-            ops().scatter_rows(vv, new_rows, v[:, 0].to(dtype).contiguous())
+            ops().scatter_rows(kk, new_rows, k[:, 0].to(self.store.dtype).contiguous())
+            ops().scatter_rows(vv, new_rows, v[:, 0].to(self.store.dtype).contiguous())
             out, _ = ops().paged_decode_attention(q[:, 0], kk, vv, self.gathered_table, seq_lens, self.scale,
                                                   batch.block_size)
         else:
             out, _ = ops().paged_decode_attention(q[:, 0], self.store.k[layer], self.store.v[layer], batch.block_table,
                                                   batch.seq_lens, self.scale, batch.block_size)
             self.store.transfers.add_h2d_device(batch.seq_lens.sum() * self.token_layer_bytes())
-        self.after_attention(layer, x, batch)
         return out.unsqueeze(1)
 
-    def _store_entry_aside(self, layer: int, entry: tuple) -> None:
-        """A speculated layer's new entry into the host store, on the side stream, off the
-        step's critical path: this step's attention of the layer reads its gathered rows plus the
-        new entry scattered on the compute stream, not the store. The next layer's gather follows
-        on the same stream and the compute stream waits for it, which orders the write before any
-        later read of the store or of the partial keys."""
-        from backends.kvcache.kernels import ops
-
-        issued = torch.cuda.Event()
-        issued.record()
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(issued)
-            ops().store_entry(*entry)
-        # freed earlier, the inputs' memory could be reused while the side stream still reads it
-        self.entries_aside[layer + 1] = entry
+    def _speculates_next(self, layer: int, batch) -> bool:
+        """Whether, during ``layer``, the next layer's entries are speculated and fetched."""
+        return not batch.is_prefill and layer + 1 in self.speculated and self.device.type != "meta"
 
     def after_attention(self, layer, x, batch):
         nxt = layer + 1
-        if batch.is_prefill or nxt not in self.speculated or self.device.type == "meta":
+        if not self._speculates_next(layer, batch):
             return  # (a meta dry run has no scores to rank: the layer fetches everything)
-        if batch.block_table is not None:
-            self.gathered[nxt] = self._gather_paged(nxt, x, batch)
-            return
         per_kv = self._speculate(nxt, x, batch)
         _, caps, floors, max_cap, dummy, prev_len = self.step_meta
         if dummy is None:
@@ -519,33 +520,42 @@ class InfiniGenPolicy(CachePolicy):
         # (what the layer's output depends on), in log space so alpha reads as on scores
         return torch.softmax(scores, dim=-1).sum(dim=2).log()
 
-    def _gather_paged(self, layer: int, x: torch.Tensor, batch) -> tuple:
+    def _gather_paged(self, layer: int, x: torch.Tensor, batch, issued: torch.cuda.Event | None) -> tuple:
         """The paged path's speculation and selection for ``layer`` (one kernel each: the same
         entries as the reference path, in entry order) and the kept entries gathered from the
-        host store into pages of their own, on the side stream where the GPU reads the store in
-        place. Returns (attention lengths, the new entry's rows, K, V, ready event or None, the
-        indices the gather reads)."""
+        host store into pages of their own: on the side stream after ``issued`` where the GPU
+        reads the store in place, else in place. Returns (attention lengths, the new entry's
+        rows, K, V, the side stream's ready event or None)."""
         from backends.kvcache.kernels import ops
 
         cfg, d = self.cfg, self.cfg.head_dim
-        wq, bq, _, _ = self.model.attention_weights(layer)
-        h = x[:, 0] * self.norm_ratio[layer].to(x.dtype) if self.rope else x[:, 0]
-        q = torch.nn.functional.linear(h, wq, bq)
         prev = self.step_meta[5]
-        cos, sin = self.step_rope
-        alpha = None if self.fetch_ratio is not None else self.alpha
-        mass = ops().speculate(q, cos, sin, self._skew_columns(layer, batch), self.partial[layer],
-                               batch.block_table, prev, self.scale, batch.block_size)
-        elt = self.store.k.element_size()
-        counter = self.store.transfers.device_counter(self.device)
-        rows, ok, seq_lens, new_rows = ops().select_rows(mass, alpha, self.step_counts, prev, batch.block_table,
-                                                         batch.block_size, self.gathered_entries, counter, 2 * d * elt)
-        kvh = cfg.num_kv_heads
-        # allocated on the compute stream, which alone reads and frees them (after ``ready``)
-        kk = torch.empty(prev.shape[0] * self.gathered_entries, kvh, d, dtype=self.store.dtype, device=self.device)
+        # allocated on the compute stream, which alone writes and frees them (after ``ready``)
+        kk = torch.empty(prev.shape[0] * self.gathered_entries, cfg.num_kv_heads, d, dtype=self.store.dtype,
+                         device=self.device)
         vv = torch.empty_like(kk)
-        ready = self._gather(layer, rows, ok, kk, vv)
-        return seq_lens, new_rows, kk, vv, ready, (rows, ok)
+        with torch.cuda.stream(self.stream) if issued is not None else nullcontext():
+            if issued is not None:
+                self.stream.wait_event(issued)
+            wq, bq, _, _ = self.model.attention_weights(layer)
+            h = x[:, 0] * self.norm_ratio[layer].to(x.dtype) if self.rope else x[:, 0]
+            q = torch.nn.functional.linear(h, wq, bq)
+            cos, sin = self.step_rope
+            alpha = None if self.fetch_ratio is not None else self.alpha
+            mass = ops().speculate(q, cos, sin, self._skew_columns(layer, batch), self.partial[layer],
+                                   batch.block_table, prev, self.scale, batch.block_size)
+            elt = self.store.k.element_size()
+            counter = self.store.transfers.device_counter(self.device)
+            rows, ok, seq_lens, new_rows = ops().select_rows(mass, alpha, self.step_counts, prev, batch.block_table,
+                                                             batch.block_size, self.gathered_entries, counter,
+                                                             2 * d * elt)
+            ops().gather_rows(self.store.k[layer].view(-1, d), rows, ok, kk.view(-1, d))
+            ops().gather_rows(self.store.v[layer].view(-1, d), rows, ok, vv.view(-1, d))
+            ready = None
+            if issued is not None:
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
+        return seq_lens, new_rows, kk, vv, ready
 
     def _gather(self, layer: int, rows: torch.Tensor, ok: torch.Tensor, kk: torch.Tensor,
                 vv: torch.Tensor) -> torch.cuda.Event | None:
