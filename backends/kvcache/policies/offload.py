@@ -25,6 +25,7 @@ class OffloadPolicy(CachePolicy):
     def bind(self, store):
         super().bind(store)
         self.prefetcher = LayerPrefetcher(store, self.device)
+        self.entry: tuple | None = None  # decode on mapped memory: the layer's new entry for the store
         # kernels read and write the store in place: mapped pinned memory on a GPU, or the host's
         # own memory (Triton's interpreter on a CPU, where the paged path is tested)
         self.mapped = self.device.type == "cpu" or (store.pin_memory and reads_mapped_host(self.device, store.dtype))
@@ -75,7 +76,8 @@ class OffloadPolicy(CachePolicy):
                 self.prefetcher.start_paged(batch)
         else:
             self.step_fetch_peak = max(self.step_fetch_peak, 2 * self.prefetcher.bytes_per_copy())
-        kb, vb = self.prefetcher.take(layer)
+        # the new K/V into the host store by kernels, off the critical path where they can be
+        kb, vb = self.prefetcher.take(layer, self.entry if self.mapped else None)
         k_new, v_new = self.new_kv
         kb.index_copy_(0, batch.write_slots, k_new.to(kb.dtype))  # the new token was computed here
         vb.index_copy_(0, batch.write_slots, v_new.to(vb.dtype))
@@ -89,10 +91,7 @@ class OffloadPolicy(CachePolicy):
         self.new_kv = (k.flatten(0, 1), v.flatten(0, 1))
         if not self.mapped:
             return super().attend_batch(layer, q, k, v, x, k_raw, batch)
-        from backends.kvcache.kernels import ops
-
-        # the new K/V straight into the host store by a kernel (no staging, no host sync)
+        # the new K/V for the host store, written by kernels (no staging, no host sync) in paged_decode
         dtype = self.store.dtype
-        ops().scatter_rows(self.store.k[layer], batch.write_slots, k[:, 0].to(dtype).contiguous())
-        ops().scatter_rows(self.store.v[layer], batch.write_slots, v[:, 0].to(dtype).contiguous())
+        self.entry = (batch.write_slots, k[:, 0].to(dtype).contiguous(), v[:, 0].to(dtype).contiguous())
         return self.paged_decode(layer, q[:, 0], batch).unsqueeze(1)

@@ -8,6 +8,10 @@ kernel reads them with the same block tables. Two ways to copy:
 - pages (``start_paged``, where kernels read mapped pinned memory): a kernel copies the pages
   each sequence's block table holds, sized by the device-side lengths, so the whole step,
   copies and events included, is captured in a CUDA graph.
+
+A layer's new entry can be handed to ``take`` to be written into the store by kernels on the
+copy stream, ahead of the next layer's copy: off the step's critical path, since nothing in the
+step reads it from the store, and before the next step's copy of that layer on the same stream.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class LayerPrefetcher:
         self.layer = -1  # the layer whose copy was issued last
         self.batch = None  # paged copies: the decode step's BatchMeta (block tables, lengths)
         self.copy_bytes: torch.Tensor | None = None  # paged copies: bytes per layer, on the device
+        self.writing: tuple | None = None  # the entry the copy stream writes; referenced until waited for
 
     def ensure_buffers(self) -> None:
         """Device buffers as large as the store (before a graph that holds them is captured)."""
@@ -71,7 +76,7 @@ class LayerPrefetcher:
                 self.free[buf].record(torch.cuda.current_stream())
         self._issue(0)
 
-    def _issue(self, layer: int) -> None:
+    def _issue(self, layer: int, entry: tuple | None = None) -> None:
         buf = layer % 2
         kb, vb = self.buffers[buf]
         n, store = self.slots, self.store
@@ -79,6 +84,8 @@ class LayerPrefetcher:
             with torch.cuda.stream(self.stream):
                 if self.free[buf] is not None:
                     self.stream.wait_event(self.free[buf])
+                if entry is not None:
+                    self._write(*entry)
                 self._copy(layer, kb, vb, n)
                 self.ready[buf] = torch.cuda.Event()
                 self.ready[buf].record(self.stream)
@@ -102,21 +109,37 @@ class LayerPrefetcher:
         ops().copy_pages(store.k[layer], kb, b.block_table, b.seq_lens, b.block_size)
         ops().copy_pages(store.v[layer], vb, b.block_table, b.seq_lens, b.block_size)
 
-    def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, layer: int, entry: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s K/V buffers, [slots, kv_heads, D] each, ready for the compute stream;
-        the next layer's copy is issued into the other buffer."""
+        the next layer's copy is issued into the other buffer. ``entry`` (slots, K rows, V rows),
+        the layer's new entry, is written into the store: on the copy stream ahead of that copy,
+        or on the compute stream where no copy follows (the last layer) or there are no streams."""
         if self.layer != layer:  # (not prefetched: a step without start, or layers out of order)
             self._issue(layer)
         buf = layer % 2
         if self.cuda:
             torch.cuda.current_stream().wait_event(self.ready[buf])
-        if layer + 1 < self.store.cfg.num_layers:
+            self.writing = None  # the write issued with this copy is done
+        last = layer + 1 >= self.store.cfg.num_layers
+        if entry is not None and (last or not self.cuda):
+            self._write(layer, *entry)
+            entry = None
+        if not last:
             other = 1 - buf
             if self.cuda:  # the other buffer was read by the previous layer, already queued
                 self.free[other] = torch.cuda.Event()
                 self.free[other].record(torch.cuda.current_stream())
-            self._issue(layer + 1)
+            self._issue(layer + 1, None if entry is None else (layer, *entry))
+            # freed earlier, the entry's memory could be reused while the copy stream still reads it
+            self.writing = entry
         return self.buffers[buf]
+
+    def _write(self, layer: int, slots: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor) -> None:
+        """New K/V rows into the host store's ``slots`` of ``layer``, by kernels (mapped memory)."""
+        from backends.kvcache.kernels import ops
+
+        ops().scatter_rows(self.store.k[layer], slots, k_rows)
+        ops().scatter_rows(self.store.v[layer], slots, v_rows)
 
     def bytes_per_copy(self) -> int:
         """Bytes one layer's copy moves (K and V)."""
