@@ -59,7 +59,8 @@ import json
 import math
 import os
 import weakref
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -181,8 +182,7 @@ class InfiniGenPolicy(CachePolicy):
         self.partial: torch.Tensor | None = None  # [L, slots, KVH*r] on the device
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor, tuple | None]] = {}
         # paged decode, per speculated layer: (attention lengths [B], the new entry's rows [B],
-        # gathered K, V [B*W, KVH, D] laid out as pages, the side stream's ready event or None,
-        # the indices it reads)
+        # gathered K, V [B*W, KVH, D] laid out as pages, the side stream's ready event or None)
         self.gathered: dict[int, tuple] = {}
         # paged decode, per layer: the inputs of the side stream's work issued at the layer
         # before; referenced until the compute stream has waited for it at this layer
@@ -441,18 +441,15 @@ class InfiniGenPolicy(CachePolicy):
             torch.cuda.current_stream().wait_event(gathered[4])
             self.aside.pop(layer, None)
         speculated, ahead = layer in self.speculated, self._speculates_next(layer, batch)
-        side = self.stream if self.uva and ahead else None
-        issued = None
-        if side is not None:
+        issued = None  # on a GPU, where the side stream's work for the next layer starts
+        if self.uva and ahead:
             issued = torch.cuda.Event()
             issued.record()
         # the new entry into the host store (and its partial key), one kernel
         entry = (k[:, 0], v[:, 0], batch.write_slots, self.store.k[layer], self.store.v[layer],
                  self._skew_columns(layer, batch) if speculated else None,
                  self.partial[layer] if speculated else None)
-        with torch.cuda.stream(side) if speculated and side is not None else nullcontext():
-            if speculated and side is not None:
-                side.wait_event(issued)
+        with self._side_stream(issued if speculated else None):
             ops().store_entry(*entry)
         if ahead:
             self.gathered[layer + 1] = self._gather_paged(layer + 1, x, batch, issued)
@@ -470,6 +467,17 @@ class InfiniGenPolicy(CachePolicy):
                                                   batch.seq_lens, self.scale, batch.block_size)
             self.store.transfers.add_h2d_device(batch.seq_lens.sum() * self.token_layer_bytes())
         return out.unsqueeze(1)
+
+    @contextmanager
+    def _side_stream(self, issued: torch.cuda.Event | None) -> Iterator[None]:
+        """Work issued inside runs on the side stream after ``issued`` (an event on the compute
+        stream), or where it is issued when ``issued`` is None."""
+        if issued is None:
+            yield
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(issued)
+            yield
 
     def _speculates_next(self, layer: int, batch) -> bool:
         """Whether, during ``layer``, the next layer's entries are speculated and fetched."""
@@ -534,9 +542,7 @@ class InfiniGenPolicy(CachePolicy):
         kk = torch.empty(prev.shape[0] * self.gathered_entries, cfg.num_kv_heads, d, dtype=self.store.dtype,
                          device=self.device)
         vv = torch.empty_like(kk)
-        with torch.cuda.stream(self.stream) if issued is not None else nullcontext():
-            if issued is not None:
-                self.stream.wait_event(issued)
+        with self._side_stream(issued):
             wq, bq, _, _ = self.model.attention_weights(layer)
             h = x[:, 0] * self.norm_ratio[layer].to(x.dtype) if self.rope else x[:, 0]
             q = torch.nn.functional.linear(h, wq, bq)
@@ -573,8 +579,7 @@ class InfiniGenPolicy(CachePolicy):
             return None
         issued = torch.cuda.Event()
         issued.record()
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(issued)
+        with self._side_stream(issued):
             ops().gather_rows(self.store.k[layer].view(-1, d), rows, ok, kk.view(-1, d))
             ops().gather_rows(self.store.v[layer].view(-1, d), rows, ok, vv.view(-1, d))
             ready = torch.cuda.Event()

@@ -245,4 +245,3 @@ class AsyncEngineHost:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-

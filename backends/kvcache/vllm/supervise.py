@@ -1,8 +1,8 @@
 """Runs one command as a child and takes its whole process group down with it (stdlib only).
 
 Started by ``server.py`` as the leader of a new process group, from the vLLM virtualenv's Python,
-as ``python supervise.py <parent-pid> [--remove <folder>] -- <command...>``. vLLM spawns engine-core processes of
-its own; they stay in this group, so one ``killpg`` ends them all. The supervisor ends the group
+as ``python supervise.py <parent-pid> [--remove <folder>] -- <command...>``. vLLM spawns
+engine-core processes of its own; they stay in this group, so one ``killpg`` ends them all. The supervisor ends the group
 when it is told to (SIGTERM/SIGINT), when the command exits, or when the process that started
 it is gone (its parent pid changes) — that last case covers a trial actor killed with SIGKILL,
 which cannot run any clean-up of its own. In that case it also removes ``<folder>`` once the group
