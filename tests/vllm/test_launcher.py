@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,8 @@ from backends.kvcache.vllm.server import (
     VLLMServer,
     VLLMServerConfig,
     VLLMStartupError,
+    remove_scratch,
+    scratch_dir,
     serve_command,
 )
 from backends.procs import group_pids, read_stat
@@ -149,3 +154,22 @@ def test_terminating_the_supervisor_ends_its_children(tmp_path: Path) -> None:
     finally:
         starter.kill()
         starter.wait()
+
+
+@pytest.mark.parametrize("tmpdir_length", [20, 120])
+def test_vllm_can_bind_its_sockets_in_the_scratch_folder_under_any_temp_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpdir_length: int) -> None:
+    # vLLM binds <scratch>/<uuid4> sockets; a long $TMPDIR (a cluster's per-job folder) would make
+    # that path longer than a Unix socket allows, so the folder then goes to /tmp.
+    temp = Path("/tmp") / ("t" * (tmpdir_length - len("/tmp/")))
+    temp.mkdir(exist_ok=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    folder = scratch_dir()
+    try:
+        assert Path(folder).parent == (temp if tmpdir_length < 50 else Path("/tmp"))
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(f"{folder}/{uuid.uuid4()}")
+    finally:
+        remove_scratch(folder)
+        temp.rmdir()
+    assert not Path(folder).exists()

@@ -39,6 +39,9 @@ DEFAULT_PYTHON = ".venv-vllm/bin/python"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SUPERVISOR = Path(__file__).with_name("supervise.py")
 SCRATCH_PREFIX = "orch-vllm-"
+# vLLM names its IPC sockets <VLLM_RPC_BASE_PATH>/<uuid4>, and a Unix socket's path holds at most
+# 107 bytes: the scratch folder's own path may take 107 - 37 of them.
+SCRATCH_PATH_MAX = 107 - 1 - 36
 LOG_TAIL_LINES = 40
 # vLLM's CPU attention kernels take blocks of a multiple of this many tokens.
 CPU_BLOCK_MULTIPLE = 32
@@ -145,8 +148,12 @@ def vllm_env() -> dict[str, str]:
 
 
 def scratch_dir() -> str:
-    """A fresh folder for one engine's temporary files."""
-    return tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+    """A fresh folder for one engine's temporary files, in the temp folder, or in /tmp where the
+    temp folder's path is too long for vLLM's socket paths."""
+    parent = tempfile.gettempdir()
+    if len(os.fsencode(os.path.join(parent, SCRATCH_PREFIX))) + 8 > SCRATCH_PATH_MAX:  # mkdtemp adds 8
+        parent = "/tmp"
+    return tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent)
 
 
 def scratch_env(folder: str) -> dict[str, str]:
