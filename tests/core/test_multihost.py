@@ -37,7 +37,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 RAY = str(Path(sys.executable).parent / "ray")
 GCS_PORT, DASHBOARD_PORT = 6379, 8265  # each namespace has its own ports: no clash with other Rays here
 WORKERS = {"w1": 1, "w2": 1, "w3": 1}  # host -> CPUs; a 2-worker training trial leaves one host spare
-FAST_HEALTH = json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 4})
+# A host cut off does not answer: each missed health check waits out its timeout (Ray's default 10 s,
+# 4 x 10 s before the node is declared dead); 2 s still lets a busy host's raylet answer.
+FAST_HEALTH = json.dumps({"health_check_period_ms": 500, "health_check_timeout_ms": 2000,
+                          "health_check_failure_threshold": 4})
 
 
 class Cluster:
