@@ -128,6 +128,17 @@ def _wait_for_engine_core(tag: str, submit: subprocess.Popen, exclude: set[int],
     raise AssertionError(f"vLLM's engine core did not start{ended}")
 
 
+def _wait_for_engine_ready(log: Path, submit: subprocess.Popen, within_s: float) -> None:
+    """Until the engine core's log (in its scratch folder) says its start-up is done."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and submit.poll() is None:
+        if log.exists() and "init engine (profile, create kv cache, warmup model) took" in log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+    raise AssertionError(f"vLLM's engine did not finish its start-up; its log:\n{tail}")
+
+
 def _alive(pids: list[int]) -> list[int]:
     return [p for p in pids if (stat := read_stat(p)) is not None and stat.alive]
 
@@ -145,12 +156,13 @@ def test_a_killed_trial_actor_leaves_no_vllm_process(tmp_path: Path) -> None:
     submit = _submit(grid, results, tag)
     try:
         first = _wait_for_engine_core(tag, submit, set(), within_s=300)
-        time.sleep(20)  # start-up done and the load running
+        scratch = Path(_environ(first)["TMPDIR"])
+        _wait_for_engine_ready(scratch / "vllm.log", submit, within_s=300)
+        time.sleep(2)  # the load running: every request is sent at once
         actor = read_stat(first).ppid
         assert "TrialRunner" in _cmdline(actor)
         vllm_pids = [p for p in _tagged(tag) if _cmdline(p).startswith("VLLM::")]
         assert len(vllm_pids) >= 2  # engine core and its CPU worker
-        scratch = Path(_environ(first)["TMPDIR"])
         assert scratch.name.startswith("orch-vllm-") and any(scratch.iterdir())  # vLLM's files are there
         os.kill(actor, signal.SIGKILL)  # no clean-up in the actor can run
         deadline = time.monotonic() + 20
