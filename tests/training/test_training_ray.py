@@ -15,6 +15,7 @@ import pytest
 
 from workloads.kind import TrialContext
 from workloads.training.kind import TrainingKind
+from workloads.training.ray_train import CONTROLLER_POLL_ENV, controller_poll_interval
 from workloads.training.tables import TABLES
 
 STEPS, EVERY = 240, 20
@@ -100,3 +101,16 @@ def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(local_ray, t
         ("valid", "rank0"), ("valid", "average"), ("test", "rank0"), ("test", "average")}
     assert summary["final_ppl"] < summary["unigram_ppl"] * 1.5  # a tiny model, a few hundred steps
     assert all(r["divergence"] >= 0 for r in evals)
+
+
+def test_ray_train_s_controller_polls_every_half_second_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate  # what fit() hands its controller
+
+    monkeypatch.delenv(CONTROLLER_POLL_ENV, raising=False)
+    with controller_poll_interval():
+        assert get_env_vars_to_propagate()[CONTROLLER_POLL_ENV] == "0.5"
+    assert CONTROLLER_POLL_ENV not in os.environ
+    monkeypatch.setenv(CONTROLLER_POLL_ENV, "3")
+    with controller_poll_interval():
+        assert get_env_vars_to_propagate()[CONTROLLER_POLL_ENV] == "3"
+    assert os.environ[CONTROLLER_POLL_ENV] == "3"
