@@ -90,3 +90,20 @@ def test_setup_as_a_user_without_sudo_names_the_missing_packages() -> None:
                                                   "install these Debian packages first: rsync openssh-server")
         done = system_deps("")  # nothing missing: no sudo needed at all
         assert done.returncode == 0 and not done.stderr
+
+
+# Tracked top-level entries the nodes never use: they stay on the submitting machine.
+LOCAL_ONLY = {".ci", ".gitignore", "README.md", "cluster.yaml", "docs"}
+
+
+def test_file_mounts_ship_the_project_but_never_a_folder_holding_the_venvs() -> None:
+    """Ray hashes every file under a mount at each `ray up`: a mount of the checkout would read its venvs."""
+    mounts = _config()["file_mounts"]
+    project = {remote.removeprefix("~/orch/"): local for remote, local in mounts.items() if remote.startswith("~/orch")}
+    assert all(remote == local for remote, local in project.items()), project  # each entry in its own place
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    top_level = {path.split("/", 1)[0] for path in tracked.splitlines()}
+    # every tracked entry either shipped or named as local-only: a new folder is a decision, not an omission
+    assert set(project) == top_level - LOCAL_ONLY, sorted(top_level ^ (set(project) | LOCAL_ONLY))
+    for local in mounts.values():  # no mount contains the venvs, the results or .git
+        assert not {".venv", ".venv-vllm", "results", ".git"} & {p.name for p in (REPO / local).glob("*")}
