@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.vllm.bench_client import VLLMBench
 from tests.vllm.shapes import TINY_SHAPE
 
 
@@ -16,3 +17,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama32")
     (folder / "config.json").write_text(json.dumps(TINY_SHAPE))
     return folder
+
+
+@pytest.fixture(scope="session")
+def vllm_bench():
+    """``vllm bench serve``'s process, shared by every cross-check: importing vLLM (~18 s here) is paid once."""
+    with VLLMBench() as bench:
+        yield bench

@@ -40,9 +40,9 @@ class Pooled:
     output_throughput: float
 
 
-def cross_check(base_url: str, model: str, tokenizer: str, load: BenchLoad, vocab_size: int,
+def cross_check(bench: VLLMBench, base_url: str, model: str, tokenizer: str, load: BenchLoad, vocab_size: int,
                 workdir: Path) -> tuple[list[tuple[ServingMetrics, dict]], dict]:
-    """vLLM's client alone (to learn its schedule), then ``RUNS`` times alongside our replay of it.
+    """vLLM's client (``bench``) alone to learn its schedule, then ``RUNS`` times alongside our replay of it.
 
     Each of our requests is sent a quarter of a mean inter-arrival time away from its twin, so
     twins do not collide (the later twin of a collision would wait one engine step), and that
@@ -52,22 +52,21 @@ def cross_check(base_url: str, model: str, tokenizer: str, load: BenchLoad, voca
     answers later). Returns the joint runs [(our metrics, vLLM's results)] and vLLM's results of
     the solo run.
     """
-    with VLLMBench() as bench:  # one process for the four runs: vLLM imports once
-        solo = bench.run(base_url, model, tokenizer, load)
-        trace = workdir / "bench-schedule.jsonl"
-        trace.write_text("".join(json.dumps(line) + "\n" for line in bench_schedule(solo)))
-        shift = 0.25 / load.request_rate
-        # Prompts as text, as vLLM's random dataset sends them (decoded random ids): the server then
-        # does the same work (tokenizing) for both clients' requests.
-        text_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        replay = build_load(LoadParams(arrival="trace", trace=str(trace), seed=0), vocab_size, text_tokenizer)
-        requests = [replace(r, arrival_s=r.arrival_s + (shift if i % 2 == 0 else -shift), prompt_token_ids=[],
-                            prompt_text=text_tokenizer.decode(r.prompt_token_ids)) for i, r in enumerate(replay)]
-        transport = HttpTransport(HttpTarget(base_url, model))
-        runs = []
-        for _ in range(RUNS):
-            theirs, records = bench.run_alongside(base_url, model, tokenizer, load, lambda: transport.run(requests, None))
-            runs.append((compute_metrics(records), theirs))
+    solo = bench.run(base_url, model, tokenizer, load)
+    trace = workdir / "bench-schedule.jsonl"
+    trace.write_text("".join(json.dumps(line) + "\n" for line in bench_schedule(solo)))
+    shift = 0.25 / load.request_rate
+    # Prompts as text, as vLLM's random dataset sends them (decoded random ids): the server then
+    # does the same work (tokenizing) for both clients' requests.
+    text_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    replay = build_load(LoadParams(arrival="trace", trace=str(trace), seed=0), vocab_size, text_tokenizer)
+    requests = [replace(r, arrival_s=r.arrival_s + (shift if i % 2 == 0 else -shift), prompt_token_ids=[],
+                        prompt_text=text_tokenizer.decode(r.prompt_token_ids)) for i, r in enumerate(replay)]
+    transport = HttpTransport(HttpTarget(base_url, model))
+    runs = []
+    for _ in range(RUNS):
+        theirs, records = bench.run_alongside(base_url, model, tokenizer, load, lambda: transport.run(requests, None))
+        runs.append((compute_metrics(records), theirs))
     return runs, solo
 
 
@@ -127,10 +126,10 @@ def comparison_table(runs: list[tuple[ServingMetrics, dict]]) -> str:
     return "\n".join(rows)
 
 
-def assert_client_agrees_with_vllm_bench(base_url: str, model: str, tokenizer: str, load: BenchLoad,
-                                         vocab_size: int, tmp_path: Path) -> None:
+def assert_client_agrees_with_vllm_bench(bench: VLLMBench, base_url: str, model: str, tokenizer: str,
+                                         load: BenchLoad, vocab_size: int, tmp_path: Path) -> None:
     """Cross-check our client against ``vllm bench serve`` on one server; fail with the differences."""
-    runs, solo = cross_check(base_url, model, tokenizer, load, vocab_size, tmp_path)
+    runs, solo = cross_check(bench, base_url, model, tokenizer, load, vocab_size, tmp_path)
     assert solo["completed"] == load.num_prompts
     assert all(theirs["completed"] == ours.completed == load.num_prompts for ours, theirs in runs)
     # We read vLLM's per-request results as vLLM does: one run pooled is its own median.

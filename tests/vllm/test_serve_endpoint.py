@@ -11,7 +11,7 @@ import pytest
 from backends.kvcache.config import EngineConfig
 from backends.kvcache.vllm.model_folder import dummy_folder
 from backends.network.ports import free_port
-from tests.vllm.bench_client import BenchLoad
+from tests.vllm.bench_client import BenchLoad, VLLMBench
 from tests.vllm.crosscheck import assert_client_agrees_with_vllm_bench
 from tests.vllm.shapes import TINY_SHAPE
 
@@ -79,6 +79,7 @@ def test_stream_matches_the_openai_format(endpoint: str) -> None:
     assert chunks[-1]["usage"]["completion_tokens"] == 3
 
 
-def test_vllm_bench_serve_agrees_with_our_client_on_our_endpoint(endpoint: str, tmp_path: Path) -> None:
+def test_vllm_bench_serve_agrees_with_our_client_on_our_endpoint(endpoint: str, vllm_bench: VLLMBench,
+                                                                  tmp_path: Path) -> None:
     tokenizer = dummy_folder(TINY_SHAPE, "float32").path
-    assert_client_agrees_with_vllm_bench(endpoint, APP, str(tokenizer), LOAD, TINY_SHAPE["vocab_size"], tmp_path)
+    assert_client_agrees_with_vllm_bench(vllm_bench, endpoint, APP, str(tokenizer), LOAD, TINY_SHAPE["vocab_size"], tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vllm.bench_client import BenchLoad
+from tests.vllm.bench_client import BenchLoad, VLLMBench
 from tests.vllm.crosscheck import assert_client_agrees_with_vllm_bench
 from workloads.kind import TrialContext
 from workloads.serving.kind import ServingKind, ServingSession
@@ -73,8 +73,9 @@ def test_vllm_serves_http_only(vllm_system: VLLMSystem) -> None:
     assert vllm_system.tokenizer() is None and vllm_system.vocab_size == 512
 
 
-def test_our_client_agrees_with_vllm_bench_serve(vllm_system: VLLMSystem, tmp_path: Path) -> None:
-    assert_client_agrees_with_vllm_bench(vllm_system.base_url, SERVED_NAME, str(vllm_system.folder.path), LOAD,
+def test_our_client_agrees_with_vllm_bench_serve(vllm_system: VLLMSystem, vllm_bench: VLLMBench,
+                                                 tmp_path: Path) -> None:
+    assert_client_agrees_with_vllm_bench(vllm_bench, vllm_system.base_url, SERVED_NAME, str(vllm_system.folder.path), LOAD,
                                          vllm_system.vocab_size, tmp_path)
 
 
