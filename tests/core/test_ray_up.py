@@ -15,6 +15,8 @@ down at the end, also on failure (namespaces, sshd, Ray, the user and its sudoer
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import pwd
 import shutil
@@ -66,8 +68,27 @@ SUDOERS = Path("/etc/sudoers.d")
 
 
 def _remove_user(name: str) -> None:
+    """The user, its sudoers file, and what its processes left in /tmp (Ray's SSH control folders,
+    multiprocessing's temporary folders): its uid may go to the next test's user."""
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        uid = None
     subprocess.run(["userdel", name], capture_output=True)
     (SUDOERS / name).unlink(missing_ok=True)
+    for entry in _tmp_entries_of(uid) if uid is not None else ():
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _tmp_entries_of(uid: int) -> list[Path]:
+    """The entries of /tmp that ``uid`` owns (others' may come and go meanwhile)."""
+    owned = []
+    for entry in Path("/tmp").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if entry.lstat().st_uid == uid:
+                owned.append(entry)
+    return owned
 
 
 def _add_user(name: str, home: Path) -> None:
@@ -265,8 +286,15 @@ def test_ray_up_submit_and_ray_down_over_ssh_as_a_normal_user(tmp_path: Path) ->
         shutil.rmtree(root, ignore_errors=True)
         for state in Path("/tmp/ray").glob(f"cluster-{name}.*"):  # the local provider's node state on this side
             state.unlink(missing_ok=True)
+        # `ray up`'s SSH control folder for this cluster on this side (/tmp/ray_ssh_<user>/<cluster>)
+        for control in Path("/tmp").glob(f"ray_ssh_*/{hashlib.sha256(name.encode()).hexdigest()[:10]}"):
+            shutil.rmtree(control, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                control.parent.rmdir()  # when no other cluster's folder is left in it
         for cache in Path("/tmp").glob("ray-config-*"):  # `ray down`'s cached copy of this config
             if name in cache.read_text(errors="replace"):
                 cache.unlink(missing_ok=True)
     assert not leftovers(net.token), "the namespace hosts were not torn down"
     assert user not in {entry.pw_name for entry in pwd.getpwall()} and not (SUDOERS / user).exists()
+    assert not list(Path("/tmp").glob(f"ray_ssh_*/{hashlib.sha256(name.encode()).hexdigest()[:10]}"))
+    assert not _tmp_entries_of(uid)  # nor what the user's processes left in /tmp
