@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from backends.network import interface_counters
-from backends.network.ports import free_port
 from workloads.training.loop import WorkerEnv, load_rank_state
 
 
@@ -56,11 +54,13 @@ class LocalEnv(WorkerEnv):
 
 
 def _entry(
-    rank: int, world_size: int, port: int, outdir: str, threads: int, fn: Callable[..., Any], args: tuple
+    rank: int, world_size: int, outdir: str, threads: int, fn: Callable[..., Any], args: tuple
 ) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # Rendezvous through a file, not a port picked in advance: another process could take that port
+    # in the seconds before rank 0 binds it (a spawned process imports torch first).
+    dist.init_process_group("gloo", init_method=f"file://{Path(outdir) / 'rendezvous'}", rank=rank,
+                            world_size=world_size)
     try:
         torch.save(fn(rank, world_size, *args), Path(outdir) / f"rank{rank}.pt")
     finally:
@@ -68,10 +68,10 @@ def _entry(
 
 
 def spawn_gloo_group(world_size: int, fn: Callable[..., Any], *args: Any, threads: int = 1) -> list[Any]:
-    """Run fn(rank, world_size, *args) in ``world_size`` spawned CPU processes joined by gloo on
-    127.0.0.1; returns their results in rank order (``fn`` must be importable by name)."""
+    """Run fn(rank, world_size, *args) in ``world_size`` spawned CPU processes joined by gloo;
+    returns their results in rank order (``fn`` must be importable by name)."""
     with tempfile.TemporaryDirectory() as outdir:
         mp.start_processes(
-            _entry, args=(world_size, free_port(), outdir, threads, fn, args), nprocs=world_size, start_method="spawn"
+            _entry, args=(world_size, outdir, threads, fn, args), nprocs=world_size, start_method="spawn"
         )
         return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
