@@ -81,6 +81,11 @@ def _remove_user(name: str) -> None:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
+def _ssh_control_folders(cluster: str) -> list[Path]:
+    """`ray up`'s SSH control folders of ``cluster`` on this side (/tmp/ray_ssh_<user>/<cluster hash>)."""
+    return list(Path("/tmp").glob(f"ray_ssh_*/{hashlib.sha256(cluster.encode()).hexdigest()[:10]}"))
+
+
 def _tmp_entries_of(uid: int) -> list[Path]:
     """The entries of /tmp that ``uid`` owns (others' may come and go meanwhile)."""
     owned = []
@@ -286,8 +291,7 @@ def test_ray_up_submit_and_ray_down_over_ssh_as_a_normal_user(tmp_path: Path) ->
         shutil.rmtree(root, ignore_errors=True)
         for state in Path("/tmp/ray").glob(f"cluster-{name}.*"):  # the local provider's node state on this side
             state.unlink(missing_ok=True)
-        # `ray up`'s SSH control folder for this cluster on this side (/tmp/ray_ssh_<user>/<cluster>)
-        for control in Path("/tmp").glob(f"ray_ssh_*/{hashlib.sha256(name.encode()).hexdigest()[:10]}"):
+        for control in _ssh_control_folders(name):
             shutil.rmtree(control, ignore_errors=True)
             with contextlib.suppress(OSError):
                 control.parent.rmdir()  # when no other cluster's folder is left in it
@@ -296,5 +300,5 @@ def test_ray_up_submit_and_ray_down_over_ssh_as_a_normal_user(tmp_path: Path) ->
                 cache.unlink(missing_ok=True)
     assert not leftovers(net.token), "the namespace hosts were not torn down"
     assert user not in {entry.pw_name for entry in pwd.getpwall()} and not (SUDOERS / user).exists()
-    assert not list(Path("/tmp").glob(f"ray_ssh_*/{hashlib.sha256(name.encode()).hexdigest()[:10]}"))
+    assert not _ssh_control_folders(name)
     assert not _tmp_entries_of(uid)  # nor what the user's processes left in /tmp
