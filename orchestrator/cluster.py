@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from backends.network.ports import free_port
 from orchestrator import access
@@ -185,9 +188,37 @@ def check_cluster(kind: TrialKind, trials: list[Trial]) -> None:
             raise SpecError(f"trial {trial.trial_id}: {exc}") from None
 
 
+def _multiprocessing_folders() -> set[Path]:
+    """The folders multiprocessing made in the temp dir (``pymp-*``) that hold a socket of one of
+    this process's descendants (an embedded cluster's processes: orch's driver starts no others).
+
+    Ray's dashboard starts its modules through a multiprocessing forkserver, whose socket lives in
+    such a folder; shutdown orphans the forkserver, which exits without removing it.
+    """
+    import psutil
+
+    temp = Path(tempfile.gettempdir()).resolve()
+    folders: set[Path] = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            sockets = process.net_connections(kind="unix")
+        except psutil.Error:
+            continue  # gone, or not ours to read
+        for sock in sockets:
+            path = Path(sock.laddr) if isinstance(sock.laddr, str) and sock.laddr.startswith("/") else None
+            if path is not None and path.parent.parent == temp and path.parent.name.startswith("pymp-"):
+                folders.add(path.parent)
+    return folders
+
+
 def disconnect() -> None:
-    """Detach from Ray; an embedded cluster this process started stops with it."""
+    """Detach from Ray; an embedded cluster this process started stops with it, leaving nothing in /tmp."""
     import ray
 
     if ray.is_initialized():
+        # Only an embedded cluster's processes are this process's descendants; once it is shut
+        # down, nothing connects to their sockets again (a forkserver may take seconds to exit).
+        leftovers = _multiprocessing_folders()
         ray.shutdown()
+        for folder in leftovers:
+            shutil.rmtree(folder, ignore_errors=True)

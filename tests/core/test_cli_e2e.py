@@ -21,10 +21,11 @@ from tests.support.procs import stop_group
 pytestmark = pytest.mark.slow
 
 
-def _start(grid: Path, results: Path, *extra: str) -> subprocess.Popen:
+def _start(grid: Path, results: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [*ORCH, "submit", str(grid), "--results", str(results), "--num-cpus", "2", *extra],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=None if env is None else os.environ | env,
     )
 
 
@@ -134,10 +135,18 @@ def test_orch_ui_serves_the_mlflow_ui_on_loopback(tmp_path: Path) -> None:
 
 def test_two_experiments_submitted_side_by_side_both_complete(tmp_path: Path) -> None:
     results = tmp_path / "r"
-    first = _start(write_grid(tmp_path, "a.yaml", experiment="left", grid={"x": [1, 2]}, base={"sleep_s": 8.0}), results)
+    # Their own temp dir (Ray's session stays in /tmp/ray: its socket paths have a length limit),
+    # to see what the two embedded Rays leave there.
+    temp = tmp_path / "t"
+    temp.mkdir()
+    env = {"TMPDIR": str(temp), "RAY_TMPDIR": "/tmp"}
+    first = _start(write_grid(tmp_path, "a.yaml", experiment="left", grid={"x": [1, 2]}, base={"sleep_s": 8.0}),
+                   results, env=env)
     try:
         _wait_for(lambda: _states(results, "left").get("running") == 2, what="the first submission's trials")
-        second = _start(write_grid(tmp_path, "b.yaml", experiment="right", grid={"x": [1, 2]}), results)
+        # the dashboard's forkserver has its socket in a multiprocessing folder of the temp dir
+        assert list(temp.glob("pymp-*/listener-*"))
+        second = _start(write_grid(tmp_path, "b.yaml", experiment="right", grid={"x": [1, 2]}), results, env=env)
         try:
             out_second, _ = second.communicate(timeout=240)
             out_first, _ = first.communicate(timeout=240)
@@ -149,3 +158,5 @@ def test_two_experiments_submitted_side_by_side_both_complete(tmp_path: Path) ->
     # the second embedded Ray found the dashboard port taken and started beside the first
     assert "embedded Ray started beside another Ray on this machine (port 8265 is taken)" in out_second
     assert _states(results, "left") == {"done": 2} and _states(results, "right") == {"done": 2}
+    # each driver removed its Ray's multiprocessing folder (Ray leaves it behind)
+    assert list(temp.glob("pymp-*")) == []
