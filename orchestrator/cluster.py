@@ -178,9 +178,9 @@ def alive_nodes() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
-def check_cluster(kind: TrialKind, trials: list[Trial]) -> None:
-    """Ask the kind whether this cluster can run each trial; SpecError (one line) if not."""
-    nodes = alive_nodes()
+def check_cluster(kind: TrialKind, trials: list[Trial], nodes: list[dict[str, float]]) -> None:
+    """Ask the kind whether a cluster of these nodes (each one's resources) can run each trial;
+    SpecError (one line) if not."""
     for trial in trials:
         try:
             kind.check_cluster(kind.params_model.model_validate(trial.params), nodes)

@@ -182,10 +182,15 @@ def test_bad_access_is_refused_with_one_line_each(cluster: Cluster, tmp_path: Pa
     assert "needs CPU=2, which no node can hold" in line
     for name in WORKERS:
         assert f"node {cluster.hosts[name].address}: CPU=1 " in line and f"host_{name}=1" in line
+    # so is a training grid without storage_path on a cluster of several nodes (the kind's check_cluster)
+    training = REPO / "grids" / "quickstart-training.yaml"
+    line = _error_line(cluster.orch("submit", str(training), "--address", cluster.jobs_address))
+    assert f"training on a cluster of {len(WORKERS) + 1} nodes needs storage_path" in line
     token = (cluster.root / "tokens" / cluster.head).read_text().strip()
     jobs = httpx.get(f"{cluster.jobs_address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert isinstance(jobs.json(), list)
-    assert not [j for j in jobs.json() if (j.get("metadata") or {}).get("orch.experiment") == "too-big"]
+    submitted = {(j.get("metadata") or {}).get("orch.experiment") for j in jobs.json()}
+    assert not submitted & {"too-big", "quickstart-training"}
 
 
 def test_the_token_goes_only_to_its_own_cluster(cluster: Cluster) -> None:
