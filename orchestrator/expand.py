@@ -147,11 +147,16 @@ def _combinations(spec: GridSpec) -> list[tuple[dict[str, Any], dict[str, str]]]
     return combos
 
 
-def _source_of(loc: tuple[Any, ...], sources: dict[str, str]) -> str:
+def _source_of(loc: tuple[Any, ...], sources: dict[str, str], values: dict[str, Any]) -> str:
+    """Where an error is: the axis or base key, or a section checked as a whole with the axis values in it."""
     dotted = ".".join(str(p) for p in loc)
     for key, section in sources.items():
         if dotted == key or dotted.startswith(key + "."):
             return f"{section}.{dotted}"
+    # A check across keys (a model validator): name the axis values that took part.
+    inside = [f"{k}={v}" for k, v in values.items() if not dotted or k.startswith(dotted + ".")]
+    if inside:
+        return f"{dotted or 'trial'} (with {', '.join(inside)})"
     return f"base.{dotted}" if dotted else "base"
 
 
@@ -183,7 +188,7 @@ def expand(spec: GridSpec, kind: TrialKind, source: str = "grid") -> list[Trial]
         try:
             canonical = canonical_params(validate_params(kind, params))
         except ValidationError as exc:
-            raise SpecError(f"{source}: {_source_of(exc.errors()[0]['loc'], sources)}: {_message(exc)}") from None
+            raise SpecError(f"{source}: {_source_of(exc.errors()[0]['loc'], sources, values)}: {_message(exc)}") from None
         except SpecError:
             raise
         except ValueError as exc:

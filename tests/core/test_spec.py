@@ -101,6 +101,20 @@ KIND_ERRORS = [
 ]
 
 
+def test_a_check_across_keys_names_the_axis_values_of_the_trial_it_refuses(tmp_path: Path) -> None:
+    from workloads.serving.kind import ServingKind
+
+    path = tmp_path / "g.yaml"
+    path.write_text("experiment: e\nkind: serving\ngrid:\n  backend: [full, h2o]\n"
+                    "  policy.kv_budget: [0.5]\n  policy.recent_ratio: [0.1]\n")
+    with pytest.raises(SpecError) as err:
+        expand(load_spec(path), ServingKind(), str(path))
+    # full takes kv_budget alone; h2o would ignore it beside recent_ratio
+    assert str(err.value) == (f"{path}: trial (with backend=h2o, policy.kv_budget=0.5, policy.recent_ratio=0.1): "
+                              "policy 'h2o': give kv_budget (split evenly into heavy and recent) or recent_ratio, "
+                              "not both")
+
+
 @pytest.mark.parametrize(("fields", "message"), KIND_ERRORS)
 def test_kind_parameter_errors_name_the_grid_section(tmp_path: Path, fields: dict, message: str) -> None:
     path = write_grid(tmp_path, **({"grid": {"y": [0]}} | fields))

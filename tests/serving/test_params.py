@@ -24,6 +24,17 @@ def test_backend_as_name_or_mapping() -> None:
         ({"load": {"arrival": "trace"}}, "needs load.trace"),
         ({"percentiles": [50, 101]}, "percentiles must be"),
         ({"quality": {"text_len": 32, "prompt_len": 32}}, "prompt_len must be smaller"),
+        # combinations a trial could not run (or would ignore) are refused here, not at engine build
+        ({"backend": "h2o", "policy": {"kv_budget": 0.5, "recent_ratio": 0.1}},
+         r"policy 'h2o': give kv_budget \(split evenly into heavy and recent\) or recent_ratio, not both"),
+        ({"backend": "h2o", "policy": {"kv_budget": 0.2, "heavy_tokens": 5}},
+         r"policy 'h2o': give the budget as fractions \(kv_budget\) or as token counts \(heavy_tokens\)"),
+        ({"backend": "streaming", "policy": {"kv_budget": 0.2, "kv_budget_tokens": 64}},
+         "policy 'streaming': give kv_budget .* or kv_budget_tokens .*, not both"),
+        ({"engine": {"kv_cache_bytes": 10**6, "kv_cache_blocks": 10}},
+         "give engine.kv_cache_bytes or engine.kv_cache_blocks, not both"),
+        ({"load": {"output_dist": "uniform", "output_spread": 1.5}},
+         r"load.output_spread must be in \[0, 1\] for output_dist 'uniform'"),
     ],
 )
 def test_bad_parameters_are_rejected_with_the_reason(raw: dict, message: str) -> None:
@@ -42,11 +53,14 @@ def test_quality_defaults_to_lossy_policies_with_real_weights() -> None:
 
 
 def test_shared_policy_section_gives_each_policy_its_own_knobs() -> None:
-    raw = {"policy": {"kv_budget": 0.2, "heavy_ratio": 0.1, "sink_tokens": 2}, "engine": {"max_num_seqs": 3}}
+    raw = {"policy": {"min_tokens": 8, "heavy_ratio": 0.1, "recent_ratio": 0.2, "sink_tokens": 2},
+           "engine": {"max_num_seqs": 3}}
     h2o = engine_config(ServingParams.model_validate({**raw, "backend": "h2o"}))
     streaming = engine_config(ServingParams.model_validate({**raw, "backend": "streaming"}))
-    assert h2o.policy_params == {"kv_budget": 0.2, "heavy_ratio": 0.1}
-    assert streaming.policy_params == {"kv_budget": 0.2, "sink_tokens": 2}
+    assert h2o.policy_params == {"min_tokens": 8, "heavy_ratio": 0.1, "recent_ratio": 0.2}
+    assert streaming.policy_params == {"min_tokens": 8, "sink_tokens": 2}
+    # a knob of another policy on the axis is not checked against this one
+    assert ServingParams.model_validate({**raw, "backend": "full"}).policy_knobs("full") == {"min_tokens": 8}
     assert h2o.max_num_seqs == 3 and h2o.policy == "h2o"
     # The full-cache reference for quality keeps every token.
     assert engine_config(ServingParams.model_validate({**raw, "backend": "h2o"}), policy="full").policy_params == {}

@@ -97,6 +97,12 @@ class EngineParams(Section):
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     enable_prefix_caching: bool = False
 
+    @model_validator(mode="after")
+    def _one_cache_size(self) -> EngineParams:
+        if self.kv_cache_bytes is not None and self.kv_cache_blocks is not None:
+            raise ValueError("give engine.kv_cache_bytes or engine.kv_cache_blocks, not both")
+        return self
+
 
 class NeedleParams(Section):
     """The needle-retrieval prompts of ``load.prompt_source: needle`` (workloads/serving/load/needle.py)."""
@@ -155,6 +161,11 @@ class LoadParams(Section):
             raise ValueError("load.needle is only read when load.prompt_source is 'needle'")
         if self.arrival == "gamma" and math.isinf(self.burstiness):
             raise ValueError("load.burstiness must be finite for 'gamma'; use arrival 'constant'")
+        for side in ("input", "output"):
+            spread = getattr(self, f"{side}_spread")
+            if getattr(self, f"{side}_dist") == "uniform" and spread > 1:
+                raise ValueError(f"load.{side}_spread must be in [0, 1] for {side}_dist 'uniform' "
+                                 f"(lengths in mean*(1 +- spread)); got {spread:g}")
         return self
 
 
@@ -223,6 +234,25 @@ class ServingParams(KindParams):
         if bad or not values:
             raise ValueError(f"percentiles must be a non-empty list of numbers in [0, 100]; got {values}")
         return values
+
+    @model_validator(mode="after")
+    def _knobs_fit_the_policy(self) -> ServingParams:
+        # The union section checks each knob alone; the policy's own model checks how they combine
+        # (h2o: fractions or counts), so a grid is refused here, not when a trial builds its engine.
+        policy = POLICIES.get(self.backend.name)
+        if policy is not None:
+            policy.params_model.resolve(policy.name, self.policy_knobs(policy.name))
+        return self
+
+    def policy_knobs(self, policy: str) -> dict[str, Any]:
+        """The ``policy.*`` knobs that were set and that ``policy`` takes.
+
+        A grid sets one ``policy`` section for a whole ``backend`` axis (say ``kv_budget`` for
+        full, h2o and streaming alike); each policy gets the knobs it has. Misspelled knobs never
+        get here: ``PolicyParams`` rejects unknown keys.
+        """
+        accepted = POLICIES[policy].params_model.model_fields if policy in POLICIES else {}
+        return {k: v for k, v in self.policy.engine_params().items() if k in accepted}
 
     def quality_enabled(self) -> bool:
         """Whether this trial measures quality (explicit setting, else lossy policy + real weights).

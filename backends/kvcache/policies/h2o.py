@@ -45,6 +45,9 @@ class H2OKnobs(PolicyKnobs):
         counts = sorted(given & {"heavy_tokens", "recent_tokens"})
         if "kv_budget_tokens" in given and counts:
             raise ValueError(f"give kv_budget_tokens or {'/'.join(counts)}, not both")
+        if "kv_budget" in given and len(fractions) > 1:
+            raise ValueError(f"give kv_budget (split evenly into heavy and recent) or "
+                             f"{'/'.join(f for f in fractions if f != 'kv_budget')}, not both")
         if fractions and (counts or "kv_budget_tokens" in given):
             raise ValueError(f"give the budget as fractions ({', '.join(fractions)}) or as token counts "
                              f"({', '.join(counts or ['kv_budget_tokens'])}), not both")

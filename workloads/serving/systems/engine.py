@@ -24,17 +24,6 @@ from workloads.serving.transports.http import HttpTarget, HttpTransport
 from workloads.serving.transports.prometheus import PrometheusStepSampler
 
 
-def policy_params_for(policy: str, params: ServingParams) -> dict[str, Any]:
-    """The grid's ``policy.*`` knobs that ``policy`` takes.
-
-    A grid sets one ``policy`` section for a whole ``backend`` axis (say ``kv_budget`` for
-    full, h2o and streaming alike); each policy gets the knobs it has. Misspelled knobs never
-    get here: ``PolicyParams`` rejects unknown keys.
-    """
-    accepted = POLICIES[policy].params_model.model_fields if policy in POLICIES else {}
-    return {k: v for k, v in params.policy.engine_params().items() if k in accepted}
-
-
 def engine_config(params: ServingParams, policy: str | None = None) -> Any:
     """The ``EngineConfig`` a trial's parameters describe (``policy`` overrides the backend's)."""
     from backends.kvcache.config import EngineConfig
@@ -47,7 +36,7 @@ def engine_config(params: ServingParams, policy: str | None = None) -> Any:
         device=params.device,
         policy=policy,
         # The full-cache reference of a quality measurement keeps every token.
-        policy_params=policy_params_for(policy, params) if policy == params.backend.name else {},
+        policy_params=params.policy_knobs(policy) if policy == params.backend.name else {},
         kv_cache_bytes=params.engine.kv_cache_bytes,
         kv_cache_blocks=params.engine.kv_cache_blocks,
         **({"block_size": params.engine.block_size} if params.engine.block_size is not None else {}),
