@@ -274,7 +274,7 @@ class Submission:
 
     # -- recording -----------------------------------------------------------------------------
     def _params_for(self, trial: Trial) -> list:
-        return self.param_columns.columns(flatten(trial.params), taken=set())
+        return self.param_columns.columns(flatten(trial.params))
 
     def _record(self, trial: Trial, result: TrialResult) -> None:
         """Write a finished attempt: Parquet first, then the manifest, then MLflow (async)."""

@@ -107,13 +107,12 @@ class ParamColumns:
         types = {k: _arrow_type(flat.get(k) for flat in flat_params) for k in keys}
         return cls(names=names, types=types)
 
-    def columns(self, flat: dict[str, Any], taken: set[str]) -> list[tuple[pa.Field, Any]]:
-        """(field, value) pairs for one trial, skipping names the table already has."""
+    def columns(self, flat: dict[str, Any]) -> list[tuple[pa.Field, Any]]:
+        """(field, value) pairs for one trial (``write_table`` skips names its table already has)."""
         out = []
         for key, name in self.names.items():
-            column = name if name not in taken else f"param_{name}"
             arrow_type = self.types[key]
-            field = pa.field(column, arrow_type, metadata={PARAM_FIELD_KEY: key.encode()})
+            field = pa.field(name, arrow_type, metadata={PARAM_FIELD_KEY: key.encode()})
             out.append((field, _param_value(flat.get(key), arrow_type)))
         return out
 
@@ -192,7 +191,8 @@ class ExperimentStore:
         schema: pa.Schema | None,
         params: list[tuple[pa.Field, Any]] | None = None,
     ) -> Path:
-        """Conform and write one trial's table; ``params`` are constant columns appended."""
+        """Conform and write one trial's table; ``params`` are constant columns appended, except
+        where the table has a column of that name: its own value (what the trial ran) wins."""
         table = conform(table, schema)
         metadata = table.schema.metadata
         columns = [pa.array([self.experiment] * table.num_rows, pa.string())]

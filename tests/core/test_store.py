@@ -28,7 +28,7 @@ def _write_two_trials(root: Path) -> ExperimentStore:
         requests = pa.table({"request_id": ["r0", "r1"], "ttft_s": [ttft, ttft * 2], "itl_s": [[0.01, 0.02], [0.03]]})
         store.write_table("requests", trial_id, requests, REQUESTS)
         summary = pa.table({"score": [1], "steps": [3], "pid": [1], "opened": [1]})
-        store.write_table("toy_summary", trial_id, summary, TOY_SUMMARY, columns.columns(params, taken=set()))
+        store.write_table("toy_summary", trial_id, summary, TOY_SUMMARY, columns.columns(params))
     return store
 
 
@@ -64,6 +64,16 @@ def test_full_schema_with_version_and_typed_param_columns(tmp_path: Path) -> Non
     assert both.schema.field("rate").type == pa.float64()
 
 
+def test_a_parameter_named_like_a_column_of_the_table_leaves_the_table_value(tmp_path: Path) -> None:
+    store = ExperimentStore(tmp_path, "exp")
+    params = {"steps": 5, "load.rate": 1}  # the grid asked for 5 steps; the trial reports the 3 it ran
+    summary = pa.table({"score": [1], "steps": [3], "pid": [1], "opened": [1]})
+    store.write_table("toy_summary", "a-0", summary, TOY_SUMMARY, ParamColumns.from_params([params]).columns(params))
+    written = pq.read_table(store.table_file("toy_summary", "a-0"))
+    assert written.column_names.count("steps") == 1 and written.column("steps").to_pylist() == [3]
+    assert written.column("rate").to_pylist() == [1] and not [c for c in written.column_names if c.startswith("param_")]
+
+
 def test_param_columns_disambiguate_leaf_collisions() -> None:
     columns = ParamColumns.from_params([{"policy.kv_budget": 0.2, "engine.kv_budget": 1, "model": "m", "backend.name": "h2o"}])
     assert columns.names == {"policy.kv_budget": "policy_kv_budget", "engine.kv_budget": "engine_kv_budget", "model": "model",
@@ -79,7 +89,7 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
 
 
 def _summary(store: ExperimentStore, trial_id: str, params: dict) -> None:
-    columns = ParamColumns.from_params([params]).columns(params, taken=set())
+    columns = ParamColumns.from_params([params]).columns(params)
     store.write_table("toy_summary", trial_id, pa.table({"score": [1.0]}), TOY_SUMMARY, columns)
 
 

@@ -35,7 +35,7 @@ def _write(store: ExperimentStore, kind: str, axes: list[str], trials: list[tupl
         flat = flatten(params)
         for name, table in tables.items():
             store.write_table(name, trial_id, table, schemas[name],
-                              columns.columns(flat, set()) if name.endswith("_summary") else None)
+                              columns.columns(flat) if name.endswith("_summary") else None)
         manifest["trials"][trial_id] = {"state": "done", "params": params, "repeat": repeat, "attempts": 1,
                                         "axes": {a: flat[a] for a in axes}}
     store.save_manifest(manifest)
