@@ -204,7 +204,7 @@ def _run_here(spec: GridSpec, kind: Any, trials: list[Any], store: ExperimentSto
     progress.event(connected)
     begin = time.time()
     try:
-        cluster.check_cluster(kind, trials, cluster.alive_nodes())
+        cluster.check_cluster(kind, trials, cluster.alive_nodes(), host=True)
         tracker = Tracker(store, tracking_uri)
         outcome = Submission(spec, kind, trials, store, tracker, progress, grid_file=str(grid)).run()
     finally:

@@ -178,12 +178,15 @@ def alive_nodes() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
-def check_cluster(kind: TrialKind, trials: list[Trial], nodes: list[dict[str, float]]) -> None:
-    """Ask the kind whether a cluster of these nodes (each one's resources) can run each trial;
-    SpecError (one line) if not."""
+def check_cluster(kind: TrialKind, trials: list[Trial], nodes: list[dict[str, float]], host: bool) -> None:
+    """Ask the kind whether a cluster of these nodes (each one's resources) can run each trial and,
+    with ``host`` (the driver runs here), whether this machine can set it up; SpecError (one line) if not."""
     for trial in trials:
+        params = kind.params_model.model_validate(trial.params)
         try:
-            kind.check_cluster(kind.params_model.model_validate(trial.params), nodes)
+            kind.check_cluster(params, nodes)
+            if host:
+                kind.check_host(params)
         except ValueError as exc:
             raise SpecError(f"trial {trial.trial_id}: {exc}") from None
 

@@ -191,11 +191,12 @@ def cluster_nodes(target: JobsTarget, settle_s: float = 20.0) -> list[tuple[str,
 
 def check_placeable(target: JobsTarget, kind: Any, trials: list[Any]) -> None:
     """Refuse, before submitting, a grid with a trial that no node of the cluster can hold (PlacementError)
-    or that the kind says this cluster cannot run (SpecError), as a driver on the cluster would."""
+    or that the kind says this cluster cannot run (SpecError); what the head's own machine must offer
+    (``check_host``) its driver checks there."""
     from orchestrator.cluster import check_cluster
     from orchestrator.placement import check_placeable as check
     from orchestrator.placement import trial_needs
 
     nodes = cluster_nodes(target)
     check({trial.trial_id: trial_needs(kind, trial) for trial in trials}, nodes)
-    check_cluster(kind, trials, [resources for _address, resources in nodes])
+    check_cluster(kind, trials, [resources for _address, resources in nodes], host=False)

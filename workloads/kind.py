@@ -87,8 +87,16 @@ class TrialKind(ABC):
 
     def check_cluster(self, params: KindParams, nodes: list[dict[str, float]]) -> None:
         """Refuse, at submit time, a trial this cluster cannot run: raise ValueError with one line
-        saying what is missing. ``nodes``: each alive node's resources. Default: accept."""
+        saying what is missing. ``nodes``: each alive node's resources. Default: accept.
+
+        It may run away from the cluster (``orch submit --address http://HEAD:8265`` checks
+        before submitting the job): what the machine itself must offer goes in ``check_host``."""
         del params, nodes
+
+    def check_host(self, params: KindParams) -> None:
+        """Refuse, where the driver runs, a trial this machine cannot set up (ValueError, one line).
+        Default: accept."""
+        del params
 
     def open(self, params: KindParams) -> Any:
         """Build what trials of one engine group share (e.g. a loaded model). Default: nothing."""

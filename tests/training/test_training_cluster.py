@@ -120,6 +120,23 @@ def test_storage_is_needed_on_several_nodes_only() -> None:
         TrainingParams.model_validate({"steps": 1, "storage_path": "shared/runs"})
 
 
+def test_what_the_host_must_offer_is_checked_only_where_the_driver_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Jobs API submit checks the cluster's shape on the submitting machine; a network trial's
+    needs (root, tc, netem) are those of the head, where its driver checks them."""
+    import backends.network
+
+    def unsupported(shape):
+        raise backends.network.NetworkError("needs root")
+
+    monkeypatch.setattr(backends.network, "check_support", unsupported)
+    kind = TrainingKind()
+    params = TrainingParams.model_validate({"steps": 1, "network": {"latency_ms": 5.0}})
+    kind.check_cluster(params, [{"CPU": 2}, {"CPU": 2}])  # network trials need no shared storage either
+    with pytest.raises(ValueError, match="network: needs root"):
+        kind.check_host(params)
+    kind.check_host(TrainingParams.model_validate({"steps": 1}))
+
+
 @pytest.mark.slow
 def test_submitting_training_to_two_nodes_without_storage_is_refused(tmp_path: Path) -> None:
     import ray

@@ -41,6 +41,16 @@ class TrainingKind(TrialKind):
     def check_cluster(self, params: KindParams, nodes: list[dict[str, float]]) -> None:
         """Several nodes: Ray Train's checkpoints need a storage_path that every node reaches."""
         assert isinstance(params, TrainingParams)
+        if len(nodes) > 1 and params.storage_path is None and params.network is None:
+            raise ValueError(
+                f"training on a cluster of {len(nodes)} nodes needs storage_path (a folder every node mounts, "
+                "or a URI such as s3://bucket/dir): Ray Train refuses a node-local folder once a worker on "
+                "another node reports a checkpoint (docs/training.md)"
+            )
+
+    def check_host(self, params: KindParams) -> None:
+        """A network trial builds namespaces and shaped links on the driver's host: root, tc, netem."""
+        assert isinstance(params, TrainingParams)
         if params.network is not None:
             from backends.network import LinkShape, NetworkError, check_support
 
@@ -48,12 +58,6 @@ class TrainingKind(TrialKind):
                 check_support(LinkShape(**params.network.model_dump()))
             except NetworkError as exc:
                 raise ValueError(f"network: {exc}") from None
-        if len(nodes) > 1 and params.storage_path is None and params.network is None:
-            raise ValueError(
-                f"training on a cluster of {len(nodes)} nodes needs storage_path (a folder every node mounts, "
-                "or a URI such as s3://bucket/dir): Ray Train refuses a node-local folder once a worker on "
-                "another node reports a checkpoint (docs/training.md)"
-            )
 
     def run(self, session: Any, params: KindParams, ctx: TrialContext) -> TrialOutput:
         """Train with Ray Train (resuming from the trial's checkpoints) and tabulate the ranks' rows."""
