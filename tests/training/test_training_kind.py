@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -33,11 +35,32 @@ def test_kind_is_registered_and_holds_no_resources_itself() -> None:
         ({"workload": "rnn"}, "allowed: cnn, lstm"),
         ({"network": {"bandwidth_gbit": 1}, "use_gpu": True}, "use_gpu: false"),
         ({"network": {"bandwidth_gbit": 0}}, "bandwidth_gbit"),
+        # what a worker would only find out when building the model, or would silently ignore
+        ({"model": {"tied": True, "embed": 200}}, r"model.tied needs model.embed == model.hidden .*embed 200, hidden 650"),
+        ({"workload": "cnn", "target_ppl": 100}, "workload 'cnn' reports no perplexity: set target_accuracy"),
+        ({"target_ppl": 100, "target_accuracy": 0.5}, "at most one of target_ppl or target_accuracy"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_bad_parameters_are_rejected_with_the_key(bad: dict, where: str) -> None:
     with pytest.raises(ValidationError, match=where):
         TrainingParams.model_validate(bad)
+
+
+def test_a_workload_takes_only_the_keys_it_reads() -> None:
+    # tied widths and the target are the lstm's; cnn takes its own target and ignores tied
+    assert TrainingParams.model_validate({"workload": "cnn", "model": {"tied": True, "embed": 3},
+                                          "target_accuracy": 0.8}).target_accuracy == 0.8
+    assert TrainingParams.model_validate({"model": {"tied": True, "embed": 64, "hidden": 64}}).model.tied
+
+
+def test_a_worker_share_without_a_single_step_fails_with_the_reason() -> None:
+    from workloads.training.local import LocalEnv
+    from workloads.training.loop import TrainingRun
+
+    params = TrainingParams.model_validate({"workload": "cnn", "num_workers": 1, "batch_size": 100_000, "steps": 1})
+    with pytest.raises(ValueError, match="training data holds no step: 1 workers x batch_size 100000"):
+        TrainingRun(params, LocalEnv(0, 1, Path("/nonexistent")))
 
 
 def _state(rank: int, sent: list[int]) -> dict:

@@ -136,6 +136,10 @@ class TrainingRun:
     def __init__(self, params: TrainingParams, env: WorkerEnv) -> None:
         self.params, self.env = params, env
         self.task = build_task(params, env.rank, env.world_size, env.device)
+        if self.task.steps_per_epoch() < 1:  # before anything is built: the first step would divide by 0
+            raise ValueError(f"a worker's share of the {params.workload} training data holds no step: "
+                             f"{env.world_size} workers x batch_size {params.batch_size} (and bptt for lstm) "
+                             "exceed it; lower batch_size or num_workers")
         torch.manual_seed(params.seed)  # identical initial weights on every rank
         model = self.task.build_model()
         self.mode = mode_of(params.compressor)

@@ -69,7 +69,7 @@ class TrainingParams(KindParams):
     storage_path: str | None = None
     # None ("none"): Ray Train workers on the cluster; else worker processes in namespaces on one host.
     network: NetworkParams | None = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
     @field_validator("workload")
     @classmethod
@@ -89,6 +89,8 @@ class TrainingParams(KindParams):
     def _budget(self) -> TrainingParams:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give at most one of steps or epochs (neither: one epoch)")
+        if self.target_ppl is not None and self.target_accuracy is not None:
+            raise ValueError("give at most one of target_ppl or target_accuracy (the time to it is time_to_target_s)")
         if self.network is not None and self.use_gpu:
             raise ValueError("network trials run CPU workers (gloo over the emulated links); set use_gpu: false")
         if self.interconnect == "nvlink" and not self.use_gpu:
@@ -102,6 +104,9 @@ class TrainingParams(KindParams):
                 f"storage_path must be an absolute path every node mounts or a URI such as s3://bucket/dir; "
                 f"got {self.storage_path!r}"
             )
+        from workloads.training.tasks import TASKS
+
+        TASKS[self.workload].check_params(self)
         return self
 
     @property

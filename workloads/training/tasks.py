@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,6 +36,13 @@ class Task(ABC):
     """One workload on one worker; ``name`` is the grid's ``workload`` value."""
 
     name: str
+    reports_ppl: ClassVar[bool] = False  # evaluate() gives a perplexity (target_ppl can be reached)
+
+    @classmethod
+    def check_params(cls, params: TrainingParams) -> None:
+        """Refuse, at validation, parameters this workload could not run or would ignore (ValueError)."""
+        if params.target_ppl is not None and not cls.reports_ppl:
+            raise ValueError(f"workload {cls.name!r} reports no perplexity: set target_accuracy, not target_ppl")
 
     def __init__(self, params: TrainingParams, rank: int, world_size: int, device: torch.device) -> None:
         self.params, self.rank, self.world_size, self.device = params, rank, world_size, device
@@ -77,6 +84,15 @@ class LanguageModelTask(Task):
     """Word-level LSTM LM on KJV; truncated BPTT with hidden state carried across batches."""
 
     name = "lstm"
+    reports_ppl = True
+
+    @classmethod
+    def check_params(cls, params: TrainingParams) -> None:
+        """The tied output layer is the embedding: their widths must match."""
+        super().check_params(params)
+        if params.model.tied and params.model.embed != params.model.hidden:
+            raise ValueError(f"model.tied needs model.embed == model.hidden (the output layer reuses the embedding); "
+                             f"got embed {params.model.embed}, hidden {params.model.hidden}")
 
     def __init__(self, params: TrainingParams, rank: int, world_size: int, device: torch.device) -> None:
         super().__init__(params, rank, world_size, device)
