@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import socket
 import urllib.error
@@ -54,15 +55,23 @@ class Endpoint:
 def parse_address(address: str) -> Endpoint:
     """``http[s]://HOST[:PORT]``, ``ray://HOST[:PORT]`` or ``HOST:PORT`` (a GCS address)."""
     text = address.strip()
-    parts = urlsplit(text if "://" in text else f"gcs://{text}")
+    if text == "auto":
+        raise AccessError("address 'auto' is Ray's 'whatever cluster this machine runs'; orch needs it named: "
+                          "http://HEAD:8265 (Jobs API) or HEAD:6379 (GCS, on a cluster node)")
+    try:
+        parts = urlsplit(text if "://" in text else f"gcs://{text}")
+    except ValueError as exc:
+        raise AccessError(f"address {address!r} is not a valid URL ({exc}); e.g. http://10.0.0.5:8265") from None
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise AccessError(f"address {address!r}: unknown scheme {parts.scheme!r}; allowed: http://HEAD:8265 "
                           "(Jobs API), ray://HEAD:10001 (Ray Client) or HEAD:6379 (GCS)")
     try:
-        port = parts.port or DEFAULT_PORTS[scheme]
+        port = DEFAULT_PORTS[scheme] if parts.port is None else parts.port
     except ValueError:
-        raise AccessError(f"address {address!r}: the port is not a number in 1-65535") from None
+        port = 0
+    if not 1 <= port <= 65535:
+        raise AccessError(f"address {address!r}: the port is not a number in 1-65535")
     if not parts.hostname:
         raise AccessError(f"address {address!r} names no host; e.g. http://10.0.0.5:8265")
     return Endpoint(address=text, scheme=scheme, host=parts.hostname, port=port)
@@ -131,9 +140,28 @@ def token_for(endpoint: Endpoint, token_file: str | Path | None = None) -> tuple
     return None
 
 
-def new_token(host: str) -> tuple[Path, bool]:
+HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
+
+
+def head_host(head: str) -> str:
+    """The host a token is filed under, as ``token_for`` looks it up: ``HEAD`` may be a host name,
+    an IP address or an address (``http://HEAD:8265``); AccessError (one line) for anything else."""
+    wrong = AccessError(f"HEAD must be the head's host name or IP address (got {head!r})")
+    try:
+        host = parse_address(head).host  # lowercased, brackets of an IPv6 address removed
+    except AccessError:
+        raise wrong from None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not HOST_NAME.match(host) or ".." in host:
+            raise wrong from None
+    return host
+
+
+def new_token(head: str) -> tuple[Path, bool]:
     """Create ``~/.orch/tokens/<host>`` (mode 600) once; returns (path, whether it was created now)."""
-    path = tokens_dir() / host
+    path = tokens_dir() / head_host(head)
     if path.is_file():
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -53,7 +53,7 @@ UPLOAD_EXCLUDES = [".venv", ".venv-vllm", "results", ".git", "**/__pycache__", "
 
 def is_job_address(address: str | None) -> bool:
     """Whether an address names a Ray dashboard (jobs API) rather than a GCS or Ray Client endpoint."""
-    return bool(address) and address.startswith(("http://", "https://"))
+    return bool(address) and address.strip().lower().startswith(("http://", "https://"))
 
 
 def submission_id(experiment: str, grid_text: str) -> str:

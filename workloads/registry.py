@@ -57,12 +57,18 @@ def resolve_kind(name: str) -> TrialKind:
         allowed = ", ".join(registered_kinds()) or "(none installed)"
         raise UnknownKindError(f"unknown kind {name!r}; allowed: {allowed} or 'module:Class'")
     module_name, _, attr = target.partition(":")
+    if not module_name or module_name.startswith(".") or not attr:
+        raise UnknownKindError(f"kind {name!r}: expected 'package.module:Class' (an absolute module path and a class)")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise UnknownKindError(f"kind {name!r}: cannot import {target!r} ({exc})") from None
+    except Exception as exc:  # whatever importing someone's module raises: one line, not a traceback
+        raise UnknownKindError(f"kind {name!r}: cannot import {target!r} ({type(exc).__name__}: {exc})") from None
     if not (isinstance(cls, type) and issubclass(cls, TrialKind)):
         raise UnknownKindError(f"kind {name!r}: {target!r} is not a TrialKind subclass")
+    try:
+        kind = cls()
+    except Exception as exc:
+        raise UnknownKindError(f"kind {name!r}: cannot create {target!r} ({type(exc).__name__}: {exc})") from None
     if target != name:  # an entry point: registered under its name from now on
         KINDS.register(cls, name=name)
-    return cls()
+    return kind

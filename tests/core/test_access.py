@@ -40,6 +40,9 @@ def test_addresses_parse_with_their_default_ports(address: str, expected: tuple[
     ("ftp://10.0.0.5", "unknown scheme 'ftp'; allowed: http://HEAD:8265"),
     ("http://10.0.0.5:99999", "the port is not a number in 1-65535"),
     ("http://:8265", "names no host"),
+    ("http://10.0.0.5:0", "the port is not a number in 1-65535"),
+    ("http://[::1", r"is not a valid URL \(Invalid IPv6 URL\)"),
+    ("auto", "orch needs it named: http://HEAD:8265"),
 ])
 def test_bad_addresses_are_named(address: str, message: str) -> None:
     with pytest.raises(access.AccessError, match=message):
@@ -105,6 +108,23 @@ def test_an_address_nobody_listens_on_fails_in_seconds_with_one_line(tmp_path: P
     assert lines[0] == (f"error: cannot reach the Ray cluster at 127.0.0.1:{port} (connection refused); is it up, "
                         f"and is this the head's address and port?")
     assert elapsed - startup < 10, (elapsed, startup)
+
+
+@pytest.mark.parametrize(("head", "address"), [("MyHead", "http://myhead:8265"), ("http://10.0.0.5:8265", "10.0.0.5:6379"),
+                                             ("[fd00::5]", "http://[FD00::5]:8265")])
+def test_a_token_is_filed_under_the_host_its_cluster_is_looked_up_by(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   head: str, address: str) -> None:
+    monkeypatch.setenv(access.TOKENS_DIR_ENV, str(tmp_path / "tokens"))
+    path, created = access.new_token(head)
+    assert created and access.token_for(access.parse_address(address)) == (path.read_text(), str(path))
+
+
+@pytest.mark.parametrize("head", ["", "../escaped", "/tmp/abs", "a b", "x..y"])
+def test_a_head_that_is_not_a_host_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, head: str) -> None:
+    monkeypatch.setenv(access.TOKENS_DIR_ENV, str(tmp_path / "tokens"))
+    with pytest.raises(access.AccessError, match="HEAD must be the head's host name or IP address"):
+        access.new_token(head)
+    assert list(tmp_path.iterdir()) == []  # nothing written, anywhere under it
 
 
 def test_orch_token_creates_the_token_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

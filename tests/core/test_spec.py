@@ -155,6 +155,21 @@ def test_unknown_kind_lists_allowed_kinds(tmp_path: Path) -> None:
     assert "serving" in result.output and "training" in result.output
 
 
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        (".foo:Bar", "kind '.foo:Bar': expected 'package.module:Class' (an absolute module path and a class)"),
+        ("orchestrator.nosuch:X", "cannot import 'orchestrator.nosuch:X' (ModuleNotFoundError: No module named"),
+        ("workloads.kind:TrialKind", "cannot create 'workloads.kind:TrialKind' (TypeError: Can't instantiate abstract"),
+        ("orchestrator.spec:SpecError", "'orchestrator.spec:SpecError' is not a TrialKind subclass"),
+    ],
+)
+def test_a_kind_path_that_does_not_give_a_kind_is_one_line(tmp_path: Path, kind: str, message: str) -> None:
+    result = CliRunner().invoke(main, ["validate", str(write_grid(tmp_path, kind=kind))])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, \
+        result.output
+
+
 def test_dry_run_prints_every_trial_and_starts_nothing(tmp_path: Path) -> None:
     path = write_grid(tmp_path, grid={"x": [1, 2, 3]}, repeats=2, resources={"num_cpus": 2, "node_a": 1})
     result = CliRunner().invoke(main, ["submit", "--dry-run", "--results", str(tmp_path / "r"), str(path)])
