@@ -121,7 +121,7 @@ def validate(grid: Path) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the expanded trials and run nothing.")
 @click.option("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray).")
 @click.option("--no-dashboard", is_flag=True, help="Embedded Ray without its dashboard (faster start).")
-@click.option("--num-cpus", type=float, default=None, help="CPUs the embedded Ray offers (default: all).")
+@click.option("--num-cpus", type=click.FloatRange(min=0), default=None, help="CPUs the embedded Ray offers (default: all).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
 @click.option("--remote-results", default="~/orch-results", show_default=True,
               help="With an http:// address: results folder on the head node.")
@@ -315,7 +315,11 @@ def report(experiment: str, results: Path, fmt: str, out: Path | None, tracking_
         from orchestrator.report.data import load_experiment
 
         out = out or store.path / "report"
-        files = page.write(page.build(load_experiment(store), columns), out, fmt)
+        built = page.build(load_experiment(store), columns)
+        try:
+            files = page.write(built, out, fmt)
+        except OSError as exc:
+            _fail(f"--out {out}: cannot write the report there ({exc.strerror or exc})")
         click.echo(f"report: {files[0]} ({len(files) - 1} figures)")
         if not no_mlflow:
             click.echo(log_report(store, files, out, tracking_uri))
@@ -391,7 +395,7 @@ def sync(experiment: str, results: Path, tracking_uri: str | None) -> None:
 
 @main.command()
 @_results_option
-@click.option("--port", default=5000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--tracking-uri", default=None, help="Backend store (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
 def ui(results: Path, port: int, tracking_uri: str | None) -> None:
     """Serve the MLflow UI on 127.0.0.1."""
@@ -410,7 +414,7 @@ def ui(results: Path, port: int, tracking_uri: str | None) -> None:
 @click.argument("trial_id")
 @_results_option
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @_user_errors
 def serve(source: str, trial_id: str, results: Path, host: str, port: int) -> None:
     """Serve the configuration of TRIAL_ID (from experiment or grid file SOURCE) until Ctrl-C.
@@ -478,10 +482,11 @@ def cancel(experiment: str, results: Path, address: str | None, token_file: str 
 
 @main.command()
 @click.argument("head")
+@_user_errors
 def token(head: str) -> None:
     """Create the token of the cluster whose head is HEAD (once), for cluster.yaml to ship to its nodes."""
     path, created = access.new_token(head)
-    click.echo(f"{'created' if created else 'kept the existing'} token for {head}: {path}")
+    click.echo(f"{'created' if created else 'kept the existing'} token for {path.name}: {path}")
 
 
 if __name__ == "__main__":
