@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 MAX_GRID_BYTES = 1_000_000
 MAX_TRIALS = 100_000
 
@@ -24,6 +24,14 @@ Scalar = str | int | float | bool | None
 
 class SpecError(ValueError):
     """A grid file is invalid; ``str(err)`` is one line meant for the user."""
+
+
+def check_experiment_name(name: str) -> str:
+    """``name`` if it can name a results folder and an MLflow experiment, else ValueError (one line)."""
+    # fullmatch: `$` would also accept a name ending in a newline
+    if not EXPERIMENT_NAME.fullmatch(name) or name in {".", ".."}:
+        raise ValueError("must match [A-Za-z0-9._-]+, at most 100 characters, and not be '.' or '..'")
+    return name
 
 
 class Resources(BaseModel):
@@ -69,9 +77,7 @@ class GridSpec(BaseModel):
     @field_validator("experiment")
     @classmethod
     def _experiment_name(cls, value: str) -> str:
-        if not EXPERIMENT_NAME.match(value) or value in {".", ".."}:
-            raise ValueError("must match [A-Za-z0-9._-]+ and not be '.' or '..'")
-        return value
+        return check_experiment_name(value)
 
     @field_validator("grid", "zip")
     @classmethod

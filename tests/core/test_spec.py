@@ -74,6 +74,8 @@ INVALID = [
     ({"kind": TOY_KIND}, "experiment: required key is missing"),
     ({"experiment": "e", "kind": TOY_KIND, "bogus": 1}, "bogus: unknown key (allowed: experiment, kind"),
     ({"experiment": "../x", "kind": TOY_KIND}, "experiment: must match [A-Za-z0-9._-]+"),
+    ({"experiment": "abc\n", "kind": TOY_KIND}, "experiment: must match [A-Za-z0-9._-]+"),
+    ({"experiment": "a" * 101, "kind": TOY_KIND}, "experiment: must match [A-Za-z0-9._-]+, at most 100 characters"),
     ({"experiment": "..", "kind": TOY_KIND}, "experiment: must match"),
     ({"experiment": "e", "kind": TOY_KIND, "grid": {"x": []}}, "grid: axis 'x' is empty"),
     ({"experiment": "e", "kind": TOY_KIND, "grid": {"x": 3}}, "grid.x: Input should be a valid list"),
