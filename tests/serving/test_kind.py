@@ -130,6 +130,14 @@ def test_overlong_requests_become_error_rows(tiny_model: str, ctx) -> None:
     assert summary["failed"] == len(too_long) and summary["completed"] == 6 - len(too_long)
 
 
+def test_a_trial_whose_every_request_failed_fails_with_the_first_reason(tiny_model: str, ctx) -> None:
+    params = _params(tiny_model, engine={"max_model_len": 8},
+                     load={"arrival": "constant", "request_rate": 100.0, "num_requests": 2, "input_len": 16,
+                           "output_len": 2})
+    with pytest.raises(RuntimeError, match=r"every request failed \(2\); the first: .*exceeds max_model_len"):
+        ServingKind().run_alone(params, ctx)
+
+
 @pytest.mark.slow
 def test_quality_of_full_against_full_is_exactly_one(ctx) -> None:
     kind = ServingKind()

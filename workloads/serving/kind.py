@@ -17,7 +17,7 @@ from workloads.kind import TrialContext, TrialKind, TrialOutput
 from workloads.registry import KINDS
 from workloads.serving.live import IntervalMonitor
 from workloads.serving.load import build_load
-from workloads.serving.metrics.latency import compute_metrics, request_metrics
+from workloads.serving.metrics.latency import compute_metrics, request_metrics, request_succeeded
 from workloads.serving.metrics.needle import needle_accuracy, needle_results
 from workloads.serving.metrics.quality import (
     QualityResult,
@@ -103,6 +103,10 @@ class ServingKind(TrialKind):
         with IntervalMonitor(transport, ctx.report):
             records = transport.run(requests, params.load.max_concurrency)
         steps = transport.engine_steps()
+        if records and not any(request_succeeded(r) for r in records):
+            # Nothing was measured: a 'done' trial with zero completions would read as a result.
+            first = next((r.error for r in records if r.error), "no first token")
+            raise RuntimeError(f"every request failed ({len(records)}); the first: {first}")
         metrics = compute_metrics(records, slo_s=params.slo.as_seconds())
         needles = needle_results(requests, records, system.tokenizer())
 
