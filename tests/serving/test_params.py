@@ -35,6 +35,8 @@ def test_backend_as_name_or_mapping() -> None:
          "give engine.kv_cache_bytes or engine.kv_cache_blocks, not both"),
         ({"load": {"output_dist": "uniform", "output_spread": 1.5}},
          r"load.output_spread must be in \[0, 1\] for output_dist 'uniform'"),
+        ({"load": {"prompt_source": "corpus"}}, "load.prompt_source 'corpus' needs a tokenizer: use weights 'real'"),
+        ({"model": "opt-125m", "weights": "real"}, "model 'opt-125m' is a preset without offline weights: use weights 'dummy'"),
     ],
 )
 def test_bad_parameters_are_rejected_with_the_reason(raw: dict, message: str) -> None:
@@ -44,7 +46,7 @@ def test_bad_parameters_are_rejected_with_the_reason(raw: dict, message: str) ->
 
 def test_quality_defaults_to_lossy_policies_with_real_weights() -> None:
     def enabled(**raw) -> bool:
-        return ServingParams.model_validate(raw).quality_enabled()
+        return ServingParams.model_validate({"model": "smollm2-135m"} | raw).quality_enabled()
 
     assert enabled(backend="h2o", weights="real") and enabled(backend="streaming", weights="real")
     assert not enabled(backend="full", weights="real") and not enabled(backend="h2o", weights="dummy")
@@ -89,7 +91,7 @@ def test_every_policy_is_a_backend_and_its_lossy_flag_sets_the_quality_default()
 
     assert set(POLICIES) | {"vllm"} == set(SYSTEMS)
     for name, policy in POLICIES.items():
-        assert ServingParams.model_validate({"backend": name, "weights": "real"}).quality_enabled() == policy.lossy
+        assert ServingParams.model_validate({"model": "smollm2-135m", "backend": name, "weights": "real"}).quality_enabled() == policy.lossy
     assert {name for name, policy in POLICIES.items() if policy.lossy} == {"h2o", "infinigen", "streaming"}
 
 

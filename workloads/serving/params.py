@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic.fields import FieldInfo
 
 from backends.kvcache.policies import POLICIES
+from backends.kvcache.presets import PRESETS, REAL_WEIGHTS
 from workloads.kind import KindParams
 from workloads.serving.systems.registry import SYSTEMS
 
@@ -234,6 +235,18 @@ class ServingParams(KindParams):
         if bad or not values:
             raise ValueError(f"percentiles must be a non-empty list of numbers in [0, 100]; got {values}")
         return values
+
+    @model_validator(mode="after")
+    def _weights_serve_the_prompts(self) -> ServingParams:
+        # Rules of the code, not of a node's files (whether a folder or .gguf exists is checked
+        # where the trial runs).
+        if self.load.prompt_source in ("corpus", "needle") and self.weights == "dummy":
+            raise ValueError(f"load.prompt_source {self.load.prompt_source!r} needs a tokenizer: use weights 'real' "
+                             f"(e.g. smollm2-135m)")
+        if self.weights == "real" and self.model in PRESETS and self.model not in REAL_WEIGHTS:
+            raise ValueError(f"model {self.model!r} is a preset without offline weights: use weights 'dummy' "
+                             f"(real weights: {', '.join(sorted(REAL_WEIGHTS))})")
+        return self
 
     @model_validator(mode="after")
     def _knobs_fit_the_policy(self) -> ServingParams:
