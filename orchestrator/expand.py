@@ -14,9 +14,9 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.spec import GridSpec, SpecError
 from workloads.kind import KindParams, TrialKind
@@ -147,12 +147,16 @@ def _combinations(spec: GridSpec) -> list[tuple[dict[str, Any], dict[str, str]]]
     return combos
 
 
-def _source_of(loc: tuple[Any, ...], sources: dict[str, str], values: dict[str, Any]) -> str:
+def _source_of(loc: tuple[Any, ...], sources: dict[str, str], values: dict[str, Any], unknown: bool = False) -> str:
     """Where an error is: the axis or base key, or a section checked as a whole with the axis values in it."""
     dotted = ".".join(str(p) for p in loc)
     for key, section in sources.items():
         if dotted == key or dotted.startswith(key + "."):
             return f"{section}.{dotted}"
+    if unknown:  # an unknown key that an axis's dotted path brought in (grid `foo.bar`: no section foo)
+        for key, section in sources.items():
+            if key.startswith(dotted + "."):
+                return f"{section}.{key}"
     # A check across keys (a model validator): name the axis values that took part.
     inside = [f"{k}={v}" for k, v in values.items() if not dotted or k.startswith(dotted + ".")]
     if inside:
@@ -176,19 +180,44 @@ def _without(params: dict[str, Any], dotted_keys: frozenset[str]) -> dict[str, A
     return {k: v for k, v in flat.items() if not any(k == d or k.startswith(d + ".") for d in dotted_keys)}
 
 
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys of the section at ``loc`` (a path of field names below ``model``); [] if not a model."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        sections = [t for t in (field.annotation, *get_args(field.annotation))
+                    if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not sections:
+            return []
+        model = sections[0]
+    return sorted(model.model_fields)
+
+
 def expand(spec: GridSpec, kind: TrialKind, source: str = "grid") -> list[Trial]:
     """All trials of a spec, validated against the kind's parameter model."""
-    base = _base_params(spec.base)
+    try:
+        base = _base_params(spec.base)
+    except SpecError as exc:
+        raise SpecError(f"{source}: {exc}") from None
     resources = spec.resources.as_dict()
     trials: list[Trial] = []
     for values, sources in _combinations(spec):
         params = _copy(base)
-        for key, value in values.items():
-            set_dotted(params, key, _copy(value), sources[key])
+        try:
+            for key, value in values.items():
+                set_dotted(params, key, _copy(value), sources[key])
+        except SpecError as exc:
+            raise SpecError(f"{source}: {exc}") from None
         try:
             canonical = canonical_params(validate_params(kind, params))
         except ValidationError as exc:
-            raise SpecError(f"{source}: {_source_of(exc.errors()[0]['loc'], sources, values)}: {_message(exc)}") from None
+            error = exc.errors()[0]
+            message, unknown = _message(exc), error["type"] == "extra_forbidden"
+            if unknown:
+                allowed = _allowed_keys(kind.params_model, error["loc"][:-1])
+                message += f" {str(error['loc'][-1])!r} (allowed: {', '.join(allowed)})" if allowed else ""
+            raise SpecError(f"{source}: {_source_of(error['loc'], sources, values, unknown)}: {message}") from None
         except SpecError:
             raise
         except ValueError as exc:
@@ -206,7 +235,13 @@ def expand(spec: GridSpec, kind: TrialKind, source: str = "grid") -> list[Trial]
                     group_key=group,
                 )
             )
-    ids = [t.trial_id for t in trials]
-    if len(set(ids)) != len(ids):
-        raise SpecError(f"{source}: two trials have identical parameters; make the axis values distinct")
+    first: dict[str, Trial] = {}
+    for trial in trials:
+        twin = first.setdefault(trial.trial_id, trial)
+        if twin is not trial:
+            def axes(t: Trial) -> str:
+                return ", ".join(f"{k}={v}" for k, v in t.axes.items()) or "no axes"
+
+            raise SpecError(f"{source}: two trials have identical parameters ({axes(twin)}; {axes(trial)}): "
+                            f"make the axis values distinct")
     return trials

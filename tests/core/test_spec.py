@@ -117,6 +117,31 @@ def test_a_check_across_keys_names_the_axis_values_of_the_trial_it_refuses(tmp_p
                               "not both")
 
 
+SERVING_KEYS = "backend, device, dtype, engine, load, model, percentiles, policy, quality, seed, slo, transport, weights"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("base: {load: {rate: 3}}\n", "base.load.rate: unknown key 'rate' (allowed: arrival, burstiness, ignore_eos,"),
+        ("grid:\n  foo.bar: [1]\n", f"grid.foo.bar: unknown key 'foo' (allowed: {SERVING_KEYS})"),
+        ("grid:\n  load.request_rate: [1, 1.0]\n",
+         "two trials have identical parameters (load.request_rate=1; load.request_rate=1.0): make the axis values "
+         "distinct"),
+        ("base: {load: 3}\ngrid:\n  load.seed: [1]\n",
+         "grid.load.seed: conflicts with 'load', which is a value, not a mapping"),
+    ],
+)
+def test_section_errors_name_the_file_the_key_and_what_is_allowed(tmp_path: Path, text: str, message: str) -> None:
+    from workloads.serving.kind import ServingKind
+
+    path = tmp_path / "g.yaml"
+    path.write_text("experiment: e\nkind: serving\n" + text)
+    with pytest.raises(SpecError) as err:
+        expand(load_spec(path), ServingKind(), str(path))
+    assert str(err.value).startswith(f"{path}: {message}")
+
+
 @pytest.mark.parametrize(("fields", "message"), KIND_ERRORS)
 def test_kind_parameter_errors_name_the_grid_section(tmp_path: Path, fields: dict, message: str) -> None:
     path = write_grid(tmp_path, **({"grid": {"y": [0]}} | fields))
