@@ -1,11 +1,13 @@
 """`orch compare A B`: two experiments' summaries on the configurations they share.
 
 A configuration is the values of the grid axes both experiments have (repeats and seeds
-excluded). Per configuration and metric: each side's mean and standard deviation over repeats,
-the relative change from A to B, and whether the change exceeds the repeats' spread (about a
-95% two-sample interval: |B - A| > 2 sqrt(sA^2/nA + sB^2/nB); unknown without repeats). A
-metric *regressed* when it moved in its bad direction by more than the threshold and, where
-the spread is known, by more than the spread.
+excluded; an experiment's axes are those any of its submissions varied, and a trial whose
+submission did not vary one has no value there, matching only such trials). Per configuration
+and metric: each side's mean and standard deviation over repeats, the relative change from A
+to B, and whether the change exceeds the repeats' spread (about a 95% two-sample interval:
+|B - A| > 2 sqrt(sA^2/nA + sB^2/nB); unknown without repeats). A metric *regressed* when it
+moved in its bad direction by more than the threshold and, where the spread is known, by more
+than the spread.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.expand import flatten
-from orchestrator.report.data import REPEAT_AXES, ExperimentData
+from orchestrator.report.data import REPEAT_AXES, ExperimentData, axis_names
 
 # Metric names containing one of these improve upward; every other metric (latencies, times,
 # bytes, perplexity, failures) improves downward.
@@ -77,10 +79,10 @@ def _base_params(data: ExperimentData) -> dict[str, Any]:
     entries = list(data.manifest.get("trials", {}).values())
     if not entries:
         return {}
-    axes = tuple(data.manifest.get("axes", []))
+    axes = set(axis_names(data.manifest))  # what any of its submissions varied, not only the last grid
     flat = [flatten(e.get("params", {})) for e in entries]
     common = {k: v for k, v in flat[0].items() if all(f.get(k) == v for f in flat[1:])}
-    return {k: v for k, v in common.items() if not k.startswith(axes) and k.rsplit(".", 1)[-1] not in REPEAT_AXES}
+    return {k: v for k, v in common.items() if k not in axes and k.rsplit(".", 1)[-1] not in REPEAT_AXES}
 
 
 def _stats(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -89,6 +91,19 @@ def _stats(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataF
     else:
         grouped = frame.assign(_all=0).groupby("_all")[metrics]
     return grouped.agg(["mean", "std", "count"])
+
+
+def _label(value: Any) -> Any:
+    """An axis value as a matching key: null (a trial whose grid did not vary that axis) is None."""
+    return None if value is None or (isinstance(value, float) and value != value) else value
+
+
+def _configs(stats: pd.DataFrame) -> dict[tuple[Any, ...], int]:
+    """Configuration (axis values, nulls as None) -> row position in ``stats``.
+
+    Looked up by position: pandas cannot look a label holding NaN up in a MultiIndex.
+    """
+    return {tuple(_label(v) for v in (c if isinstance(c, tuple) else (c,))): i for i, c in enumerate(stats.index)}
 
 
 def _spread_exceeded(a_std: float, a_n: int, b_std: float, b_n: int, delta: float) -> bool | None:
@@ -131,14 +146,14 @@ def compare(
         if not wanted:
             continue
         stats_a, stats_b = _stats(frame_a, keys, wanted), _stats(frame_b, keys, wanted)
-        shared = stats_a.index.intersection(stats_b.index)
-        only_a += len(stats_a.index.difference(stats_b.index))
-        only_b += len(stats_b.index.difference(stats_a.index))
+        configs_a, configs_b = _configs(stats_a), _configs(stats_b)
+        shared = [config for config in configs_a if config in configs_b]
+        only_a += len(configs_a) - len(shared)
+        only_b += len(configs_b) - len(shared)
         for config in shared:
-            values = config if isinstance(config, tuple) else (config,)
-            labels = dict(zip(keys, values, strict=True)) if keys else {}
+            labels = dict(zip(keys, config, strict=True)) if keys else {}
             for metric in wanted:
-                ra, rb = stats_a.loc[config, metric], stats_b.loc[config, metric]
+                ra, rb = stats_a.iloc[configs_a[config]][metric], stats_b.iloc[configs_b[config]][metric]
                 if ra["count"] == 0 or rb["count"] == 0:
                     continue
                 delta = float(rb["mean"] - ra["mean"])

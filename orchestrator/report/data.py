@@ -1,4 +1,8 @@
-"""An experiment's finished trials, each table joined with the grid axes of its trials."""
+"""An experiment's finished trials, each table joined with the grid axes of its trials.
+
+The axes of an experiment are the union of the axes its trials were run with (``axis_names``),
+not the last submission's grid: ``orch report``, ``orch compare`` and the figures group by them.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +18,30 @@ from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore, ParamColumns
 REPEAT_AXES = frozenset({"seed", "repeat"})
 
 
-def _axis_names(manifest: dict[str, Any]) -> dict[str, str]:
-    """Dotted axis key -> column name (the naming of the Parquet parameter columns)."""
-    entries = manifest.get("trials", {}).values()
+def trial_axes(entry: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """The dotted keys one trial's grid varied, flattened, with this trial's values.
+
+    Each trial entry records its own ``axes``; the manifest's top-level ``axes`` are only the last
+    submission's grid, so they stand in just for entries written before trials recorded theirs.
+    """
+    if "axes" in entry:
+        return flatten(entry.get("axes") or {})
+    grid = tuple(manifest.get("axes") or [])
+    return {k: v for k, v in flatten(entry.get("params") or {}).items() if any(k == a or k.startswith(a + ".") for a in grid)}
+
+
+def axis_names(manifest: dict[str, Any]) -> dict[str, str]:
+    """Dotted axis key -> column name (the naming of the Parquet parameter columns), repeat axes left out.
+
+    The axes are the union of what every trial of the experiment varied, in the order trials were
+    entered: a later submission under the same experiment may vary other keys than an earlier one,
+    and the earlier trials must keep being told apart by theirs.
+    """
+    entries = list(manifest.get("trials", {}).values())
     names = ParamColumns.from_params([flatten(e.get("params", {})) for e in entries]).names
     out: dict[str, str] = {}
     for entry in entries:
-        for key in flatten(entry.get("axes") or {}):
+        for key in trial_axes(entry, manifest):
             if key.rsplit(".", 1)[-1] not in REPEAT_AXES:
                 out.setdefault(key, names.get(key, key.replace(".", "_")))
     return out
@@ -84,13 +105,15 @@ class ExperimentData:
 def load_experiment(store: ExperimentStore) -> ExperimentData:
     """The done trials of an experiment and their axes."""
     manifest = store.load_manifest() or {}
-    names = _axis_names(manifest)
+    names = axis_names(manifest)
     axes = list(dict.fromkeys(names.values()))
     rows = {}
     for trial_id, entry in manifest.get("trials", {}).items():
         if entry.get("state") != "done":
             continue
-        flat = flatten(entry.get("axes") or {})
+        # A trial whose submission did not vary an axis has no value for it (null): it stays apart
+        # from the trials that did, rather than being averaged with them.
+        flat = trial_axes(entry, manifest)
         row: dict[str, Any] = {column: None for column in axes}
         row.update({names[k]: v for k, v in flat.items() if k in names})
         row["repeat"] = entry.get("repeat", 0)

@@ -1,4 +1,4 @@
-"""Comparison tables from an experiment's Parquet dataset, grouped by the grid's axes."""
+"""Comparison tables from an experiment's Parquet dataset, grouped by the axes its trials varied."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from orchestrator.report.data import ExperimentData
-from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore, ParamColumns
+from orchestrator.report.data import ExperimentData, axis_names
+from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore
 
 GROUP_EXCLUDE = {"seed", "repeat"}
 
@@ -26,21 +26,16 @@ class SummaryReport:
 
 
 def _axis_columns(manifest: dict[str, Any], frame: pd.DataFrame) -> list[str]:
-    """Column names of the grid's axes in a summary table (see ParamColumns naming)."""
-    params = [entry.get("params", {}) for entry in manifest.get("trials", {}).values()]
-    from orchestrator.expand import flatten
+    """Column names in a summary table of every axis the experiment's trials varied (see ``axis_names``).
 
-    names = ParamColumns.from_params([flatten(p) for p in params]).names
+    The union over all trials, not the manifest's top-level ``axes`` (the last submission's grid only):
+    grouped by those, an earlier submission's trials would be averaged across the axes it varied.
+    A trial whose submission did not set a parameter has null in its column and forms its own rows.
+    """
     out = []
-    for axis in manifest.get("axes", []):
-        column = names.get(axis, axis.replace(".", "_"))
-        for candidate in (column, f"param_{column}"):
-            if candidate in frame.columns and candidate not in out:
-                out.append(candidate)
-                break
-        else:
-            # An axis whose values are a mapping was flattened into several columns.
-            out.extend(c for k, c in names.items() if k.startswith(axis + ".") and c in frame.columns and c not in out)
+    for column in axis_names(manifest).values():
+        if column in frame.columns and column not in out:
+            out.append(column)
     return [c for c in out if c.rsplit("_", 1)[-1] not in GROUP_EXCLUDE and c not in GROUP_EXCLUDE]
 
 
@@ -88,7 +83,9 @@ def state_counts(manifest: dict[str, Any]) -> dict[str, int]:
 
 
 def format_value(value: Any) -> str:
-    """Compact number formatting for terminal tables."""
+    """Compact number formatting for terminal tables; a missing value (null) is ``-``."""
+    if value is None:
+        return "-"
     if isinstance(value, float):
         if value != value:
             return "-"

@@ -27,9 +27,13 @@ def ttft_ms(backend: str, rate: float, repeat: int, slowdown: float = 1.0) -> fl
 
 def _write(store: ExperimentStore, kind: str, axes: list[str], trials: list[tuple[dict[str, Any], int, dict[str, pa.Table]]],
            schemas: dict[str, pa.Schema]) -> None:
+    """One submission, as the driver records it: the parameter columns of its own trials, the manifest's
+    top-level ``axes`` replaced by its grid's, each trial entry with its own ``axes``."""
     columns = ParamColumns.from_params([flatten(p) for p, _, _ in trials])
-    manifest: dict[str, Any] = {"experiment": store.experiment, "kind": kind, "axes": axes, "trials": {},
-                                "submissions": [{"id": "s1", "status": "done", "parent_run_id": None}]}
+    manifest: dict[str, Any] = store.load_manifest() or {"experiment": store.experiment, "kind": kind, "trials": {},
+                                                         "submissions": []}
+    manifest["axes"] = axes
+    manifest["submissions"].append({"id": f"s{len(manifest['submissions']) + 1}", "status": "done", "parent_run_id": None})
     for params, repeat, tables in trials:
         trial_id = trial_id_for(kind, params, repeat)
         flat = flatten(params)
@@ -37,7 +41,8 @@ def _write(store: ExperimentStore, kind: str, axes: list[str], trials: list[tupl
             store.write_table(name, trial_id, table, schemas[name],
                               columns.columns(flat) if name.endswith("_summary") else None)
         manifest["trials"][trial_id] = {"state": "done", "params": params, "repeat": repeat, "attempts": 1,
-                                        "axes": {a: flat[a] for a in axes}}
+                                        "axes": {a: flat[a] for a in axes},
+                                        "submission": len(manifest["submissions"]) - 1}
     store.save_manifest(manifest)
 
 
@@ -58,6 +63,25 @@ def serving_experiment(root: Path, name: str = "serve", slowdown: float = 1.0, r
         summary = pa.Table.from_pylist([row], schema=SERVING_TABLES["serving_summary"])
         trials.append((params, repeat, {"serving_summary": summary}))
     _write(store, "serving", ["backend.name", "load.request_rate"], trials, SERVING_TABLES)
+    return store
+
+
+MODELS = ("tiny", "smollm2-135m")
+PROMPT_SOURCES = ("random", "sharegpt")
+
+
+def resubmitted_serving_experiment(root: Path, name: str = "serve") -> ExperimentStore:
+    """`serving_experiment` (backend x request_rate, 2 repeats: 12 trials), then a second submission of the
+    same experiment with other axes: model x load.prompt_source (backend full, rate 1, one repeat), TTFT
+    100, 110, 120, 130 ms in that order. The manifest's top-level ``axes`` are the second grid's."""
+    serving_experiment(root, name)
+    store = ExperimentStore(root, name)  # a new driver: no schema cached from the first submission
+    trials = []
+    for index, (model, source) in enumerate(itertools.product(MODELS, PROMPT_SOURCES)):
+        params = {"model": model, "backend": {"name": "full"}, "load": {"request_rate": 1.0, "seed": 0, "prompt_source": source}}
+        row = {"backend": "full", "completed": 10, "failed": 0, "ttft_ms_p50": 100.0 + 10 * index, "output_throughput": 5.0}
+        trials.append((params, 0, {"serving_summary": pa.Table.from_pylist([row], schema=SERVING_TABLES["serving_summary"])}))
+    _write(store, "serving", ["model", "load.prompt_source"], trials, SERVING_TABLES)
     return store
 
 

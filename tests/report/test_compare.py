@@ -51,3 +51,24 @@ def test_nothing_shared_is_a_clear_error(tmp_path: Path) -> None:
     t = load_experiment(training_experiment(tmp_path, "t"))
     with pytest.raises(CompareError, match="no summary table in common"):
         compare(a, t)
+
+
+def test_resubmitted_experiments_compare_per_configuration(tmp_path: Path) -> None:
+    """Experiments with two submissions of other axes: matched on every axis either submission varied."""
+    from tests.report.synthetic import resubmitted_serving_experiment
+
+    a = load_experiment(resubmitted_serving_experiment(tmp_path, "a"))
+    b = load_experiment(resubmitted_serving_experiment(tmp_path, "b"))
+    result = compare(a, b, ["ttft_ms_p50"])
+    assert result.keys == ["backend", "request_rate", "model", "prompt_source"]
+    # 6 configurations of the first grid (null model and prompt_source there), 4 of the second (null backend, rate).
+    assert len(result.differences) == 10 and result.only_a == result.only_b == 0
+    assert sorted(d.a_n for d in result.differences) == [1] * 4 + [2] * 6
+    assert {"backend": "h2o", "request_rate": 4.0, "model": None, "prompt_source": None} in [d.config for d in result.differences]
+    # Against an experiment of the first grid only: its 12 trials match the first submission's, never the second's.
+    c = load_experiment(serving_experiment(tmp_path, "c", slowdown=1.5))
+    against = compare(a, c, ["ttft_ms_p50"])
+    assert against.keys == ["backend", "request_rate"] and len(against.differences) == 6
+    assert all(d.a_n == d.b_n == 2 and d.relative == pytest.approx(0.5) for d in against.differences)
+    cli = _run("a", "b", "--results", str(tmp_path), "--metric", "ttft_ms_p50")
+    assert cli.exit_code == 0 and "Traceback" not in cli.output and "10 shared configuration(s)" in cli.output

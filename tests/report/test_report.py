@@ -177,3 +177,33 @@ def test_a_budget_in_tokens_gets_the_same_figures_and_table(tmp_path: Path) -> N
     table = budget_table(data)
     assert list(table.columns[:3]) == ["backend", "input_len", "kv_budget_tokens"]
     assert sorted(table[table["backend"] == "h2o"]["kv_budget_tokens"].unique()) == [200, 500]
+
+
+def test_a_resubmission_with_other_axes_keeps_the_earlier_trials_apart(tmp_path: Path) -> None:
+    """Same experiment, second grid with other axes: the report groups by every axis its trials varied."""
+    import itertools
+
+    import pandas as pd
+
+    from orchestrator.report.summary import summarize
+    from tests.report.synthetic import BACKENDS, MODELS, PROMPT_SOURCES, resubmitted_serving_experiment
+
+    store = resubmitted_serving_experiment(tmp_path)
+    assert store.load_manifest()["axes"] == ["model", "load.prompt_source"]  # the last grid's only
+    (rep,) = summarize(store)
+    assert rep.axes == ["backend", "request_rate", "model", "prompt_source"]
+    rows = {(r.backend, r.request_rate, r.model, None if pd.isna(r.prompt_source) else r.prompt_source):
+            (r.trials, round(r.ttft_ms_p50, 9)) for r in rep.frame.itertuples()}
+    # The first submission's 12 trials: one row per backend and rate (their 2 repeats), null prompt_source
+    # (that grid did not set it); the second's 4 trials: one row each.
+    first = {(b, rate, "tiny", None): (2, round((ttft_ms(b, rate, 0) + ttft_ms(b, rate, 1)) / 2, 9))
+             for b, rate in itertools.product(BACKENDS, RATES)}
+    second = {("full", 1.0, m, s): (1, 100.0 + 10 * i) for i, (m, s) in enumerate(itertools.product(MODELS, PROMPT_SOURCES))}
+    assert rows == first | second
+
+    terminal = CliRunner().invoke(main, ["report", "serve", "--results", str(tmp_path)])
+    assert terminal.exit_code == 0, terminal.output
+    assert "prompt_source" in terminal.output and "request_rate" in terminal.output
+    sections = page.build(load_experiment(store)).sections
+    assert sections[0].columns[:5] == ["backend", "request_rate", "model", "prompt_source", "trials"]
+    assert len(sections[0].rows) == 10 and ["h2o", "4", "tiny", "-", "2"] in [row[:5] for row in sections[0].rows]
