@@ -20,7 +20,7 @@ from orchestrator.jobs import JobsError
 from orchestrator.lock import DriverLock
 from orchestrator.manifest import Manifest
 from orchestrator.spec import GridSpec, SpecError, load_spec
-from orchestrator.store import STATES, ExperimentStore, list_experiments
+from orchestrator.store import STATES, ExperimentStore, ManifestError, list_experiments
 
 USAGE_ERROR = 2
 REPORT_METRICS_PER_TABLE = 7
@@ -60,7 +60,7 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return func(*args, **kwargs)
-        except (SpecError, UnknownKindError) as exc:
+        except (SpecError, UnknownKindError, ManifestError) as exc:
             _fail(str(exc))
         except (JobsError, access.AccessError) as exc:
             _fail(str(exc))
@@ -168,6 +168,7 @@ def submit(
     from orchestrator.progress import TerminalProgress
 
     store = ExperimentStore(results, spec.experiment)
+    store.load_manifest()  # an unreadable manifest is refused here, before Ray starts (ManifestError)
     lock = DriverLock(store.path, spec.experiment)
     lock.acquire()  # refuses while another driver runs this experiment
     progress = TerminalProgress()
@@ -223,6 +224,7 @@ def _store_or_fail(results: Path, experiment: str) -> tuple[ExperimentStore, Man
 
 @main.command(name="ls")
 @_results_option
+@_user_errors
 def list_command(results: Path) -> None:
     """Experiments with their trial counts by state."""
     from rich.console import Console
@@ -234,11 +236,20 @@ def list_command(results: Path) -> None:
     for state in STATES:
         table.add_column(state, justify="right")
     table.add_column("unsynced", justify="right")
+    unreadable = []
     for name in list_experiments(results):
-        manifest = Manifest.load_or_new(ExperimentStore(results, name))
+        try:
+            manifest = Manifest.load_or_new(ExperimentStore(results, name))
+        except ManifestError as exc:  # listed as unreadable; the others still are
+            unreadable.append(str(exc))
+            table.add_row(name, "unreadable", *("-" for _ in STATES), "-")
+            continue
         counts = manifest.counts()
         table.add_row(name, manifest.kind or "?", *(str(counts.get(s, 0)) for s in STATES), str(len(manifest.unsynced())))
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    for message in unreadable:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 @main.command()
@@ -264,7 +275,13 @@ def status(experiment: str | None, results: Path, address: str | None, token_fil
     names = [experiment] if experiment else list_experiments(results)
     console = Console(width=200)
     for name in names:
-        _store, manifest = _store_or_fail(results, name)
+        try:
+            _store, manifest = _store_or_fail(results, name)
+        except ManifestError as exc:
+            if experiment:
+                raise  # that one experiment: exit 2 with the one line
+            console.print(f"{name}: {exc}", markup=False, highlight=False, soft_wrap=True)
+            continue
         submission = manifest.last_submission()
         console.print(f"[bold]{name}[/bold] ({manifest.kind}) last submission {submission.get('id')}: "
                       f"{submission.get('status')}; " + status_line(manifest.counts(), 0, None).rsplit(" | elapsed", 1)[0])
@@ -299,6 +316,7 @@ def _report_columns(kind_name: str) -> dict[str, list[str]]:
               help="Folder for the html/md page and its figures (default RESULTS/EXPERIMENT/report).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
 @click.option("--no-mlflow", is_flag=True, help="Do not log the html/md page and figures to the submission's MLflow run.")
+@_user_errors
 def report(experiment: str, results: Path, fmt: str, out: Path | None, tracking_uri: str | None, no_mlflow: bool) -> None:
     """Summary metrics grouped by the grid's axes (mean over repeats); with --format html|md, figures too."""
     from rich.console import Console
@@ -354,6 +372,7 @@ def report(experiment: str, results: Path, fmt: str, out: Path | None, tracking_
               "Default: the report's columns, and exit 0.")
 @click.option("--threshold", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="Relative change in the bad direction that counts as a regression (0.05 = 5%).")
+@_user_errors
 def compare(experiment_a: str, experiment_b: str, results: Path, metrics: tuple[str, ...], threshold: float) -> None:
     """Summaries of EXPERIMENT_B against EXPERIMENT_A on their shared configurations."""
     from orchestrator.report.compare import CompareError
@@ -397,6 +416,7 @@ def sync(experiment: str, results: Path, tracking_uri: str | None) -> None:
 @_results_option
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--tracking-uri", default=None, help="Backend store (default $MLFLOW_TRACKING_URI, else SQLite in --results).")
+@_user_errors
 def ui(results: Path, port: int, tracking_uri: str | None) -> None:
     """Serve the MLflow UI on 127.0.0.1."""
     from orchestrator.tracking import default_tracking_uri

@@ -291,14 +291,46 @@ class ExperimentStore:
 
     # -- manifest ------------------------------------------------------------------------
     def load_manifest(self) -> dict[str, Any] | None:
-        """The manifest, or None when the experiment has never been submitted."""
-        if not self.manifest_path.exists():
+        """The manifest, or None when the experiment has never been submitted.
+
+        Raises ``ManifestError`` (naming the file and what is wrong) when it is not a JSON object with
+        ``trials`` an object of objects; the file is left as it is: nothing replaces a manifest it cannot read.
+        """
+        path = self.manifest_path
+        if not path.exists():
             return None
-        return json.loads(self.manifest_path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(path, f"{exc.msg} (line {exc.lineno} col {exc.colno})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ManifestError(path, str(exc)) from None
+        if not isinstance(data, dict):
+            raise ManifestError(path, f"a JSON {_json_type(data)}, not an object")
+        trials = data.get("trials", {})
+        if not isinstance(trials, dict) or not all(isinstance(entry, dict) for entry in trials.values()):
+            raise ManifestError(path, "'trials' is not an object of trial objects")
+        if not isinstance(data.get("submissions", []), list):
+            raise ManifestError(path, "'submissions' is not a list")
+        return data
 
     def save_manifest(self, manifest: dict[str, Any]) -> None:
         """Atomically replace the manifest."""
         atomic_write_bytes(self.manifest_path, json.dumps(manifest, separators=(",", ":"), default=str).encode())
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read; ``str(err)`` is one line for the user (the CLI exits 2)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} is unreadable: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def list_experiments(results_root: Path | str) -> list[str]:
