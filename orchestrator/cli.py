@@ -19,7 +19,7 @@ from orchestrator.cluster import ClusterOptions, set_ray_env
 from orchestrator.jobs import JobsError
 from orchestrator.lock import DriverLock
 from orchestrator.manifest import Manifest
-from orchestrator.spec import GridSpec, SpecError, load_spec
+from orchestrator.spec import GridSpec, SpecError, check_experiment_name, load_spec
 from orchestrator.store import STATES, ExperimentStore, ManifestError, list_experiments
 
 USAGE_ERROR = 2
@@ -214,6 +214,10 @@ def _run_here(spec: GridSpec, kind: Any, trials: list[Any], store: ExperimentSto
 
 
 def _store_or_fail(results: Path, experiment: str) -> tuple[ExperimentStore, Manifest]:
+    try:  # the grid's naming rule: a name is a folder under --results, never a path out of it
+        check_experiment_name(experiment)
+    except ValueError as exc:
+        _fail(f"experiment {experiment!r}: {exc}")
     store = ExperimentStore(results, experiment)
     manifest = Manifest.load(store)
     if manifest is None:
@@ -230,6 +234,9 @@ def list_command(results: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if not results.is_dir():  # nothing submitted yet, or another folder meant: say which, not an empty table
+        click.echo(f"no experiments: there is no results folder at {results} (--results or $ORCH_RESULTS names another)")
+        return
     table = Table(title=f"experiments in {results}")
     table.add_column("experiment")
     table.add_column("kind")
@@ -272,7 +279,7 @@ def status(experiment: str | None, results: Path, address: str | None, token_fil
             if experiment in (None, job["experiment"]):
                 click.echo(f"{job['id']}  {job['experiment']}  {job['status']}")
         return
-    names = [experiment] if experiment else list_experiments(results)
+    names = [experiment] if experiment is not None else list_experiments(results)
     console = Console(width=200)
     for name in names:
         try:
@@ -380,6 +387,8 @@ def compare(experiment_a: str, experiment_b: str, results: Path, metrics: tuple[
     from orchestrator.report.data import load_experiment
     from orchestrator.report.terminal import print_comparison
 
+    if experiment_a == experiment_b:
+        _fail(f"compare needs two experiments; got {experiment_a!r} twice")
     store_a, manifest_a = _store_or_fail(results, experiment_a)
     store_b, _manifest_b = _store_or_fail(results, experiment_b)
     try:
