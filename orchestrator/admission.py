@@ -44,7 +44,7 @@ class ClusterView:
 
     def refresh(self, force: bool = False) -> None:
         """Re-read the nodes when ``refresh_s`` has passed (or ``force``: e.g. a worker was lost)."""
-        now = time.time()
+        now = time.monotonic()
         if force or now - self._read_at >= self.refresh_s:
             self.nodes = node_totals()
             self.capacity = {}
@@ -98,7 +98,7 @@ class Admission:
         """Call ``assign`` for each trial that starts now (in order) and ``fail`` for each that never can."""
         self.cluster.refresh()
         free = add(self.cluster.capacity, self.pool.used(), -1.0)
-        now = time.time()
+        now = time.monotonic()
         trials = list(pending)
         groups = EngineGroups(trials, self.pool) if self.kind.load_keys else None
         handled: set[str] = set()

@@ -186,9 +186,12 @@ class Slot:
     needs: TrialNeeds | None = None
     workers: PlacementGroup | None = None  # the trial's worker reservation, until it starts
     workers_ready: Any = None  # resolves once ``workers`` is reserved
-    waiting_since: float = 0.0  # when the trial was given this slot
+    # Intervals (waiting, timeouts) use time.monotonic(): a suspended laptop or an NTP step must
+    # not time every running trial out.
+    waiting_since: float = 0.0  # when the trial was given this slot (monotonic)
     ref: Any = None  # the run() result, once started
-    started: float = 0.0  # when the trial's resources were reserved and it started
+    started: float = 0.0  # when the trial's resources were reserved and it started (wall clock, recorded)
+    started_clock: float = 0.0  # the same moment, monotonic (its timeout counts from here)
 
     @property
     def reserved(self) -> dict[str, float]:

@@ -146,7 +146,7 @@ class Submission:
         entry = self.manifest.entry(trial.trial_id)
         self.manifest.update(trial.trial_id, attempts=entry.get("attempts", 0) + 1, state="running", start_s=None,
                              end_s=None, error=None, node=slot.node)
-        slot.trial, slot.needs, slot.waiting_since, slot.ref = trial, needs, time.time(), None
+        slot.trial, slot.needs, slot.waiting_since, slot.ref = trial, needs, time.monotonic(), None
         slot.workers = reserve(needs.workers)
         slot.workers_ready = slot.workers.ready() if slot.workers is not None else None
         self.manifest.save()
@@ -156,7 +156,7 @@ class Submission:
         waiting = [s for s in self.pool.running() if s.ref is None and s.ready_ref is None]
         pending_refs = [s.workers_ready for s in waiting if s.workers_ready is not None]
         ready = set(ray.wait(pending_refs, num_returns=len(pending_refs), timeout=0)[0]) if pending_refs else set()
-        now = time.time()
+        now = time.monotonic()
         for slot in waiting:
             if slot.workers_ready is None or slot.workers_ready in ready:
                 self._launch(slot)
@@ -175,7 +175,7 @@ class Submission:
         # keeps counting them as this slot's until the trial ends).
         release(slot.workers)
         slot.workers = slot.workers_ready = None
-        slot.started = time.time()
+        slot.started, slot.started_clock = time.time(), time.monotonic()
         slot.session_key = trial.group_key
         self.manifest.update(trial.trial_id, start_s=slot.started, node=slot.node)
         job = TrialJob(
@@ -264,9 +264,9 @@ class Submission:
     def _check_timeouts(self) -> None:
         if self.spec.timeout_s is None:
             return
-        now = time.time()
+        now = time.monotonic()
         for slot in self.pool.running():
-            if slot.ref is not None and now - slot.started > self.spec.timeout_s:
+            if slot.ref is not None and now - slot.started_clock > self.spec.timeout_s:
                 trial = slot.trial
                 assert trial is not None
                 self.pool.discard(slot)
@@ -280,6 +280,9 @@ class Submission:
         """Write a finished attempt: Parquet first, then the manifest, then MLflow (async)."""
         params = self._params_for(trial)
         if result.state == "done":
+            # Only this attempt's tables stand for the trial (an earlier attempt's may be there:
+            # its driver was killed before the manifest said so).
+            self.store.remove_trial_tables(trial.trial_id)
             try:
                 for name, table in result.tables.items():
                     schema = self.kind.tables.get(name)
@@ -290,7 +293,13 @@ class Submission:
                 result.state, result.error = "failed", f"could not store results: {type(exc).__name__}: {exc}"[:500]
         artifacts = self.store.artifacts_dir(trial.trial_id)
         for name, data in result.artifacts.items():
-            atomic_write_bytes(artifacts / name, data)
+            try:
+                atomic_write_bytes(artifacts / name, data)
+            except OSError:
+                raise
+            except Exception as exc:  # a kind's artifact that is not bytes fails its trial, not the grid
+                if result.state == "done":
+                    result.state, result.error = "failed", f"could not store artifact {name!r}: {type(exc).__name__}: {exc}"
         if result.traceback:
             atomic_write_bytes(artifacts / "traceback.txt", result.traceback.encode())
         self._finish(trial, result.state, result.error, node=result.node, start=result.start_s, end=result.end_s,
@@ -311,6 +320,8 @@ class Submission:
         fields = {"state": state, "error": error, "node": node, "start_s": start, "end_s": end, "synced": False,
                   "environment": environment}
         record = dict(self.manifest.entry(trial.trial_id), **fields, **environment, duration_s=end - start)
+        if state != "done":  # the tables hold done trials only; `trials` has a row for every ended one
+            self.store.remove_trial_tables(trial.trial_id)
         # The trials row first: if it cannot be written, the manifest does not claim the trial ended.
         self.store.write_trial_row(trial.trial_id, record, self._params_for(trial))
         self.manifest.update(trial.trial_id, **fields)
@@ -367,12 +378,14 @@ class Submission:
             self.progress.event(f"submission failed: {error}")
             self._cancel_running(f"cancelled: the submission failed ({error})")
         finally:
-            self._shutdown_actors()
+            # The manifest first: `ray job stop` sends SIGKILL 3 s after SIGTERM, and stopping the
+            # actors may take longer; what is recorded must not wait for them.
             self.submission.update(status=status, ended_at=time.time(), error=error)
             try:
                 self.manifest.save(force=True)
             except OSError as exc:
                 error = error or f"could not save the manifest: {exc}"
+            self._shutdown_actors()
             live = self.live.close()
             if self.logger is not None:
                 self.logger.submit_live(live)
@@ -401,12 +414,21 @@ class Submission:
             if self.manifest.entry(trial_id).get("state") == "running":
                 self.manifest.update(trial_id, state="cancelled", error=reason, end_s=time.time())
 
-    def _shutdown_actors(self) -> None:
-        for slot in list(self.pool.slots):
+    def _shutdown_actors(self, timeout_s: float = 10.0) -> None:
+        """Ask every actor to close its session, all at once, waiting ``timeout_s`` in all; then kill them."""
+        slots = list(self.pool.slots)
+        refs = []
+        for slot in slots:
             try:
-                ray.get(slot.actor.shutdown.remote(), timeout=10)
+                refs.append(slot.actor.shutdown.remote())
+            except RayError:
+                pass
+        if refs:
+            try:
+                ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
             except (GetTimeoutError, RayError):
                 pass
+        for slot in slots:
             self.pool.discard(slot)
 
     def _close_tracking(self, aborted: bool) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,14 +52,30 @@ TRIALS_SCHEMA = pa.schema(
 )
 
 
+def _durable_replace(tmp: Path | str, path: Path) -> None:
+    """Rename a written temp file over ``path`` so that a power loss leaves the old or the new file,
+    never an empty one: the data reaches the disk before the rename, the rename before we go on."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and rename."""
+    """Write ``data`` to ``path`` through a temp file and a durable rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
+        _durable_replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -242,7 +259,7 @@ class ExperimentStore:
         strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
         try:
             pq.write_table(table, tmp, compression="lz4", use_dictionary=strings)
-            os.replace(tmp, path)
+            _durable_replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -255,6 +272,12 @@ class ExperimentStore:
         row = {f.name: [record.get(f.name)] for f in TRIALS_SCHEMA if f.name != "experiment"}
         table = pa.table(row, schema=pa.schema([f for f in TRIALS_SCHEMA if f.name != "experiment"]))
         return self.write_table("trials", trial_id, table, TRIALS_SCHEMA.remove(0), params)
+
+    def remove_trial_tables(self, trial_id: str) -> None:
+        """Remove one trial's files of every table but ``trials`` (an earlier attempt's, or a partial write)."""
+        for name in self.table_names():
+            if name != "trials":
+                shutil.rmtree(self.path / name / f"trial_id={trial_id}", ignore_errors=True)
 
     def table_names(self) -> list[str]:
         """Tables present in this experiment."""

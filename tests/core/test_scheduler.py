@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import ray
 from click.testing import CliRunner
@@ -22,7 +23,7 @@ from orchestrator.spec import load_spec
 from orchestrator.store import ExperimentStore
 from orchestrator.tracking import Tracker
 from tests.core.helpers import mlflow_trial_runs, parquet_trial_ids, write_grid
-from tests.support.kinds import ToyKind
+from tests.support.kinds import TOY_SUMMARY, ToyKind
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,10 +89,18 @@ def test_grid_completes_with_results_in_parquet_manifest_and_mlflow(tmp_path: Pa
 def test_failing_trial_is_recorded_and_the_rest_complete(tmp_path: Path) -> None:
     # x=2 fails
     grid = write_grid(tmp_path, experiment="fails", grid={}, zip={"x": [1, 2, 3], "fail": [False, True, False]})
+    # an earlier attempt of x=2 left tables (its driver was killed before the manifest said so)
+    stale_id = next(t.trial_id for t in expand(load_spec(grid), ToyKind()) if t.params["x"] == 2)
+    ExperimentStore(tmp_path / "r", "fails").write_table(
+        "toy_summary", stale_id, pa.table({"score": [99.0], "steps": [1], "pid": [1], "opened": [1]}), TOY_SUMMARY)
     outcome, store, manifest = submit(grid, tmp_path / "r")
     assert outcome.counts["done"] == 2 and outcome.counts["failed"] == 1
     failed = [tid for tid, e in manifest["trials"].items() if e["state"] == "failed"]
-    assert len(failed) == 1
+    assert failed == [stale_id]
+    # the tables hold the done trials only; `trials` has every one
+    done = sorted(tid for tid, e in manifest["trials"].items() if e["state"] == "done")
+    assert parquet_trial_ids(tmp_path / "r", "fails", "toy_summary") == done
+    assert parquet_trial_ids(tmp_path / "r", "fails", "trials") == sorted(manifest["trials"])
     entry = manifest["trials"][failed[0]]
     assert entry["error"] == "RuntimeError: toy failure for x=2.0" and entry["attempts"] == 1
     traceback_text = (store.artifacts_dir(failed[0]) / "traceback.txt").read_text()
@@ -101,6 +110,16 @@ def test_failing_trial_is_recorded_and_the_rest_complete(tmp_path: Path) -> None
     runs = {r.data.tags["orch.trial_id"]: r for r in mlflow_trial_runs(tmp_path / "r", "fails")}
     assert runs[failed[0]].info.status == "FAILED"
     assert "traceback.txt" in {a.path for a in _client(tmp_path).list_artifacts(runs[failed[0]].info.run_id)}
+
+
+def test_a_kind_returning_an_artifact_that_is_not_bytes_fails_that_trial_only(tmp_path: Path) -> None:
+    grid = write_grid(tmp_path, experiment="notes", grid={}, zip={"x": [1, 2, 3], "text_artifact": [False, True, False]})
+    outcome, store, manifest = submit(grid, tmp_path / "r")
+    assert outcome.counts["done"] == 2 and outcome.counts["failed"] == 1 and outcome.error is None
+    (failed,) = [tid for tid, e in manifest["trials"].items() if e["state"] == "failed"]
+    assert manifest["trials"][failed]["error"].startswith("could not store artifact 'note.txt': TypeError")
+    assert failed not in parquet_trial_ids(tmp_path / "r", "notes", "toy_summary")
+    assert len(parquet_trial_ids(tmp_path / "r", "notes", "toy_summary")) == 2
 
 
 def _client(tmp_path: Path):

@@ -32,6 +32,8 @@ class ToyParams(KindParams):
     pid_file: str | None = None
     # Kill our own process on the first attempt (a worker crash), then succeed.
     crash_first_attempt: bool = False
+    # Return an artifact that is text, not bytes (a kind's mistake the driver must survive).
+    text_artifact: bool = False
     seed: int = 0
 
 
@@ -61,7 +63,8 @@ class ToyKind(TrialKind):
                           "rank": [0] * params.steps})
         summary = pa.table({"score": [params.x * 10 + params.y], "steps": [params.steps], "pid": [os.getpid()],
                             "opened": [session["count"]]})
-        return TrialOutput(tables={"toy_steps": steps, "toy_summary": summary}, artifacts={"note.txt": b"hello"})
+        note: Any = "hello" if params.text_artifact else b"hello"
+        return TrialOutput(tables={"toy_steps": steps, "toy_summary": summary}, artifacts={"note.txt": note})
 
 
 class ToyWorkersParams(ToyParams):
