@@ -9,6 +9,7 @@ signals the pid only when its start time still matches.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from backends.procs import start_ticks
 from orchestrator.spec import SpecError
+from orchestrator.store import atomic_write_bytes
 
 LOCK_NAME = "driver.lock"
 
@@ -86,23 +88,20 @@ class DriverLock:
         """Take the lock for this process; a stale lock is replaced, a live one refused."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = Driver.this_process()
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                other = self.holder()
-                if other is not None and other.is_alive():
-                    raise DriverRunningError(
-                        f"{self.experiment} is already running: its driver is {other.describe()}; "
-                        f"wait for it or stop it with `orch cancel {self.experiment}`"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its driver is gone
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(asdict(me), fh)
-            self.held = me
-            return me
-        raise DriverRunningError(f"{self.experiment}: could not take {self.path} (another driver is starting)")
+        # One process decides at a time (an flock on a guard file beside the lock): two submits
+        # that both found a stale lock could otherwise each remove the other's new one. The lock
+        # itself is written whole (temp file, rename), so it is never read half-written.
+        with open(self.path.with_name(f".{LOCK_NAME}.guard"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            other = self.holder()
+            if other is not None and other.is_alive():
+                raise DriverRunningError(
+                    f"{self.experiment} is already running: its driver is {other.describe()}; "
+                    f"wait for it or stop it with `orch cancel {self.experiment}`"
+                )
+            atomic_write_bytes(self.path, json.dumps(asdict(me)).encode())  # replaces a stale lock
+        self.held = me
+        return me
 
     def release(self) -> None:
         """Remove the lock if this process holds it."""

@@ -65,6 +65,41 @@ def test_a_stale_lock_is_taken_over(tmp_path: Path) -> None:
     assert not (tmp_path / "old" / "driver.lock").exists()
 
 
+TAKE_LOCK = """
+import sys, time
+from pathlib import Path
+from orchestrator.lock import DriverLock, DriverRunningError
+Path(sys.argv[2]).touch()
+while not Path(sys.argv[3]).exists():  # all start together
+    time.sleep(0.005)
+try:
+    DriverLock(Path(sys.argv[1]), "race").acquire()
+    print("acquired", flush=True)
+    time.sleep(3)  # stay alive: the lock is live while the others decide
+except DriverRunningError:
+    print("refused", flush=True)
+"""
+
+
+def test_of_several_submits_that_find_a_stale_lock_exactly_one_takes_it(tmp_path: Path) -> None:
+    import sys
+
+    from tests.conftest import REPO
+
+    gone = subprocess.Popen(["true"])
+    gone.wait(10)
+    _lock_for(tmp_path, "race", gone.pid, 12345)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", TAKE_LOCK, str(tmp_path / "race"), str(tmp_path / f"ready{i}"),
+                               str(go)], cwd=REPO, stdout=subprocess.PIPE, text=True) for i in range(6)]
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("ready*"))) < len(procs) and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    outcomes = sorted(proc.communicate(timeout=60)[0].strip() for proc in procs)
+    assert outcomes == ["acquired"] + ["refused"] * (len(procs) - 1)
+
+
 def test_cancel_signals_the_driver_only_while_its_pid_is_the_same_process(tmp_path: Path, other_driver) -> None:
     results = tmp_path / "r"
     _manifest(results, "exp")
