@@ -412,12 +412,20 @@ def sync(experiment: str, results: Path, tracking_uri: str | None) -> None:
     """Log to MLflow the finished trials that are not synced yet."""
     from orchestrator.tracking import Tracker, sync_experiment
 
-    store, manifest = _store_or_fail(results, experiment)
-    DriverLock(store.path, experiment).refuse_while_running("sync")
-    tracker = Tracker(store, tracking_uri)
-    if not tracker.available:
-        _fail(f"MLflow at {tracker.uri} is unreachable: {tracker.error}")
-    synced = sync_experiment(tracker, manifest)
+    store, _manifest = _store_or_fail(results, experiment)
+    lock = DriverLock(store.path, experiment)
+    lock.refuse_while_running("sync")
+    # Held while syncing: a submit started now would otherwise save its manifest under ours.
+    lock.acquire()
+    try:
+        manifest = Manifest.load(store)  # as it is now that no driver can change it
+        assert manifest is not None
+        tracker = Tracker(store, tracking_uri)
+        if not tracker.available:
+            _fail(f"MLflow at {tracker.uri} is unreachable: {tracker.error}")
+        synced = sync_experiment(tracker, manifest)
+    finally:
+        lock.release()
     click.echo(f"synced {synced} trial(s) of {experiment} to {tracker.uri}")
 
 
