@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ TRIALS_SCHEMA = pa.schema(
     ],
     metadata={SCHEMA_VERSION_KEY: b"2"},
 )
+
+
+STORE_ID_NAME = ".store_id"
 
 
 def _durable_replace(tmp: Path | str, path: Path) -> None:
@@ -186,6 +190,24 @@ class ExperimentStore:
     def manifest_path(self) -> Path:
         """Where the manifest lives."""
         return self.path / "manifest.json"
+
+    @property
+    def store_id(self) -> str:
+        """A random id of this experiment's folder, made once (a copy or a move keeps it): its MLflow
+        runs carry it, so another folder's runs of the same experiment name are never taken for its own."""
+        path = self.path / STORE_ID_NAME
+        if not path.exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:  # first writer wins; a racing one reads the winner's id below
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(uuid.uuid4().hex)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        return path.read_text().strip()
 
     def artifacts_dir(self, trial_id: str) -> Path:
         """Folder of one trial's artifacts."""

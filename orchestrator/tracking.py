@@ -31,6 +31,7 @@ ID_COLUMNS = frozenset({"step", "rank", "epoch", "request_id", "t_s"})
 KEY_COLUMNS = ("split", "model")  # string columns of step tables that prefix metric names
 RUN_STATUS = {"done": "FINISHED", "failed": "FAILED", "timeout": "FAILED", "cancelled": "KILLED"}
 TRIAL_TAG = "orch.trial_id"
+STORE_TAG = "orch.store_id"  # the results folder a run belongs to (ExperimentStore.store_id)
 
 
 def default_tracking_uri(results_root: Path | str) -> str:
@@ -127,7 +128,8 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"submission-{submission['id']}",
-            tags={"orch.submission_id": submission["id"], "orch.kind": submission.get("kind", "")},
+            tags={"orch.submission_id": submission["id"], "orch.kind": submission.get("kind", ""),
+                  STORE_TAG: self.store.store_id},
         )
         params = {f"orch.{k}": str(v)[:6000] for k, v in flatten(submission.get("versions", {})).items()}
         if submission.get("git"):
@@ -140,15 +142,21 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def existing_runs(self) -> dict[str, list[str]]:
-        """trial id -> active child run ids already in this experiment."""
+        """trial id -> active child run ids already in this experiment from this results folder.
+
+        Two folders may hold an experiment of the same name logged to one shared MLflow server (the
+        same grid run on two machines): each sees, and replaces, only its own runs. Runs without
+        the folder tag come from orch versions before it and count as this folder's."""
         out: dict[str, list[str]] = {}
+        own = self.store.store_id
         page_token = None
         while True:
             page = self.client.search_runs(
                 [self.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` != ''", max_results=1000, page_token=page_token
             )
             for run in page:
-                out.setdefault(run.data.tags[TRIAL_TAG], []).append(run.info.run_id)
+                if run.data.tags.get(STORE_TAG, own) == own:
+                    out.setdefault(run.data.tags[TRIAL_TAG], []).append(run.info.run_id)
             page_token = page.token
             if not page_token:
                 return out
@@ -171,7 +179,7 @@ class Tracker:
 
     def start_live_run(self, trial_id: str, parent_run_id: str | None) -> str:
         """A running trial's run, for the metrics it streams; ``log_trial`` completes it."""
-        tags = {TRIAL_TAG: trial_id, "orch.state": "running"}
+        tags = {TRIAL_TAG: trial_id, "orch.state": "running", STORE_TAG: self.store.store_id}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         return self.client.create_run(self.experiment_id, run_name=trial_id, tags=tags).info.run_id
@@ -185,6 +193,7 @@ class Tracker:
                 self.client.delete_run(run_id)
         tags = {
             TRIAL_TAG: trial_id,
+            STORE_TAG: self.store.store_id,
             "orch.state": record["state"],
             "orch.repeat": str(record.get("repeat", 0)),
             "orch.attempts": str(record.get("attempts", 0)),
