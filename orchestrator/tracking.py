@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from orchestrator.expand import flatten
 from orchestrator.manifest import Manifest
-from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore
+from orchestrator.store import PARAM_FIELD_KEY, TERMINAL_STATES, ExperimentStore
 
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
@@ -136,6 +136,16 @@ class Tracker:
             params["orch.git"] = str(submission["git"])
         self._log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether this store holds the run (deleted ones included: a parent is reused, not recreated)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
 
     def end_parent(self, run_id: str, status: str) -> None:
         """Close a parent run."""
@@ -305,15 +315,17 @@ class BackgroundLogger:
 
 
 def sync_experiment(tracker: Tracker, manifest: Manifest) -> int:
-    """Log every finished, unsynced trial of an experiment (``orch sync``); returns how many were logged."""
-    todo = manifest.unsynced()
-    existing = tracker.existing_runs() if todo else {}
+    """Log every finished trial of an experiment that this tracking store lacks (``orch sync``):
+    unsynced ones, and synced ones whose run is not there (a lost or new store); returns how many."""
+    existing = tracker.existing_runs()
+    todo = [(tid, e) for tid, e in manifest.trials.items() if e.get("state") in TERMINAL_STATES
+            and (not e.get("synced") or e.get("mlflow_run_id") not in existing.get(tid, []))]
     parents: dict[int, str | None] = {}
     for trial_id, entry in todo:
         index = entry.get("submission", len(manifest.submissions) - 1)
         submission = manifest.submissions[index]
         if index not in parents:
-            if not submission.get("parent_run_id"):
+            if not submission.get("parent_run_id") or not tracker.has_run(submission["parent_run_id"]):
                 submission["parent_run_id"] = tracker.start_parent(submission)
                 tracker.end_parent(submission["parent_run_id"], "FINISHED")
             parents[index] = submission["parent_run_id"]

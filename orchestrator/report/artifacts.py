@@ -20,11 +20,7 @@ def log_report(store: ExperimentStore, files: list[Path], out: Path, tracking_ur
     tracker = Tracker(store, tracking_uri)
     if not tracker.available:
         return f"MLflow at {tracker.uri} is unreachable ({tracker.error}); report not logged"
-    from mlflow.exceptions import MlflowException
-
-    try:
-        tracker.client.get_run(runs[-1])
-    except MlflowException:  # results moved or copied, or another store: the page stands on its own
+    if not tracker.has_run(runs[-1]):  # results moved or copied, or another store: the page stands on its own
         return (f"MLflow: run {runs[-1]} is not in {tracker.uri} (results moved, or another tracking store); "
                 "report not logged (--no-mlflow skips this)")
     for path in files:

@@ -245,6 +245,15 @@ def test_mlflow_unreachable_keeps_results_and_sync_logs_them_later(tmp_path: Pat
     assert {r.data.metrics["score"] for r in runs} == {10.0, 20.0}
     again = CliRunner().invoke(main, ["sync", "offline", "--results", str(results)])
     assert "synced 0 trial(s)" in again.output and len(mlflow_trial_runs(results, "offline")) == 2
+    # the tracking store is lost (or another one is named): sync fills the new one
+    fresh = f"sqlite:///{tmp_path / 'new.db'}"
+    refilled = CliRunner().invoke(main, ["sync", "offline", "--results", str(results), "--tracking-uri", fresh])
+    assert refilled.exit_code == 0 and "synced 2 trial(s)" in refilled.output, refilled.output
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=fresh)
+    runs = client.search_runs([client.get_experiment_by_name("offline").experiment_id])
+    assert sorted(r.data.tags.get("orch.trial_id", "parent") for r in runs) == sorted([*manifest["trials"], "parent"])
 
 
 def test_error_outside_a_trial_fails_the_submission_and_cancels_running_trials(tmp_path: Path, monkeypatch) -> None:
