@@ -290,7 +290,14 @@ class Submission:
             except OSError:  # the disk, not the trial: ends the submission
                 raise
             except Exception as exc:  # a table that does not fit its schema fails the trial, not the grid
-                result.state, result.error = "failed", f"could not store results: {type(exc).__name__}: {exc}"[:500]
+                where = ""
+                try:
+                    where = f" (kept as they came in {self.store.keep_unstored(trial.trial_id, result.tables)})"
+                except OSError:
+                    raise
+                except Exception:  # a table Parquet cannot hold at all: the error says what it was
+                    pass
+                result.state, result.error = "failed", f"could not store results{where}: {type(exc).__name__}: {exc}"[:1000]
         artifacts = self.store.artifacts_dir(trial.trial_id)
         for name, data in result.artifacts.items():
             try:

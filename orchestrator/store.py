@@ -265,12 +265,26 @@ class ExperimentStore:
             self._schemas[name] = current
             return table
         unified = unify_schemas([current, table.schema])
+        # Every file must take the schema before any is rewritten: a cast Arrow lacks (a list to a
+        # string) would otherwise fail half-way and leave the table on two schemas. A missing
+        # cast fails on no rows as on many, so the older files are checked by their schemas.
+        out = conform(table, unified)
         if not unified.equals(current):
-            for path in self.table_files(name):
-                if path != self.table_file(name, trial_id):
-                    self._write_file(path, conform(pq.read_table(path), unified))
+            older = [path for path in self.table_files(name) if path != self.table_file(name, trial_id)]
+            for path in older:
+                conform(pq.read_schema(path).empty_table(), unified)
+            for path in older:
+                self._write_file(path, conform(pq.read_table(path), unified))
         self._schemas[name] = unified
-        return conform(table, unified)
+        return out
+
+    def keep_unstored(self, trial_id: str, tables: dict[str, pa.Table]) -> Path:
+        """Write a trial's tables as they came (no schema) to ``artifacts/<trial>/unstored/``, when
+        they could not join their tables: the trial fails, its measurements stay on disk."""
+        folder = self.artifacts_dir(trial_id) / "unstored"
+        for name, table in tables.items():
+            self._write_file(folder / f"{name}.parquet", table)
+        return folder
 
     @staticmethod
     def _write_file(path: Path, table: pa.Table) -> None:

@@ -122,6 +122,24 @@ def test_a_kind_returning_an_artifact_that_is_not_bytes_fails_that_trial_only(tm
     assert len(parquet_trial_ids(tmp_path / "r", "notes", "toy_summary")) == 2
 
 
+def test_a_table_that_cannot_join_its_table_fails_its_trial_and_is_kept_as_it_came(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    # one trial's extra column is a float, the other's a list: no schema holds both
+    grid = write_grid(tmp_path, experiment="clash", grid={}, zip={"x": [1, 2], "extra": ["float", "list"]})
+    outcome, store, manifest = submit(grid, tmp_path / "r")
+    assert outcome.counts["done"] == 1 and outcome.counts["failed"] == 1 and outcome.error is None
+    (done,) = [tid for tid, e in manifest["trials"].items() if e["state"] == "done"]
+    (failed,) = [tid for tid, e in manifest["trials"].items() if e["state"] == "failed"]
+    kept = store.artifacts_dir(failed) / "unstored"
+    assert manifest["trials"][failed]["error"].startswith(f"could not store results (kept as they came in {kept}): ")
+    assert pq.read_table(kept / "toy_summary.parquet").column("score").to_pylist() in ([10.0], [20.0])
+    # the stored trial's file is whole and on the schema it was written with
+    assert parquet_trial_ids(tmp_path / "r", "clash", "toy_summary") == [done]
+    stored = pq.read_table(store.table_file("toy_summary", done))
+    assert stored.column("extra").to_pylist() in ([1.5], [[1.5]])
+
+
 def _client(tmp_path: Path):
     from mlflow.tracking import MlflowClient
 

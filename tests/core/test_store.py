@@ -74,6 +74,18 @@ def test_a_parameter_named_like_a_column_of_the_table_leaves_the_table_value(tmp
     assert written.column("rate").to_pylist() == [1] and not [c for c in written.column_names if c.startswith("param_")]
 
 
+def test_a_table_no_schema_reconciles_is_refused_before_any_older_file_is_rewritten(tmp_path: Path) -> None:
+    import pytest
+
+    store = ExperimentStore(tmp_path, "exp")
+    store.write_table("t", "a-0", pa.table({"x": [1.0]}), None)
+    with pytest.raises(pa.ArrowNotImplementedError):  # list -> string: a cast Arrow does not have
+        store.write_table("t", "b-0", pa.table({"x": [[1.0]]}), None)
+    older = pq.read_table(store.table_file("t", "a-0"))
+    assert older.schema.field("x").type == pa.float64() and older.column("x").to_pylist() == [1.0]
+    assert not store.table_file("t", "b-0").exists()
+
+
 def test_param_columns_disambiguate_leaf_collisions() -> None:
     columns = ParamColumns.from_params([{"policy.kv_budget": 0.2, "engine.kv_budget": 1, "model": "m", "backend.name": "h2o"}])
     assert columns.names == {"policy.kv_budget": "policy_kv_budget", "engine.kv_budget": "engine_kv_budget", "model": "model",

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import Field
@@ -34,6 +34,8 @@ class ToyParams(KindParams):
     crash_first_attempt: bool = False
     # Return an artifact that is text, not bytes (a kind's mistake the driver must survive).
     text_artifact: bool = False
+    # A summary column beyond the declared schema, as a float or a list (types no cast reconciles).
+    extra: Literal["none", "float", "list"] = "none"
     seed: int = 0
 
 
@@ -63,6 +65,8 @@ class ToyKind(TrialKind):
                           "rank": [0] * params.steps})
         summary = pa.table({"score": [params.x * 10 + params.y], "steps": [params.steps], "pid": [os.getpid()],
                             "opened": [session["count"]]})
+        if params.extra != "none":
+            summary = summary.append_column("extra", pa.array([[1.5]] if params.extra == "list" else [1.5]))
         note: Any = "hello" if params.text_artifact else b"hello"
         return TrialOutput(tables={"toy_steps": steps, "toy_summary": summary}, artifacts={"note.txt": note})
 
