@@ -25,6 +25,7 @@ class TrialEntry(TypedDict, total=False):
     repeat: int
     params: dict[str, Any]
     axes: dict[str, Any]
+    resources: dict[str, float]  # the grid's per-trial resources it ran with
     node: str | None
     start_s: float | None
     end_s: float | None
@@ -102,25 +103,30 @@ class Manifest:
         return [(tid, e) for tid, e in self.trials.items() if e.get("state") in TERMINAL_STATES and not e.get("synced")]
 
     # -- changing --------------------------------------------------------------------------
-    def queue(self, trials: list[Trial], submission: int) -> list[Trial]:
-        """Enter every trial not yet done as ``queued`` for submission number ``submission``; returns those.
+    def queue(self, trials: list[Trial], submission: int) -> tuple[list[Trial], list[Trial]]:
+        """Enter every trial not yet done as ``queued`` for submission number ``submission``; returns
+        those, and the done trials that ran with other resources than the grid now gives them.
 
         A trial that ran before keeps its attempt count and MLflow run (a rerun logs into the same run).
+        Resources are not part of a trial's id (a grid moved to a bigger machine resumes), so a done
+        trial is kept even when they changed; the caller says so.
         """
-        queued = []
+        queued, other_resources = [], []
         for trial in trials:
             previous = self.trials.get(trial.trial_id)
             if previous is not None and previous.get("state") == "done":
+                if previous.get("resources", trial.resources) != trial.resources:
+                    other_resources.append(trial)
                 continue
             previous = previous or {}
             self.trials[trial.trial_id] = {
                 "state": "queued", "attempts": previous.get("attempts", 0), "repeat": trial.repeat,
-                "params": trial.params, "axes": trial.axes, "node": None, "start_s": None, "end_s": None,
-                "error": None, "synced": False, "mlflow_run_id": previous.get("mlflow_run_id"),
-                "submission": submission,
+                "params": trial.params, "axes": trial.axes, "resources": trial.resources, "node": None,
+                "start_s": None, "end_s": None, "error": None, "synced": False,
+                "mlflow_run_id": previous.get("mlflow_run_id"), "submission": submission,
             }
             queued.append(trial)
-        return queued
+        return queued, other_resources
 
     def update(self, trial_id: str, **fields: Any) -> TrialEntry:
         """Change fields of one entry (saved at the next ``save``)."""

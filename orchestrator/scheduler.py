@@ -102,7 +102,13 @@ class Submission:
             "parent_run_id": None,
         }
         self.manifest.submissions.append(self.submission)
-        queued = self.manifest.queue(list(self.trials.values()), len(self.manifest.submissions) - 1)
+        queued, other_resources = self.manifest.queue(list(self.trials.values()), len(self.manifest.submissions) - 1)
+        if other_resources:
+            before = self.manifest.trials[other_resources[0].trial_id].get("resources")
+            self.progress.event(
+                f"{len(other_resources)} done trial(s) ran with other resources ({_resources_text(before)}, now "
+                f"{_resources_text(other_resources[0].resources)}); they are kept, not rerun: submit under a new "
+                "experiment name to measure them again")
         self.pending = deque(sorted(queued, key=lambda t: (t.group_key, t.index)))
         self.manifest.save(force=True)
 
@@ -451,6 +457,10 @@ class Submission:
         except Exception as exc:  # the runs are logged; only the parent's status is missing
             return str(exc)
         return None
+
+
+def _resources_text(resources: dict[str, float] | None) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted((resources or {}).items()) if v) or "none"
 
 
 def _axes_text(axes: dict[str, Any]) -> str:

@@ -33,12 +33,25 @@ def local_ray():
     ray.shutdown()
 
 
-def submit(grid: Path, results: Path, tracking_uri: str | None = None):
+class RecordedProgress:
+    """The events a submission reports, kept for assertions."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def update(self, counts: dict[str, int], elapsed_s: float, eta_s: float | None) -> None:
+        pass
+
+    def event(self, message: str) -> None:
+        self.events.append(message)
+
+
+def submit(grid: Path, results: Path, tracking_uri: str | None = None, progress: RecordedProgress | None = None):
     spec = load_spec(grid)
     kind = ToyKind()
     store = ExperimentStore(results, spec.experiment)
     tracker = Tracker(store, tracking_uri)
-    outcome = Submission(spec, kind, expand(spec, kind), store, tracker, refresh_s=0.2).run()
+    outcome = Submission(spec, kind, expand(spec, kind), store, tracker, progress=progress, refresh_s=0.2).run()
     return outcome, store, store.load_manifest()
 
 
@@ -241,6 +254,15 @@ def test_resubmission_runs_only_unfinished_trials(tmp_path: Path) -> None:
     runs = mlflow_trial_runs(results, "resume")
     assert sorted(r.data.tags["orch.trial_id"] for r in runs) == sorted(manifest["trials"])  # no duplicates
     assert parquet_trial_ids(results, "resume", "trials") == sorted(manifest["trials"])
+    # the grid with other resources: the done trials are kept, and the submission says they ran with others
+    bigger = write_grid(tmp_path, "bigger.yaml", experiment="resume", grid={},
+                        zip={"x": [1, 2, 3], "fail": [False, True, False]}, resources={"num_cpus": 2})
+    progress = RecordedProgress()
+    third, _store, manifest = submit(bigger, results, progress=progress)
+    assert third.counts["done"] == 2 and all(manifest["trials"][tid]["end_s"] == end for tid, end in done_before.items())
+    assert ("2 done trial(s) ran with other resources (num_cpus=1, now num_cpus=2); they are kept, not rerun: "
+            "submit under a new experiment name to measure them again") in progress.events
+    assert manifest["trials"][failed[0]]["resources"] == {"num_cpus": 2.0, "num_gpus": 0.0}
 
 
 def test_mlflow_unreachable_keeps_results_and_sync_logs_them_later(tmp_path: Path) -> None:
