@@ -273,6 +273,8 @@ class Submission:
         now = time.monotonic()
         for slot in self.pool.running():
             if slot.ref is not None and now - slot.started_clock > self.spec.timeout_s:
+                if ray.wait([slot.ref], timeout=0)[0]:
+                    continue  # its result came in just now: collected on the next round, not thrown away
                 trial = slot.trial
                 assert trial is not None
                 self.pool.discard(slot)
