@@ -8,6 +8,7 @@ raises comes back as a ``failed`` result; the actor itself only dies when its pr
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -22,6 +23,23 @@ import ray
 from orchestrator.provenance import trial_environment
 from workloads.kind import TrialContext, TrialKind
 from workloads.registry import resolve_kind
+
+CODE_VERSION_FILE = ".code_version"
+
+
+def fresh_workdir(workdir: Path, code_version: str | None) -> None:
+    """Make the trial's folder, emptied first when it was last used by another code version.
+
+    It keeps checkpoints across retries and resubmissions, so that a trial resumes; but a trial
+    rerun after a fix must not resume from steps the old code computed.
+    """
+    marker = workdir / CODE_VERSION_FILE
+    version = code_version or "unknown"
+    if workdir.is_dir() and marker.is_file() and marker.read_text().strip() != version:
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        marker.write_text(version)
 
 
 @dataclass(frozen=True)
@@ -107,7 +125,7 @@ class TrialRunner:
                 self._session = kind.open(params)
                 self._session_key = key
             workdir = Path(job.workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
+            fresh_workdir(workdir, job.git_commit)
             ctx = TrialContext(
                 experiment=job.experiment,
                 trial_id=job.trial_id,
@@ -116,6 +134,7 @@ class TrialRunner:
                 workdir=workdir,
                 resources=job.resources,
                 **({"report": job.report} if job.report is not None else {}),
+                code_version=job.git_commit,
             )
             output = kind.run(self._session, params, ctx)
             getattr(job.report, "flush", lambda: None)()

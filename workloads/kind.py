@@ -32,7 +32,8 @@ class TrialContext:
     trial_id: str
     repeat: int
     attempt: int
-    # Per-trial folder that survives retries (checkpoints live here).
+    # Per-trial folder that survives retries (checkpoints live here) while the code stays the same:
+    # the orchestrator empties it when the trial runs under another code version.
     workdir: Path
     # Per-trial resources from the grid (num_cpus, num_gpus, custom resources).
     resources: dict[str, float]
@@ -40,6 +41,10 @@ class TrialContext:
     # Known keys feed Ray metrics (orchestrator/telemetry.py); records with a step also become
     # MLflow step metrics during the trial. Picklable, so it can be handed to worker processes.
     report: Callable[..., None] = field(default=lambda _record, step=None: None)
+    # The code the trial runs (git revision, '-dirty' when modified); a kind that keeps state
+    # outside ``workdir`` (a shared checkpoint storage) keys it by this, so that a rerun after a
+    # code change does not resume what older code computed.
+    code_version: str | None = None
 
 
 @dataclass

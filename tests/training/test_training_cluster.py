@@ -89,7 +89,8 @@ def test_a_training_trial_on_the_embedded_cluster_listens_on_loopback_only(local
         }
     )
     workdir = tmp_path / "trial"
-    ctx = TrialContext(experiment="lo", trial_id="t1", repeat=0, attempt=1, workdir=workdir, resources={"num_cpus": 1})
+    ctx = TrialContext(experiment="lo", trial_id="t1", repeat=0, attempt=1, workdir=workdir, resources={"num_cpus": 1},
+                       code_version="0123456789abcdef-dirty")
     seen: dict[int, set[str]] = {}
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(workdir, seen, stop), daemon=True)
@@ -104,8 +105,8 @@ def test_a_training_trial_on_the_embedded_cluster_listens_on_loopback_only(local
     addresses = set().union(*seen.values())
     assert addresses, "the workers listened on nothing: the test would prove nothing"
     assert addresses <= {"127.0.0.1", "::1"}, addresses
-    # Checkpoints went to the storage path given, one run per trial.
-    assert list((storage / "lo.t1").glob("checkpoint_*")), list(storage.rglob("*"))[:10]
+    # Checkpoints went to the storage path given, one run per trial and code version.
+    assert list((storage / "lo.t1.0123456789ab-dirty").glob("checkpoint_*")), list(storage.rglob("*"))[:10]
     assert not (workdir / "ray_train").exists()
 
 

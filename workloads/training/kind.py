@@ -13,6 +13,14 @@ from workloads.training.params import TrainingParams, worker_resources
 from workloads.training.tables import TABLES, build_tables
 
 
+def run_name(ctx: TrialContext) -> str:
+    """The trial's Ray Train run under a shared storage_path: ``<experiment>.<trial id>.<code>``, so
+    that a rerun after a code change starts afresh instead of resuming older code's checkpoints
+    (the trial's own folder is emptied for that by the orchestrator)."""
+    code = ctx.code_version or "unknown"
+    return f"{ctx.experiment}.{ctx.trial_id}.{code[:12]}{'-dirty' if code.endswith('-dirty') else ''}"
+
+
 @KINDS.register
 class TrainingKind(TrialKind):
     """Distributed training with gradient compression (DESIGN.md "Training trials")."""
@@ -70,7 +78,7 @@ class TrainingKind(TrialKind):
         else:
             from workloads.training.ray_train import fit
 
-            states = fit(params, ctx.workdir, ctx.resources, f"{ctx.experiment}.{ctx.trial_id}", ctx.report)
+            states = fit(params, ctx.workdir, ctx.resources, run_name(ctx), ctx.report)
         from workloads.training.interconnect import LOG_FOLDER, nccl_paths
 
         paths = nccl_paths(ctx.workdir / LOG_FOLDER) if params.use_gpu else None
