@@ -99,57 +99,48 @@ def test_grid_completes_with_results_in_parquet_manifest_and_mlflow(tmp_path: Pa
     assert all(r.data.tags["orch.env.ray_version"] == ray.__version__ for r in runs)
 
 
-def test_failing_trial_is_recorded_and_the_rest_complete(tmp_path: Path) -> None:
-    # x=2 fails
-    grid = write_grid(tmp_path, experiment="fails", grid={}, zip={"x": [1, 2, 3], "fail": [False, True, False]})
+def test_each_way_a_trial_fails_is_recorded_and_the_rest_complete(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    # x=2 raises; x=4 returns an artifact that is text, not bytes; x=5 and x=6 return an extra
+    # column as a float and as a list (no schema holds both: whichever is stored second fails)
+    grid = write_grid(tmp_path, experiment="fails", grid={}, zip={
+        "x": [1, 2, 3, 4, 5, 6], "fail": [False, True, False, False, False, False],
+        "text_artifact": [False, False, False, True, False, False],
+        "extra_column": ["none", "none", "none", "none", "float", "list"]})
+    by_x = {t.params["x"]: t.trial_id for t in expand(load_spec(grid), ToyKind())}
     # an earlier attempt of x=2 left tables (its driver was killed before the manifest said so)
-    stale_id = next(t.trial_id for t in expand(load_spec(grid), ToyKind()) if t.params["x"] == 2)
     ExperimentStore(tmp_path / "r", "fails").write_table(
-        "toy_summary", stale_id, pa.table({"score": [99.0], "steps": [1], "pid": [1], "opened": [1]}), TOY_SUMMARY)
+        "toy_summary", by_x[2], pa.table({"score": [99.0], "steps": [1], "pid": [1], "opened": [1]}), TOY_SUMMARY)
     outcome, store, manifest = submit(grid, tmp_path / "r")
-    assert outcome.counts["done"] == 2 and outcome.counts["failed"] == 1
-    failed = [tid for tid, e in manifest["trials"].items() if e["state"] == "failed"]
-    assert failed == [stale_id]
+    assert outcome.counts["done"] == 3 and outcome.counts["failed"] == 3 and outcome.error is None
+    states = {x: manifest["trials"][tid]["state"] for x, tid in by_x.items()}
+    assert [states[x] for x in (1, 2, 3, 4)] == ["done", "failed", "done", "failed"]
+    assert sorted([states[5], states[6]]) == ["done", "failed"]
     # the tables hold the done trials only; `trials` has every one
     done = sorted(tid for tid, e in manifest["trials"].items() if e["state"] == "done")
     assert parquet_trial_ids(tmp_path / "r", "fails", "toy_summary") == done
     assert parquet_trial_ids(tmp_path / "r", "fails", "trials") == sorted(manifest["trials"])
-    entry = manifest["trials"][failed[0]]
+
+    raised = by_x[2]
+    entry = manifest["trials"][raised]
     assert entry["error"] == "RuntimeError: toy failure for x=2.0" and entry["attempts"] == 1
-    traceback_text = (store.artifacts_dir(failed[0]) / "traceback.txt").read_text()
+    traceback_text = (store.artifacts_dir(raised) / "traceback.txt").read_text()
     assert "Traceback" in traceback_text and "toy failure" in traceback_text
     trials = store.read_table("trials").to_pandas().set_index("trial_id")
-    assert trials.loc[failed[0], "state"] == "failed" and "toy failure" in trials.loc[failed[0], "error"]
+    assert trials.loc[raised, "state"] == "failed" and "toy failure" in trials.loc[raised, "error"]
     runs = {r.data.tags["orch.trial_id"]: r for r in mlflow_trial_runs(tmp_path / "r", "fails")}
-    assert runs[failed[0]].info.status == "FAILED"
-    assert "traceback.txt" in {a.path for a in _client(tmp_path).list_artifacts(runs[failed[0]].info.run_id)}
+    assert runs[raised].info.status == "FAILED"
+    assert "traceback.txt" in {a.path for a in _client(tmp_path).list_artifacts(runs[raised].info.run_id)}
 
+    assert manifest["trials"][by_x[4]]["error"].startswith("could not store artifact 'note.txt': TypeError")
 
-def test_a_kind_returning_an_artifact_that_is_not_bytes_fails_that_trial_only(tmp_path: Path) -> None:
-    grid = write_grid(tmp_path, experiment="notes", grid={}, zip={"x": [1, 2, 3], "text_artifact": [False, True, False]})
-    outcome, store, manifest = submit(grid, tmp_path / "r")
-    assert outcome.counts["done"] == 2 and outcome.counts["failed"] == 1 and outcome.error is None
-    (failed,) = [tid for tid, e in manifest["trials"].items() if e["state"] == "failed"]
-    assert manifest["trials"][failed]["error"].startswith("could not store artifact 'note.txt': TypeError")
-    assert failed not in parquet_trial_ids(tmp_path / "r", "notes", "toy_summary")
-    assert len(parquet_trial_ids(tmp_path / "r", "notes", "toy_summary")) == 2
-
-
-def test_a_table_that_cannot_join_its_table_fails_its_trial_and_is_kept_as_it_came(tmp_path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    # one trial's extra column is a float, the other's a list: no schema holds both
-    grid = write_grid(tmp_path, experiment="clash", grid={}, zip={"x": [1, 2], "extra": ["float", "list"]})
-    outcome, store, manifest = submit(grid, tmp_path / "r")
-    assert outcome.counts["done"] == 1 and outcome.counts["failed"] == 1 and outcome.error is None
-    (done,) = [tid for tid, e in manifest["trials"].items() if e["state"] == "done"]
-    (failed,) = [tid for tid, e in manifest["trials"].items() if e["state"] == "failed"]
-    kept = store.artifacts_dir(failed) / "unstored"
-    assert manifest["trials"][failed]["error"].startswith(f"could not store results (kept as they came in {kept}): ")
-    assert pq.read_table(kept / "toy_summary.parquet").column("score").to_pylist() in ([10.0], [20.0])
-    # the stored trial's file is whole and on the schema it was written with
-    assert parquet_trial_ids(tmp_path / "r", "clash", "toy_summary") == [done]
-    stored = pq.read_table(store.table_file("toy_summary", done))
+    clashed = by_x[5] if states[5] == "failed" else by_x[6]
+    kept = store.artifacts_dir(clashed) / "unstored"
+    assert manifest["trials"][clashed]["error"].startswith(f"could not store results (kept as they came in {kept}): ")
+    assert pq.read_table(kept / "toy_summary.parquet").column("score").to_pylist() in ([50.0], [60.0])
+    # the stored one's file is whole, on the schema it was written with
+    stored = pq.read_table(store.table_file("toy_summary", by_x[6] if clashed == by_x[5] else by_x[5]))
     assert stored.column("extra").to_pylist() in ([1.5], [[1.5]])
 
 

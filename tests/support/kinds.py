@@ -35,7 +35,7 @@ class ToyParams(KindParams):
     # Return an artifact that is text, not bytes (a kind's mistake the driver must survive).
     text_artifact: bool = False
     # A summary column beyond the declared schema, as a float or a list (types no cast reconciles).
-    extra: Literal["none", "float", "list"] = "none"
+    extra_column: Literal["none", "float", "list"] = "none"
     seed: int = 0
 
 
@@ -65,8 +65,8 @@ class ToyKind(TrialKind):
                           "rank": [0] * params.steps})
         summary = pa.table({"score": [params.x * 10 + params.y], "steps": [params.steps], "pid": [os.getpid()],
                             "opened": [session["count"]]})
-        if params.extra != "none":
-            summary = summary.append_column("extra", pa.array([[1.5]] if params.extra == "list" else [1.5]))
+        if params.extra_column != "none":
+            summary = summary.append_column("extra", pa.array([[1.5]] if params.extra_column == "list" else [1.5]))
         note: Any = "hello" if params.text_artifact else b"hello"
         return TrialOutput(tables={"toy_steps": steps, "toy_summary": summary}, artifacts={"note.txt": note})
 
