@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,9 @@ class LocalEnv(WorkerEnv):
 def _entry(
     rank: int, world_size: int, outdir: str, threads: int, fn: Callable[..., Any], args: tuple
 ) -> None:
+    # A rank that aborts in C++ ("terminate called without an active exception", seen once in a
+    # while at a fresh clone's first test) prints its Python stack to stderr on the signal.
+    faulthandler.enable()
     torch.set_num_threads(threads)
     # Rendezvous through a file, not a port picked in advance: another process could take that port
     # in the seconds before rank 0 binds it (a spawned process imports torch first).
@@ -63,6 +68,9 @@ def _entry(
                             world_size=world_size)
     try:
         torch.save(fn(rank, world_size, *args), Path(outdir) / f"rank{rank}.pt")
+    except BaseException:
+        traceback.print_exc()  # now: tearing a group down mid-collective can abort before Python prints it
+        raise
     finally:
         dist.destroy_process_group()
 
