@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from orchestrator.expand import flatten
 from orchestrator.manifest import Manifest
-from orchestrator.store import PARAM_FIELD_KEY, TERMINAL_STATES, ExperimentStore
+from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore
 
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
@@ -318,8 +318,9 @@ def sync_experiment(tracker: Tracker, manifest: Manifest) -> int:
     """Log every finished trial of an experiment that this tracking store lacks (``orch sync``):
     unsynced ones, and synced ones whose run is not there (a lost or new store); returns how many."""
     existing = tracker.existing_runs()
-    todo = [(tid, e) for tid, e in manifest.trials.items() if e.get("state") in TERMINAL_STATES
-            and (not e.get("synced") or e.get("mlflow_run_id") not in existing.get(tid, []))]
+    lost = [(tid, e) for tid, e in manifest.trials.items()
+            if e.get("synced") and e.get("mlflow_run_id") not in existing.get(tid, [])]
+    todo = manifest.unsynced() + lost
     parents: dict[int, str | None] = {}
     for trial_id, entry in todo:
         index = entry.get("submission", len(manifest.submissions) - 1)
