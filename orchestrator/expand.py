@@ -180,6 +180,10 @@ def _without(params: dict[str, Any], dotted_keys: frozenset[str]) -> dict[str, A
     return {k: v for k, v in flat.items() if not any(k == d or k.startswith(d + ".") for d in dotted_keys)}
 
 
+def _axis_values(trial: Trial) -> str:
+    return ", ".join(f"{k}={v}" for k, v in trial.axes.items()) or "no axes"
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The keys of the section at ``loc`` (a path of field names below ``model``); [] if not a model."""
     for part in loc:
@@ -239,9 +243,6 @@ def expand(spec: GridSpec, kind: TrialKind, source: str = "grid") -> list[Trial]
     for trial in trials:
         twin = first.setdefault(trial.trial_id, trial)
         if twin is not trial:
-            def axes(t: Trial) -> str:
-                return ", ".join(f"{k}={v}" for k, v in t.axes.items()) or "no axes"
-
-            raise SpecError(f"{source}: two trials have identical parameters ({axes(twin)}; {axes(trial)}): "
-                            f"make the axis values distinct")
+            raise SpecError(f"{source}: two trials have identical parameters ({_axis_values(twin)}; "
+                            f"{_axis_values(trial)}): make the axis values distinct")
     return trials
