@@ -1,6 +1,9 @@
-"""The in-process transport is open loop: a slow system never delays a send."""
+"""The transports are open loop: a slow system never delays a send."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import pytest
 
@@ -8,6 +11,7 @@ from tests.serving.fakes import SlowEngine
 from workloads.serving.metrics.latency import compute_metrics
 from workloads.serving.transports.base import RequestSpec
 from workloads.serving.transports.engine_inprocess import InProcessTransport
+from workloads.serving.transports.open_loop import run_open_loop
 
 
 def _load(n: int, gap_s: float, max_tokens: int = 3) -> list[RequestSpec]:
@@ -64,3 +68,23 @@ def test_engine_error_becomes_a_failed_record_not_a_crash() -> None:
     assert records[0].error == "prompt longer than max_model_len" and records[0].output_tokens == 0
     m = compute_metrics(records)
     assert (m.completed, m.failed) == (1, 1)
+
+
+def test_a_request_that_fails_late_ends_the_benchmark_when_its_error_arrives() -> None:
+    # The asyncio transports' core: one request streams a token at once, the other fails after
+    # 300 ms. The duration (every throughput's denominator) runs until that failure, as vLLM's.
+    async def send(spec: RequestSpec, t0: float, record) -> None:
+        record.send_s = time.perf_counter() - t0
+        if spec.request_id == "bad":
+            await asyncio.sleep(0.3)
+            raise ConnectionError("server went away")
+        record.add_arrival(time.perf_counter() - t0, [7])
+        record.output_tokens = 1
+
+    records = asyncio.run(run_open_loop(_load(2, 0.0)[:1] + [RequestSpec("bad", 0.0, [1], 3)], None, send))
+    assert records[1].error == "ConnectionError: server went away"
+    assert records[1].finish_s >= 0.3
+    m = compute_metrics(records)
+    assert (m.completed, m.failed) == (1, 1)
+    assert m.duration_s == pytest.approx(records[1].finish_s)
+    assert m.request_throughput < 1 / 0.3

@@ -55,6 +55,10 @@ async def run_open_loop(
                 gate.release()
         if record.error is None and record.output_tokens == 0:
             record.error = "no tokens received"
+        if record.error is not None:
+            # A failed request ends when its error arrives (not at its last token, if any): the
+            # benchmark's duration, and so every throughput, includes the time it took to fail.
+            record.finish_s = time.perf_counter() - t0
         return record
 
     return list(await asyncio.gather(*(one(spec) for spec in requests)))
