@@ -100,9 +100,13 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _error_body(status: int, message: str) -> dict:
+    kind = "BadRequestError" if status < 500 else "InternalServerError"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": "BadRequestError",
-                                                               "code": status}})
+    return JSONResponse(status_code=status, content=_error_body(status, message))
 
 
 def prometheus_text(model_name: str, stats: Any, num_blocks: int, block_size: int, max_num_seqs: int) -> str:
@@ -233,12 +237,13 @@ class EngineServer:
         return request_id, first, outputs
 
     @staticmethod
-    async def _all_tokens(first: Any, outputs: asyncio.Queue) -> list[int]:
+    async def _all_tokens(first: Any, outputs: asyncio.Queue) -> list[int] | JSONResponse:
+        """Every token of a request, or the error response of a request the engine failed."""
         token_ids, output = list(first.new_token_ids), first
         while not output.finished:
             output = await outputs.get()
             token_ids += output.new_token_ids
-        return token_ids
+        return _error(500, output.error) if output.error else token_ids
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -258,6 +263,8 @@ class EngineServer:
                 media_type="text/event-stream",
             )
         token_ids = await self._all_tokens(first, outputs)
+        if isinstance(token_ids, JSONResponse):
+            return token_ids
         return {
             "id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
             "choices": [{"index": 0, "text": self.tokenizer.decode(token_ids), "token_ids": token_ids,
@@ -283,6 +290,8 @@ class EngineServer:
                 media_type="text/event-stream",
             )
         token_ids = await self._all_tokens(first, outputs)
+        if isinstance(token_ids, JSONResponse):
+            return token_ids
         return {
             "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
             "choices": [{"index": 0, "finish_reason": _finish_reason(len(token_ids), max_tokens), "logprobs": None,
@@ -311,6 +320,12 @@ class EngineServer:
                                           "finish_reason": reason}
                 choice.update({"delta": {"content": piece}} if chat else {"text": piece})
                 yield _sse({**head, "choices": [choice]})
+            if output.error:
+                # Failed mid-stream (e.g. no longer fits the KV budget): an error event, as
+                # vLLM's server sends, so a client counts the request failed, not short.
+                yield _sse(_error_body(500, output.error))
+                yield "data: [DONE]\n\n"
+                return
             if output.finished:
                 break
             output = await outputs.get()

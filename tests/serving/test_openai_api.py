@@ -4,12 +4,19 @@ completions streamed and not, sampling honoured and seeded, unsupported paramete
 
 from __future__ import annotations
 
+import asyncio
+import json
+from types import SimpleNamespace
+
 import openai  # a test extra (pyproject.toml)
 import pytest
 import torch
+from fastapi.responses import JSONResponse
 
+from backends.kvcache.engine import StepOutput
 from backends.kvcache.openai_api import ChatCompletionRequest, CompletionRequest, parse_request
 from backends.kvcache.sampling import SamplingParams, sample
+from backends.kvcache.serve import EngineServer
 
 APP = "orch"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -43,6 +50,42 @@ def test_sampling_is_seeded_and_top_p_truncates() -> None:
     nucleus = SamplingParams(1.0, top_p=0.3, seed=3)  # the top token alone holds > 0.3 of the mass
     assert {sample(logits, nucleus) for _ in range(50)} == {0}
     assert sample(logits, SamplingParams(0.0)) == 0
+
+
+class _DigitTokenizer:
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(str(t) for t in token_ids)
+
+
+def _served(outputs: list[StepOutput], stream: bool) -> list[str] | JSONResponse:
+    """What the Serve app answers for a request whose engine outputs are ``outputs``."""
+    server = SimpleNamespace(model_name="m", tokenizer=_DigitTokenizer())
+    cls = EngineServer.func_or_class
+
+    async def answer():
+        queue: asyncio.Queue = asyncio.Queue()
+        for output in outputs[1:]:
+            queue.put_nowait(output)
+        if not stream:
+            return await cls._all_tokens(outputs[0], queue)
+        return [event async for event in cls._stream(server, "r", outputs[0], queue, 4, 8, True, chat=False)]
+
+    return asyncio.run(answer())
+
+
+def test_an_engine_error_after_tokens_is_an_error_not_a_short_answer() -> None:
+    # e.g. a preempted request that no longer fits the KV budget: a client must count it failed
+    outputs = [StepOutput("r", [1], False), StepOutput("r", [2], False),
+               StepOutput("r", [], True, "cannot fit in the KV budget after preemption")]
+    events = _served(outputs, stream=True)
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert [p["choices"][0]["token_ids"] for p in payloads[:2]] == [[1], [2]]
+    assert payloads[2] == {"error": {"message": "cannot fit in the KV budget after preemption",
+                                     "type": "InternalServerError", "code": 500}}
+    assert events[-1] == "data: [DONE]\n\n" and len(events) == 4  # no usage chunk after the error
+    answer = _served(outputs, stream=False)
+    assert answer.status_code == 500 and b"cannot fit in the KV budget" in answer.body
+    assert _served(outputs[:1] + [StepOutput("r", [2], True)], stream=False) == [1, 2]
 
 
 @pytest.fixture(scope="module")
