@@ -1,8 +1,12 @@
 """Arrival processes: when each request of an open-loop load is sent.
 
-Every process returns scheduled send times in seconds after the load's start, non-decreasing,
-with the first request at t = 0 (no idle lead-in before the first request). Inter-arrival gaps
-are drawn from the seeded generator passed in, so a load is reproducible from its seed.
+Every process returns scheduled send times in seconds after the load's start (t = 0),
+non-decreasing, built as ``vllm bench serve`` builds its schedule so that throughputs compare:
+every request, the first included, waits one inter-arrival gap after the previous one, and a
+random schedule is then scaled so that its last request is sent at exactly n / rate. The scaling
+makes the offered load the nominal rate for every seed (unscaled, the last of 12 Poisson arrivals
+at 1/s falls between 6.9 and 18.2 s for 9 seeds in 10); the gaps keep their shape. Gaps are drawn from the seeded
+generator passed in, so a load is reproducible from its seed.
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ import numpy as np
 ArrivalProcess = Callable[[int, float, float, np.random.Generator], np.ndarray]
 
 
-def _from_gaps(gaps: np.ndarray) -> np.ndarray:
-    """Arrival times from the n-1 gaps between n requests (first request at t = 0)."""
-    return np.concatenate([[0.0], np.cumsum(gaps)])
+def _from_gaps(gaps: np.ndarray, rate: float) -> np.ndarray:
+    """Arrival times from the n gaps before each of n requests, scaled to end at n / rate."""
+    times = np.cumsum(gaps)
+    return times * (len(gaps) / rate / times[-1]) if times[-1] > 0 else times
 
 
 def poisson_arrivals(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
     """Poisson process: exponential gaps with mean 1/rate (``burstiness`` is ignored)."""
     if math.isinf(rate):
         return np.zeros(n)
-    return _from_gaps(rng.exponential(1.0 / rate, size=n - 1))
+    return _from_gaps(rng.exponential(1.0 / rate, size=n), rate)
 
 
 def gamma_arrivals(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
@@ -36,14 +41,14 @@ def gamma_arrivals(n: int, rate: float, burstiness: float, rng: np.random.Genera
     """
     if math.isinf(rate):
         return np.zeros(n)
-    return _from_gaps(rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n - 1))
+    return _from_gaps(rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n), rate)
 
 
 def constant_arrivals(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
-    """Evenly spaced arrivals, 1/rate apart."""
+    """Evenly spaced arrivals, 1/rate apart, the first 1/rate after the start."""
     if math.isinf(rate):
         return np.zeros(n)
-    return np.arange(n, dtype=float) / rate
+    return np.arange(1, n + 1, dtype=float) / rate
 
 
 # The ``trace`` arrival is not a process: its times come from the trace file (workloads/serving/load/trace.py).
