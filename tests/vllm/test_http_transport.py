@@ -7,8 +7,10 @@ import json
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 
@@ -110,6 +112,22 @@ def test_sampler_turns_scrapes_into_engine_step_rows() -> None:
     assert row["kv_bytes_device"] == 100 * 32 * 1000
     # Counters are reported relative to the start of the run.
     assert row["preemptions_total"] == 0 and row["kv_bytes_host"] == 0 and row["h2d_bytes_total"] == 0
+
+
+def test_sampler_scrapes_once_more_at_stop_so_counters_are_trial_totals() -> None:
+    scrapes = []
+
+    def metrics(request: httpx.Request) -> httpx.Response:
+        scrapes.append(request)  # every scrape moves 1 MB more than the one before
+        return httpx.Response(200, text=f"orch:h2d_bytes_total {len(scrapes) * 1_000_000}\n")
+
+    sampler = PrometheusStepSampler("http://fake/metrics", kv_bytes_per_token=1, interval_s=30.0)
+    sampler._client = httpx.Client(transport=httpx.MockTransport(metrics))
+    sampler.start()  # the baseline scrape, then the loop's first
+    while len(scrapes) < 2:
+        time.sleep(0.01)
+    rows = sampler.stop()  # long before the next interval: only the final scrape follows
+    assert len(scrapes) == 3 and [r["h2d_bytes_total"] for r in rows] == [1_000_000, 2_000_000]
 
 
 def test_sends_follow_the_schedule_not_the_answers() -> None:

@@ -155,6 +155,7 @@ class PrometheusStepSampler:
     def _loop(self, t0: float, baseline: Baseline, shape: CacheShape | None) -> None:
         previous = baseline
         step = 0
+        stopping = False
         while True:
             try:
                 metrics = self.scrape()
@@ -166,11 +167,14 @@ class PrometheusStepSampler:
                 previous = Baseline.of(metrics)
                 self._rows.append(row)
                 step += 1
-            if self._stop.wait(self.interval_s):
+            if stopping:
                 return
+            # One more scrape once told to stop: the last row's counters are the trial's totals
+            # (H2D bytes, preemptions), which would otherwise miss up to an interval's worth.
+            stopping = self._stop.wait(self.interval_s)
 
     def stop(self) -> list[dict]:
-        """Stop sampling; the rows sampled since ``start``."""
+        """Stop sampling after one last scrape; the rows sampled since ``start``."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
