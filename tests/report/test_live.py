@@ -86,6 +86,18 @@ def test_interval_monitor_reports_per_interval_changes() -> None:
     assert two["kv_bytes_device"] == 1024  # the peak of this interval's steps only
 
 
+def test_streamed_requests_count_done_only_when_finished_and_chunks_by_their_tokens() -> None:
+    # the asyncio transports (HTTP, vLLM in process) fill records chunk by chunk through add_arrival
+    transport, reported = FakeTransport(), []
+    monitor = IntervalMonitor(transport, lambda record, step=None: reported.append(record))
+    streaming, multi = transport.records[:2]
+    streaming.add_arrival(0.1, [5])
+    multi.add_arrival(0.1, [1, 2, 3, 4])  # one chunk of four tokens
+    record = monitor.tick(1.0)
+    assert record["completed"] == 0 and record["requests_per_s"] == 0.0  # still streaming
+    assert record["output_tokens_per_s"] == pytest.approx(5.0)
+
+
 def test_reporter_pickles_without_its_connections() -> None:
     reporter = LiveReporter("exp", "t-0", None)
     reporter({"loss": 1.0}, step=1)  # no sink: nothing buffered, no Ray needed

@@ -67,11 +67,19 @@ class FakeOpenAI:
                     fake.bodies.append(body)
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                self.counted = True
                 try:
                     self._complete(body)
                 finally:
-                    with fake._lock:
+                    self._uncount()
+
+            def _uncount(self) -> None:
+                # Before the answer's last bytes: a client that read them may send its next
+                # request at once, which must not find this one still counted in flight.
+                with fake._lock:
+                    if self.counted:
                         fake.in_flight -= 1
+                        self.counted = False
 
             def _complete(self, body: dict) -> None:
                 prompt = body["prompt"]
@@ -96,6 +104,7 @@ class FakeOpenAI:
                     if sent < body["max_tokens"]:
                         time.sleep(fake.chunk_delay_s)
                 usage = {"prompt_tokens": len(prompt), "completion_tokens": sent, "total_tokens": len(prompt) + sent}
+                self._uncount()
                 self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()

@@ -114,6 +114,22 @@ def test_sampler_turns_scrapes_into_engine_step_rows() -> None:
     assert row["preemptions_total"] == 0 and row["kv_bytes_host"] == 0 and row["h2d_bytes_total"] == 0
 
 
+def test_engine_steps_grow_while_the_load_runs_for_live_metrics() -> None:
+    with FakeOpenAI() as fake:
+        sampler = PrometheusStepSampler(f"{fake.url}/metrics", kv_bytes_per_token=1000, interval_s=0.05)
+        transport = HttpTransport(HttpTarget(fake.url, "fake"), sampler=sampler)
+        load = threading.Thread(target=transport.run, args=([_spec(0, 0.0), _spec(1, 0.6)], None))
+        load.start()
+        seen_live = []
+        while load.is_alive():
+            seen_live.append(len(transport.engine_steps()))
+            time.sleep(0.05)
+        load.join()
+        sampler.close()
+    assert max(seen_live) >= 3 and seen_live == sorted(seen_live)  # rows appeared during the load
+    assert len(transport.engine_steps()) >= max(seen_live)
+
+
 def test_sampler_scrapes_once_more_at_stop_so_counters_are_trial_totals() -> None:
     scrapes = []
 

@@ -55,7 +55,8 @@ class IntervalMonitor:
         """Report what changed since the previous tick; returns the record."""
         records = list(self.transport.live_records())
         completed = sum(1 for r in records if r.finish_s is not None and r.error is None)
-        tokens = sum(len(r.token_times_s) for r in records)
+        # a streamed chunk may carry several tokens: count the ids where the transport has them
+        tokens = sum(len(r.output_token_ids) or len(r.token_times_s) for r in records)
         ttfts = []
         for r in records:
             if r.first_token_s is not None and r.send_s is not None and r.request_id not in self._seen_first:

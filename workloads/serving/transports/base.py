@@ -35,7 +35,7 @@ class RequestRecord:
     arrival_s: float
     send_s: float | None = None
     first_token_s: float | None = None
-    finish_s: float | None = None
+    finish_s: float | None = None  # set once the request is done (its last token, or its error)
     token_times_s: list[float] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -46,7 +46,6 @@ class RequestRecord:
         """One streamed output (a chunk of one or more tokens) arrived at ``now_s``."""
         if self.first_token_s is None:
             self.first_token_s = now_s
-        self.finish_s = now_s
         self.token_times_s.append(now_s)
         self.output_token_ids.extend(int(t) for t in token_ids)
 

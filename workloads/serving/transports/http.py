@@ -43,6 +43,10 @@ class StepSampler(Protocol):
 
     def start(self) -> None: ...
 
+    def rows(self) -> list[dict]:
+        """The samples taken so far (live metrics read them while the load runs)."""
+        ...
+
     def stop(self) -> list[dict]: ...
 
 
@@ -189,6 +193,7 @@ class HttpTransport:
         self._sampler = sampler
         self._steps: list[dict] = []
         self._live: list[RequestRecord] = []
+        self._running = False
 
     def live_records(self) -> list[RequestRecord]:
         """Records of the load in flight (filled in as tokens arrive), for live metrics."""
@@ -196,15 +201,19 @@ class HttpTransport:
 
     def run(self, requests: list[RequestSpec], max_concurrency: int | None) -> list[RequestRecord]:
         """Send every request at its arrival time; return one record per request, in order."""
+        self._live, self._steps = [], []  # nothing of the previous run is read as this one's
         if self._sampler is not None:
             self._sampler.start()
-        self._live, self._steps = [], []  # nothing of the previous run is read as this one's
+        self._running = True
         try:
             return _run_coroutine_blocking(lambda: run_schedule(self.target, requests, max_concurrency, self._live))
         finally:
             if self._sampler is not None:
                 self._steps = self._sampler.stop()
+            self._running = False
 
     def engine_steps(self) -> list[dict]:
-        """Server-side samples collected during the last ``run`` (empty without a sampler)."""
+        """Server-side samples of the last ``run``, or so far of the one going on (empty without a sampler)."""
+        if self._running and self._sampler is not None:
+            return self._sampler.rows()
         return list(self._steps)

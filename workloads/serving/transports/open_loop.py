@@ -59,6 +59,8 @@ async def run_open_loop(
             # A failed request ends when its error arrives (not at its last token, if any): the
             # benchmark's duration, and so every throughput, includes the time it took to fail.
             record.finish_s = time.perf_counter() - t0
+        else:
+            record.finish_s = record.token_times_s[-1] if record.token_times_s else None  # only now: live counts it done
         return record
 
     return list(await asyncio.gather(*(one(spec) for spec in requests)))

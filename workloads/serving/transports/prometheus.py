@@ -173,6 +173,10 @@ class PrometheusStepSampler:
             # (H2D bytes, preemptions), which would otherwise miss up to an interval's worth.
             stopping = self._stop.wait(self.interval_s)
 
+    def rows(self) -> list[dict]:
+        """The rows sampled so far since ``start``."""
+        return list(self._rows)
+
     def stop(self) -> list[dict]:
         """Stop sampling after one last scrape; the rows sampled since ``start``."""
         if self._thread is not None:

@@ -31,13 +31,17 @@ class VLLMEngineTransport:
         return self.host.call(self._run(requests, max_concurrency))
 
     def engine_steps(self) -> list[dict]:
-        """One row per engine iteration during the last ``run``."""
+        """One row per engine iteration of the last ``run``, or so far of the one going on."""
         return list(self._steps)
+
+    def _start_recording(self, t0: float) -> None:
+        self.host.recorder.start(t0)
+        self._steps = self.host.recorder.rows  # the recorder's own list, growing while the load runs
 
     async def _run(self, requests: list[RequestSpec], max_concurrency: int | None) -> list[RequestRecord]:
         self._live, self._steps = [], []  # nothing of the previous run is read as this one's
         try:
-            return await run_open_loop(requests, max_concurrency, self._send, on_start=self.host.recorder.start,
+            return await run_open_loop(requests, max_concurrency, self._send, on_start=self._start_recording,
                                        live=self._live)
         finally:
             self._steps = self.host.recorder.stop()
