@@ -164,3 +164,12 @@ def test_quality_of_full_against_full_is_exactly_one(ctx) -> None:
     load = build_load(params.load, len(tokenizer), tokenizer)
     text = load[0].prompt_text
     assert text and any(text.strip()[:20] in v for v in verses())
+
+
+def test_memory_summary_skips_samples_without_kv_bytes() -> None:
+    # vLLM's /metrics without its cache shape gives rows whose KV bytes are unknown (None)
+    steps = [{"kv_bytes_device": None, "kv_bytes_host": 0, "h2d_bytes_total": 0, "preemptions_total": 0},
+             {"kv_bytes_device": 2048, "kv_bytes_host": 0, "h2d_bytes_total": 0, "preemptions_total": 1}]
+    memory = ServingKind._memory(object(), steps)
+    assert memory["peak_kv_bytes"] == 2048 and memory["preemptions"] == 1
+    assert ServingKind._memory(object(), steps[:1])["peak_kv_bytes"] is None

@@ -167,7 +167,8 @@ class ServingKind(TrialKind):
     @staticmethod
     def _memory(system: SystemUnderTest, steps: list[dict]) -> dict[str, Any]:
         """Peak KV and device bytes (the system's own peaks when it reports them), bytes moved."""
-        sampled_kv = max((s["kv_bytes_device"] for s in steps), default=None)
+        # a /metrics without vLLM's cache shape gives samples with no KV bytes: not a peak of 0
+        sampled_kv = max((s["kv_bytes_device"] for s in steps if s["kv_bytes_device"] is not None), default=None)
         memory: dict[str, Any] = {
             "peak_kv_bytes": sampled_kv,
             "peak_kv_bytes_steps": sampled_kv,
