@@ -16,7 +16,8 @@ from backends.compression.base import COMPRESSORS, CompressContext, CompressionC
 
 
 def count_true(mask: torch.Tensor) -> torch.Tensor:
-    """Number of set elements of a flat bool tensor, as an fp32 scalar tensor.
+    """Number of set elements of a flat bool tensor, as an int64 scalar tensor (exact: an fp32
+    count is off by a few past 2^24 elements, and the other side's count is n minus it).
 
     Summing bools is slow on GPUs; instead read 8 mask bytes as one int64 w = sum_i b_i 256^i.
     Since 256 = 1 (mod 255), w mod 255 = sum_i b_i (at most 8), so the count is the sum of
@@ -24,11 +25,11 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
     """
     whole = mask.numel() // 8 * 8
     if whole == 0 or mask.storage_offset() % 8:
-        return mask.sum(dtype=torch.float32)
+        return mask.sum(dtype=torch.int64)
     count = torch.remainder(mask[:whole].view(torch.int64), 255).sum()
     if whole < mask.numel():
         count = count + mask[whole:].sum()
-    return count.float()
+    return count
 
 
 @COMPRESSORS.register
@@ -45,30 +46,21 @@ class A2SGDCompressor(Compressor):
         self.residual_reference = config.residual
 
     def compress(self, tensor: torch.Tensor, ctx: CompressContext) -> Payload:
-        """[m+, m-]: the means of v above and below the threshold; the mask stays local.
+        """[m+, m-]: the means of v at or above the threshold and below it; the mask stays local.
 
-        Memory traffic is kept to a few reads: sum(v), sum|v - t| (no temporary: the
-        threshold is broadcast), the mask, and its count. Above t, sum(v - t) equals
-        (sum(v - t) + sum|v - t|) / 2, and below it (sum(v - t) - sum|v - t|) / 2.
+        Each mean is its own masked sum (accumulated in fp32) over its exact count. The shortcut
+        through sum(v) and sum|v| cancels catastrophically when one side holds few elements, and
+        on a CPU thread an fp32 L1 norm of 20M elements came out 2% low.
         """
         flat = tensor.reshape(-1)
         n = flat.numel()
-        total = flat.sum(dtype=torch.float32)
-        if self.config.threshold == "mean":
-            threshold = total / n
-            positive = flat >= threshold
-            shifted_l1 = torch.dist(flat.float(), threshold.expand_as(flat), p=1)
-            shifted_sum = total - threshold * n
-        else:  # few small ops: on GPUs their launch cost rivals the memory passes at 20M elements
-            threshold = None
-            positive = flat >= 0
-            shifted_l1 = torch.linalg.vector_norm(flat, 1, dtype=torch.float32)
-            shifted_sum = total
+        threshold = flat.sum(dtype=torch.float32) / n if self.config.threshold == "mean" else 0.0
+        positive = flat >= threshold
+        zero = flat.new_zeros(())
+        sums = torch.stack([torch.where(positive, flat, zero).sum(dtype=torch.float32),
+                            torch.where(positive, zero, flat).sum(dtype=torch.float32)])
         count_pos = count_true(positive)
-        counts = torch.stack([count_pos, n - count_pos])
-        sums = torch.stack([shifted_sum + shifted_l1, shifted_sum - shifted_l1]) / 2
-        if threshold is not None:
-            sums = sums + threshold * counts
+        counts = torch.stack([count_pos, n - count_pos]).float()
         means = sums / counts.clamp(min=1)
         ctx.extra["positive"] = positive
         return [means]

@@ -95,6 +95,26 @@ def test_a2sgd_payload_is_two_scalars_and_v_equals_u_plus_e(residual: str, thres
     assert sync.take_stats().payload_bytes == 5 * 8
 
 
+@pytest.mark.parametrize("threshold", ["zero", "mean"])
+def test_a2sgd_means_are_exact_at_ptb_medium_size_even_with_one_element_on_a_side(threshold: str) -> None:
+    # 20M elements, the PTB-medium LSTM's size, on one CPU thread (as training workers run)
+    compressor = build_compressor(CompressionConfig(name="a2sgd", threshold=threshold))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        skewed = torch.randn(20_000_000, generator=torch.Generator().manual_seed(0)) * 1e-3 + 3e-4
+        lonely = -torch.rand(20_000_000, generator=torch.Generator().manual_seed(1)) * 1e-2
+        lonely[0] = 1.0  # P holds this element alone (it is above the mean too)
+        for v in (skewed, lonely):
+            cut = v.double().mean() if threshold == "mean" else 0.0
+            mask = v.double() >= cut
+            expected = torch.stack([v.double()[mask].mean(), v.double()[~mask].mean()])
+            (means,) = compressor.compress(v, _ctx(v))
+            assert torch.allclose(means.double(), expected, rtol=1e-5, atol=0), (means, expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", sorted(set(COMPRESSORS) - {"powersgd"}))
 def test_error_feedback_identity_holds_for_every_compressor(name: str) -> None:
     """With feedback on: g_t + e_{t-1} = reference_t + e_t, so sum(g) = sum(reference) + e_T."""
