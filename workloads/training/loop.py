@@ -298,6 +298,10 @@ class TrainingRun:
             self.train_step()
             if self.step % self.params.eval_every == 0 and self.step < self.steps:
                 self.evaluate(("valid",), self.params.eval_batches)
+                if self.env.world_size > 1:
+                    # The others wait for rank 0's evaluation here, not inside their next step's
+                    # collective, where the wait would read as that step's communication time.
+                    dist.barrier()
             if self.step % self.params.checkpoint_interval == 0 and self.step < self.steps:
                 self.env.save_state(self.state(), {"step": self.step})
         self.evaluate(("valid", "test"), self.params.eval_batches)
