@@ -4,7 +4,7 @@ Public API:
 - ``CompressionConfig``: typed knobs (the grid's ``compressor`` section); ``COMPRESSORS``: name -> class
   (a ``backends.registry.Registry``: every module of this package is imported on its first read, so
   a compressor is one module with ``@COMPRESSORS.register``).
-- ``build_compressor(config, rank)``; ``build_applier(config, model, group)`` -> ``GradientApplier``
+- ``build_compressor(config, rank)``; ``ddp_options(config, backend)``: what DDP needs for it; ``build_applier(config, model, group)`` -> ``GradientApplier``
   (``after_backward(model)``, ``take_stats()``, ``state_dict()`` / ``load_state_dict()``).
 - ``GradientSync``: compensate -> compress -> collective -> decompress -> residual, for one tensor.
 - ``Communicator`` and the byte model ``ring_allreduce_bytes`` / ``allgather_bytes``.
@@ -23,6 +23,7 @@ from backends.compression.base import (
     CompressionConfig,
     Compressor,
     build_compressor,
+    ddp_options,
     error_feedback_enabled,
     mode_of,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "allgather_bytes",
     "build_applier",
     "build_compressor",
+    "ddp_options",
     "error_feedback_enabled",
     "mode_of",
     "ring_allreduce_bytes",

@@ -72,6 +72,11 @@ class Compressor(ABC):
     native_hook: ClassVar[bool] = False
     # Compressors that exist only as a DDP hook (PowerSGD: collectives between compression steps).
     hook_only: ClassVar[bool] = False
+    # Backends on which DDP must give this hook the whole gradient as one bucket. PyTorch's
+    # PowerSGD hook issues its later all-reduces from future callbacks, which gloo runs on its own
+    # threads: with two buckets the ranks issue them in different orders (a collective mismatch,
+    # or a hang).
+    one_bucket_backends: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: CompressionConfig, rank: int = 0, seed: int = 0) -> None:
         self.config = config
@@ -114,3 +119,14 @@ def error_feedback_enabled(compressor: Compressor) -> bool:
 def mode_of(config: CompressionConfig) -> Mode:
     """The config's application mode, or its compressor's default when unset."""
     return config.mode or COMPRESSORS.get_or_raise(config.name).default_mode
+
+
+# DDP's bucket cap (MiB) that holds any model in one bucket (the first bucket too, as it is set).
+ONE_BUCKET_MB = 1 << 30
+
+
+def ddp_options(config: CompressionConfig, backend: str) -> dict[str, Any]:
+    """Keyword arguments for DDP that ``config``'s compressor needs on ``backend`` (hook mode)."""
+    if backend in COMPRESSORS.get_or_raise(config.name).one_bucket_backends:
+        return {"bucket_cap_mb": ONE_BUCKET_MB}
+    return {}

@@ -34,6 +34,7 @@ class PowerSGDCompressor(Compressor):
     default_mode = "hook"
     native_hook = True
     hook_only = True
+    one_bucket_backends = ("gloo",)
 
     def __init__(self, config: CompressionConfig, rank: int = 0, seed: int = 0) -> None:
         super().__init__(config, rank, seed)

@@ -33,10 +33,10 @@ class LocalEnv(WorkerEnv):
         """The interface's (tx, rx) byte counters."""
         return None if self.interface is None else interface_counters(self.interface)
 
-    def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
+    def prepare_model(self, model: nn.Module, ddp: bool, ddp_options: dict[str, Any] | None = None) -> nn.Module:
         """Move to the device; DDP for hook mode, one worker included (see WorkerEnv.prepare_model)."""
         model = model.to(self.device)
-        return DistributedDataParallel(model) if ddp else model
+        return DistributedDataParallel(model, **(ddp_options or {})) if ddp else model
 
     def load_state(self) -> dict[str, Any] | None:
         """The newest complete checkpoint's file for this rank."""

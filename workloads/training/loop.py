@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from backends.compression import build_applier, mode_of
+from backends.compression import build_applier, ddp_options, mode_of
 from backends.compression.sync import wait_device
 from workloads.training.interconnect import seen_env
 from workloads.training.params import TrainingParams
@@ -88,8 +88,8 @@ class WorkerEnv(ABC):
     report: Callable[..., None] = staticmethod(lambda _record, step=None: None)
 
     @abstractmethod
-    def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
-        """Move to the device; wrap in DDP when ``ddp``, also for one worker.
+    def prepare_model(self, model: nn.Module, ddp: bool, ddp_options: dict[str, Any] | None = None) -> nn.Module:
+        """Move to the device; wrap in DDP (with ``ddp_options``) when ``ddp``, also for one worker.
 
         A hook changes the gradient even with no peer (PowerSGD's low-rank approximation and its
         error feedback), so a one-worker trial without DDP would silently measure dense.
@@ -143,7 +143,9 @@ class TrainingRun:
         torch.manual_seed(params.seed)  # identical initial weights on every rank
         model = self.task.build_model()
         self.mode = mode_of(params.compressor)
-        self.model = env.prepare_model(model, ddp=self.mode == "hook")
+        ddp = self.mode == "hook"  # DDP needs a process group; flat mode runs without one too
+        options = ddp_options(params.compressor, dist.get_backend()) if ddp else None
+        self.model = env.prepare_model(model, ddp=ddp, ddp_options=options)
         self.module = _unwrap(self.model)
         self.applier = build_applier(params.compressor, self.model, seed=params.seed)
         self.optimizer = _optimizer(params, self.model)

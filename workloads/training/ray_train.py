@@ -46,15 +46,16 @@ class RayTrainEnv(WorkerEnv):
         device = ray.train.torch.get_device()
         self.device = device[0] if isinstance(device, list) else device
 
-    def prepare_model(self, model: nn.Module, ddp: bool) -> nn.Module:
-        """Ray's prepare_model: DDP for hook mode (one worker too), none for flat mode."""
+    def prepare_model(self, model: nn.Module, ddp: bool, ddp_options: dict[str, Any] | None = None) -> nn.Module:
+        """Ray's prepare_model: DDP (with ``ddp_options``) for hook mode (one worker too), none for flat mode."""
         import ray.train.torch
 
-        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None)
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None,
+                                              parallel_strategy_kwargs=ddp_options or None)
         if ddp and not isinstance(model, DistributedDataParallel):
             # Ray wraps only when there are several workers; see WorkerEnv.prepare_model.
             device_ids = [self.device] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids)
+            model = DistributedDataParallel(model, device_ids=device_ids, **(ddp_options or {}))
         return model
 
     def load_state(self) -> dict[str, Any] | None:
