@@ -1,12 +1,10 @@
 """Two ways to apply a compressor: a DDP communication hook per bucket, or a flat whole-model sync.
 
 - ``hook``: DDP calls the hook for each gradient bucket during ``backward()``; the hook
-  averages the bucket through ``GradientSync`` (or PyTorch's PowerSGD hook) and DDP writes the
-  result into ``param.grad``. Error-feedback state is kept per bucket index.
+  averages the bucket through ``GradientSync`` (or PyTorch's own hook) and DDP writes the
+  result into ``param.grad``. Error-feedback state is kept per bucket, keyed by its parameters.
 - ``flat``: the model is not wrapped in DDP; after ``backward()`` every gradient is flattened into
   one vector and synchronised once (A2SGD's "two scalars per worker per step" needs this).
-A model that is not DDP-wrapped (one worker: Ray's ``prepare_model`` wraps only when there are
-several) always takes the flat path.
 """
 
 
@@ -18,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backends.compression.base import CompressionConfig, Compressor, build_compressor, mode_of
 from backends.compression.communicator import Communicator
-from backends.compression.memory import Memory
+from backends.compression.layout import ParameterPositions, bucket_key, carry_residual
+from backends.compression.memory import Memory, ResidualMemory
 from backends.compression.sync import GradientSync, Span, SyncStats, wait_device
 
 
@@ -111,12 +110,15 @@ class HookApplier(_SyncApplier):
     def __init__(self, compressor: Compressor, communicator: Communicator, model: DistributedDataParallel):
         super().__init__(compressor, communicator)
         # Error feedback is keyed by the bucket's parameters (by position in the model), not by
-        # bucket index: DDP rebuilds its buckets after the first iteration, and the keys must
-        # also survive a restart.
-        position = {p: i for i, p in enumerate(model.module.parameters())}
+        # bucket index, and follows them when DDP changes its buckets (backends/compression/layout.py).
+        parameters = ParameterPositions(model.module)
 
         def hook(_state: Any, bucket) -> torch.futures.Future[torch.Tensor]:
-            name = "params:" + ",".join(str(position[p]) for p in bucket.parameters())
+            positions = parameters.of(bucket)
+            if isinstance(self.memory, ResidualMemory):
+                name = carry_residual(self.memory.residuals, positions, parameters.sizes)
+            else:
+                name = bucket_key(positions)
             result = self.sync.sync(name, bucket.buffer())
             fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
             fut.set_result(result)
@@ -143,7 +145,7 @@ class NativeHookApplier(GradientApplier):
     def __init__(self, compressor: Compressor, communicator: Communicator, model: DistributedDataParallel):
         super().__init__(compressor, communicator)
         self.span = Span()
-        state, native = compressor.make_ddp_hook(communicator)
+        state, native = compressor.make_ddp_hook(communicator, ParameterPositions(model.module))
 
         def hook(hook_state: Any, bucket) -> torch.futures.Future[torch.Tensor]:
             start = time.perf_counter()

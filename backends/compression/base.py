@@ -68,7 +68,8 @@ class Compressor(ABC):
     # decompressed payload ("local", GRACE's rule) or the averaged global result ("global").
     residual_reference: Literal["local", "global"] = "local"
     # Compressors whose hook mode is PyTorch's own DDP hook (dense, fp16, PowerSGD) set this and
-    # implement make_ddp_hook(communicator) -> (state, hook), counting bytes in the communicator.
+    # implement make_ddp_hook(communicator, parameters) -> (state, hook), counting bytes in the
+    # communicator; ``parameters`` (layout.ParameterPositions) names a bucket's parameters.
     native_hook: ClassVar[bool] = False
     # Compressors that exist only as a DDP hook (PowerSGD: collectives between compression steps).
     hook_only: ClassVar[bool] = False

@@ -12,6 +12,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from backends.compression.base import COMPRESSORS, CompressContext, Compressor, Payload
 from backends.compression.communicator import Communicator
+from backends.compression.layout import ParameterPositions
 
 
 @COMPRESSORS.register
@@ -30,7 +31,7 @@ class DenseCompressor(Compressor):
         """The summed payload divided by the number of workers."""
         return payload[0] / ctx.world_size
 
-    def make_ddp_hook(self, communicator: Communicator):
+    def make_ddp_hook(self, communicator: Communicator, parameters: ParameterPositions):
         """PyTorch's all-reduce hook (averages each bucket asynchronously), counting the bucket's bytes."""
 
         def hook(group, bucket) -> torch.futures.Future[torch.Tensor]:

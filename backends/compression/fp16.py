@@ -11,6 +11,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from backends.compression.base import COMPRESSORS, CompressContext, Compressor, Payload
 from backends.compression.communicator import Communicator
+from backends.compression.layout import ParameterPositions
 
 
 @COMPRESSORS.register
@@ -29,7 +30,7 @@ class FP16Compressor(Compressor):
         """Back to the original dtype, averaged over the workers summed in the payload."""
         return payload[0].to(ctx.dtype) / ctx.world_size
 
-    def make_ddp_hook(self, communicator: Communicator):
+    def make_ddp_hook(self, communicator: Communicator, parameters: ParameterPositions):
         """PyTorch's fp16 compression hook, counting the bucket's bytes in fp16."""
 
         def hook(group, bucket) -> torch.futures.Future[torch.Tensor]:

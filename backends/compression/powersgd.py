@@ -8,6 +8,7 @@ matrices plus the tensors it sends uncompressed), or the whole bucket before ``s
 """
 
 
+import threading
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from backends.compression.base import (
     error_feedback_enabled,
 )
 from backends.compression.communicator import Communicator
+from backends.compression.layout import ParameterPositions, carry_residual
 
 
 @COMPRESSORS.register
@@ -40,6 +42,12 @@ class PowerSGDCompressor(Compressor):
         super().__init__(config, rank, seed)
         self.state: powersgd.PowerSGDState | None = None
         self._saved: dict[str, Any] | None = None
+        # Error feedback by the bucket's parameters (layout.py), handed to PyTorch's per-index
+        # error_dict before each bucket and taken back after: DDP's buckets differ between a
+        # run's (or a restarted run's) first step and the later ones.
+        self.residuals: dict[str, torch.Tensor] = {}
+        self._layouts: dict[int, list[int]] = {}  # bucket index -> its parameters, in this process
+        self._residuals_lock = threading.Lock()  # completion callbacks may run on the backend's threads
 
     def compress(self, tensor: torch.Tensor, ctx: CompressContext) -> Payload:
         """Not available: PowerSGD needs collectives between its compression steps."""
@@ -49,8 +57,9 @@ class PowerSGDCompressor(Compressor):
         """Not available (see compress)."""
         raise NotImplementedError("powersgd runs only as a DDP hook (mode: hook)")
 
-    def make_ddp_hook(self, communicator: Communicator):
-        """PyTorch's PowerSGD state and a hook around ``powerSGD_hook`` that counts each bucket's bytes."""
+    def make_ddp_hook(self, communicator: Communicator, parameters: ParameterPositions):
+        """PyTorch's PowerSGD state and a hook around ``powerSGD_hook`` that counts each bucket's
+        bytes and keeps its error feedback by parameters."""
         self.state = powersgd.PowerSGDState(
             process_group=communicator.group,
             matrix_approximation_rank=self.config.rank,
@@ -63,21 +72,44 @@ class PowerSGDCompressor(Compressor):
             self._restore(self._saved)
 
         def hook(state: powersgd.PowerSGDState, bucket) -> torch.futures.Future[torch.Tensor]:
-            buffer = bucket.buffer()
+            buffer, index, positions = bucket.buffer(), bucket.index(), parameters.of(bucket)
             compressing = state.iter >= state.start_powerSGD_iter
+            if self._layouts.get(index) != positions:
+                # Warm-start P and Q belong to the bucket's parameters: a new layout starts afresh.
+                state.p_memory_dict.pop(index, None)
+                state.q_memory_dict.pop(index, None)
+                self._layouts[index] = positions
+            key = None
+            if state.use_error_feedback and compressing:
+                with self._residuals_lock:
+                    key = carry_residual(self.residuals, positions, parameters.sizes)
+                    if key in self.residuals:
+                        state.error_dict[index] = self.residuals[key]
+                    else:
+                        state.error_dict.pop(index, None)  # PyTorch starts it at zero
             before = state.total_numel_after_compression
             fut = powersgd.powerSGD_hook(state, bucket)
             numel = state.total_numel_after_compression - before if compressing else buffer.numel()
             communicator.count_external_allreduce(numel * buffer.element_size())
-            return fut
+            if key is None:
+                return fut
+
+            def keep_residual(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+                with self._residuals_lock:
+                    self.residuals[key] = state.error_dict[index]
+                return f.value()
+
+            return fut.then(keep_residual)
 
         return self.state, hook
 
     def state_dict(self) -> dict[str, Any]:
-        """PowerSGD's state (error feedback, warm-start Q, iteration, RNG) minus the process group."""
+        """PowerSGD's state (iteration, RNG, ...) and the residuals by parameters; not its
+        per-index error and warm-start memories, which a restarted run's buckets do not match."""
         if self.state is None:
             return self._saved or {}
-        return {slot: getattr(self.state, slot) for slot in self.state.__slots__ if slot != "process_group"}
+        slots = {slot: getattr(self.state, slot) for slot in self.state.__slots__ if slot not in _PER_INDEX}
+        return {"powersgd": slots, "residuals": dict(self.residuals)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore PowerSGD's state (now, or when the hook is built)."""
@@ -87,5 +119,10 @@ class PowerSGDCompressor(Compressor):
 
     def _restore(self, saved: dict[str, Any]) -> None:
         """Set every saved slot (tensors were loaded onto this worker's device by the caller)."""
-        for slot, value in saved.items():
+        for slot, value in saved.get("powersgd", {}).items():
             setattr(self.state, slot, value)
+        self.residuals = dict(saved.get("residuals", {}))
+
+
+# PowerSGDState's slots that are not saved: the process group, and memories kept per bucket index.
+_PER_INDEX = ("process_group", "error_dict", "p_memory_dict", "q_memory_dict")
