@@ -85,8 +85,12 @@ def resubmitted_serving_experiment(root: Path, name: str = "serve") -> Experimen
     return store
 
 
-def training_experiment(root: Path, name: str = "train", steps: int = 20, repeats: int = 2) -> ExperimentStore:
-    """One trial per compressor and repeat; loss 5 / sqrt(step + 1); topk 2x and a2sgd 4x faster than dense."""
+def training_experiment(root: Path, name: str = "train", steps: int = 20, repeats: int = 2,
+                        time_to_target: dict[str, list[float | None]] | None = None) -> ExperimentStore:
+    """One trial per compressor and repeat; loss 5 / sqrt(step + 1); topk 2x and a2sgd 4x faster than dense.
+
+    ``time_to_target``: each compressor's ``time_to_target_s`` per repeat (None: never reached).
+    """
     store = ExperimentStore(root, name)
     speed = {"dense": 1.0, "topk": 2.0, "a2sgd": 4.0}
     wire = {"dense": 4e6, "topk": 8e4, "a2sgd": 8.0}
@@ -103,7 +107,8 @@ def training_experiment(root: Path, name: str = "train", steps: int = 20, repeat
                   "ppl": math.exp(5 / math.sqrt(s + 1)), "train_s": s * step_s} for s in range(0, steps, 5)]
         summary = {"compressor": compressor, "workload": "lstm", "num_workers": 2, "steps": steps, "wall_s": steps * step_s,
                    "train_s": steps * step_s, "step_time_s": step_s * (1 + 0.02 * repeat), "final_ppl": evals[-1]["ppl"],
-                   "bytes_per_worker_step": wire[compressor]}
+                   "bytes_per_worker_step": wire[compressor],
+                   "time_to_target_s": time_to_target[compressor][repeat] if time_to_target else None}
         tables = {"train_steps": pa.Table.from_pylist(steps_rows, schema=TRAINING_TABLES["train_steps"]),
                   "train_evals": pa.Table.from_pylist(evals, schema=TRAINING_TABLES["train_evals"]),
                   "train_summary": pa.Table.from_pylist([summary], schema=TRAINING_TABLES["train_summary"])}
