@@ -205,6 +205,9 @@ class Bars(FigureSpec):
     # Aggregate the table's rows per trial first (per-step tables): mean over steps.
     per_trial_mean: bool = False
     where: tuple[tuple[str, Any], ...] = ()
+    # A measured whole the parts may overlap within (a step's time, where communication runs
+    # during backward): drawn as a mark on each bar, so a stack above it reads as overlap.
+    whole: Metric | None = None
 
     def draw(self, data: ExperimentData) -> Figure | None:
         """Drawn when any part has values."""
@@ -218,6 +221,9 @@ class Bars(FigureSpec):
             if column in frame.columns:
                 frame = frame[frame[column] == value]
         columns = [p.column for p in parts]
+        whole = self.whole if self.whole is not None and self.whole.column in frame.columns else None
+        if whole is not None:
+            columns.append(whole.column)
         if self.per_trial_mean:
             frame = frame.groupby("trial_id", sort=False)[columns].mean().join(data.trials, on="trial_id").reset_index()
         fig, ax = _new_figure(self.title, "", self.y_label, self.log_y)
@@ -230,11 +236,14 @@ class Bars(FigureSpec):
                 ax.bar(position, mean, bottom=bottom, color=f"C{index % 10}",
                        label=part.label if position == 0 and len(parts) > 1 else None)
                 bottom += mean
-            totals = rows[columns].astype(float).sum(axis=1)
+            if whole is not None:
+                ax.hlines(float(rows[whole.column].astype(float).mean()), position - 0.45, position + 0.45,
+                          colors="black", linewidth=2, label=whole.label if position == 0 else None, gid="whole")
+            totals = rows[[p.column for p in parts]].astype(float).sum(axis=1)
             if len(totals) > 1:
                 ax.errorbar(position, bottom, yerr=float(totals.std()), color="black", capsize=4)
         ax.set_xticks(range(len(labels)), labels, rotation=20)
-        if len(parts) > 1:
+        if len(parts) > 1 or whole is not None:
             ax.legend(fontsize="small")
         return fig
 
@@ -352,7 +361,8 @@ TRAINING_FIGURES: tuple[FigureSpec, ...] = (
     Bars(name="step_time_split", title="Where a step's time goes (mean, rank 0)", table="train_steps",
          parts=(Metric("compute_s", "compute"), Metric("compress_s", "compress"), Metric("comm_s", "communicate"),
                 Metric("decompress_s", "decompress"), Metric("optim_s", "optimizer")),
-         y_label="time per step (s)", per_trial_mean=True, where=(("rank", 0),)),
+         y_label="time per step (s)", per_trial_mean=True, where=(("rank", 0),),
+         whole=Metric("step_s", "measured step")),
 )
 
 # Every figure applies wherever its table appears, whatever the trial kind's name.

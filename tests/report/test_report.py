@@ -69,6 +69,9 @@ def test_training_figures_and_speedup(tmp_path: Path) -> None:
     split = _spec("step_time_split").draw(data).axes[0]
     dense_total = sum(p.get_height() for p in split.patches if p.get_x() < 0.5)
     assert dense_total == pytest.approx(0.1)
+    # the measured step as a mark on each bar (parts of overlapped hooks can stack above it)
+    marks = [c.get_segments()[0][0][1] for c in split.collections if c.get_gid() == "whole"]
+    assert marks == pytest.approx([0.1, 0.05, 0.025])  # dense, topk, a2sgd step_s
     loss = _spec("valid_loss_vs_time").draw(data).axes[0]
     assert loss.get_xlabel() == "training time: steps only (s)"  # train_s: no evaluations or checkpoints
     a2sgd = next(line for line in loss.get_lines() if line.get_label() == "a2sgd")
