@@ -331,13 +331,13 @@ def report(experiment: str, results: Path, fmt: str, out: Path | None, tracking_
 
     from orchestrator.provenance import mixed_commits_warning
     from orchestrator.report import format_value, summarize
+    from orchestrator.report.data import load_experiment
 
     store, manifest = _store_or_fail(results, experiment)
     columns = _report_columns(manifest.kind)
     if fmt != "terminal":
         from orchestrator.report import page
         from orchestrator.report.artifacts import log_report
-        from orchestrator.report.data import load_experiment
 
         out = out or store.path / "report"
         built = page.build(load_experiment(store), columns)
@@ -355,7 +355,7 @@ def report(experiment: str, results: Path, fmt: str, out: Path | None, tracking_
     mixed = mixed_commits_warning(manifest.data)
     if mixed:
         console.print(mixed, markup=False, highlight=False)
-    reports = summarize(store, columns)
+    reports = summarize(load_experiment(store), columns)
     if not reports:
         console.print("no finished trials with summaries yet")
     for rep in reports:

@@ -1,17 +1,21 @@
 """`orch compare A B`: two experiments' summaries on the configurations they share.
 
-A configuration is the values of the grid axes both experiments have (repeats and seeds
-excluded; an experiment's axes are those any of its submissions varied, and a trial whose
-submission did not vary one has no value there, matching only such trials). Per configuration
+A configuration is the values of the axes of either experiment (repeats and seeds excluded; an
+experiment's axes are those any of its submissions varied and the parameters whose values differ
+among its trials). An axis one experiment does not have takes, on its side, the value all its
+trials ran (null where they did not set it): A's trials at request rate 8 never match a B that
+ran rate 1 only. Per configuration
 and metric: each side's mean and standard deviation over repeats, the relative change from A
 to B, and whether the change exceeds the repeats' spread (about a 95% two-sample interval:
 |B - A| > 2 sqrt(sA^2/nA + sB^2/nB); unknown without repeats). A metric *regressed* when it
 moved in its bad direction by more than the threshold and, where the spread is known, by more
-than the spread.
+than the spread. A side whose repeats do not all have a metric has no mean for it, and B
+missing a value A has is a regression.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +52,7 @@ class Difference:
     b_mean: float
     b_std: float
     b_n: int
-    relative: float  # (B - A) / |A|; NaN when A is 0
+    relative: float  # (B - A) / |A|; +-inf from A = 0; NaN where a side has no mean
     beyond_spread: bool | None  # None without repeats on both sides
     regressed: bool
 
@@ -85,12 +89,20 @@ def _base_params(data: ExperimentData) -> dict[str, Any]:
     return {k: v for k, v in common.items() if k not in axes and k.rsplit(".", 1)[-1] not in REPEAT_AXES}
 
 
+def _fixed_values(side: ExperimentData, other: ExperimentData, keys: list[str]) -> dict[str, Any]:
+    """The value ``side`` ran of each axis in ``keys`` it did not vary (its trials' common parameter;
+    null where they do not set it), so that only the other's trials of that value match its trials."""
+    dotted = {column: key for key, column in axis_names(other.manifest).items()}
+    base = _base_params(side)
+    return {column: base.get(dotted.get(column, column)) for column in keys if column not in side.axes}
+
+
 def _stats(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
     if keys:
         grouped = frame.groupby(keys, dropna=False, sort=True)[metrics]
     else:
         grouped = frame.assign(_all=0).groupby("_all")[metrics]
-    return grouped.agg(["mean", "std", "count"])
+    return grouped.agg(["mean", "std", "count", "size"])
 
 
 def _label(value: Any) -> Any:
@@ -120,7 +132,8 @@ def compare(
     default_columns: dict[str, list[str]] | None = None,
 ) -> Comparison:
     """Differences of every summary table both experiments wrote, on their shared configurations."""
-    keys = [axis for axis in a.axes if axis in b.axes]
+    keys = list(dict.fromkeys([*a.axes, *b.axes]))
+    fill_a, fill_b = _fixed_values(a, b, keys), _fixed_values(b, a, keys)
     tables = sorted(
         {n for n in a.store.table_names() if n.endswith("_summary")} & {n for n in b.store.table_names() if n.endswith("_summary")}
     )
@@ -133,10 +146,11 @@ def compare(
         frame_a, frame_b = a.table(name), b.table(name)
         if frame_a is None or frame_b is None:
             continue
+        frame_a, frame_b = frame_a.assign(**fill_a), frame_b.assign(**fill_b)
         params = a.param_columns(name) | b.param_columns(name)
         numeric = [
             c for c in frame_a.columns
-            if c in frame_b.columns and c not in ID_COLUMNS and c not in a.axes and c not in b.axes and c not in params
+            if c in frame_b.columns and c not in ID_COLUMNS and c not in keys and c not in params
             and pd.api.types.is_numeric_dtype(frame_a[c]) and not pd.api.types.is_bool_dtype(frame_a[c])
         ]
         known.update(numeric)
@@ -154,15 +168,22 @@ def compare(
             labels = dict(zip(keys, config, strict=True)) if keys else {}
             for metric in wanted:
                 ra, rb = stats_a.iloc[configs_a[config]][metric], stats_b.iloc[configs_b[config]][metric]
-                if ra["count"] == 0 or rb["count"] == 0:
+                if ra["count"] == 0 and rb["count"] == 0:
                     continue
-                delta = float(rb["mean"] - ra["mean"])
-                relative = delta / abs(ra["mean"]) if ra["mean"] else float("nan")
-                beyond = _spread_exceeded(float(ra["std"]), int(ra["count"]), float(rb["std"]), int(rb["count"]), delta)
-                worse = delta < 0 if higher_is_better(metric) else delta > 0
-                regressed = worse and abs(relative) > threshold and beyond is not False
-                differences.append(Difference(name, labels, metric, float(ra["mean"]), float(ra["std"]), int(ra["count"]),
-                                              float(rb["mean"]), float(rb["std"]), int(rb["count"]), relative, beyond,
+                # A side some of whose repeats lack the metric has no mean (a target one repeat
+                # never reached is not reached); losing a value A had counts as a regression.
+                mean_a, mean_b = (float(r["mean"]) if r["count"] == r["size"] else float("nan") for r in (ra, rb))
+                if mean_b != mean_b:
+                    relative, beyond, regressed = float("nan"), None, mean_a == mean_a
+                else:
+                    delta = mean_b - mean_a
+                    # From 0 (no failures, no preemptions) any worsening is beyond every threshold.
+                    relative = delta / abs(mean_a) if mean_a else (math.copysign(math.inf, delta) if delta else 0.0)
+                    beyond = _spread_exceeded(float(ra["std"]), int(ra["count"]), float(rb["std"]), int(rb["count"]), delta)
+                    worse = delta < 0 if higher_is_better(metric) else delta > 0
+                    regressed = worse and abs(relative) > threshold and beyond is not False
+                differences.append(Difference(name, labels, metric, mean_a, float(ra["std"]), int(ra["count"]),
+                                              mean_b, float(rb["std"]), int(rb["count"]), relative, beyond,
                                               bool(regressed)))
     unknown = [m for m in metrics or [] if m not in known]
     if unknown:

@@ -1,11 +1,13 @@
 """An experiment's finished trials, each table joined with the grid axes of its trials.
 
-The axes of an experiment are the union of the axes its trials were run with (``axis_names``),
-not the last submission's grid: ``orch report``, ``orch compare`` and the figures group by them.
+The axes of an experiment are the union of the axes its trials were run with and of the other
+parameters whose values differ among its trials (``axis_names``), not the last submission's grid:
+``orch report``, ``orch compare`` and the figures group by them.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,21 +32,32 @@ def trial_axes(entry: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any
     return {k: v for k, v in flatten(entry.get("params") or {}).items() if any(k == a or k.startswith(a + ".") for a in grid)}
 
 
+def _canonical(value: Any) -> str:
+    """A parameter value for telling values apart: 1 and 1.0 alike, dicts by content."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def axis_names(manifest: dict[str, Any]) -> dict[str, str]:
     """Dotted axis key -> column name (the naming of the Parquet parameter columns), repeat axes left out.
 
     The axes are the union of what every trial of the experiment varied, in the order trials were
-    entered: a later submission under the same experiment may vary other keys than an earlier one,
-    and the earlier trials must keep being told apart by theirs.
+    entered (a later submission under the same experiment may vary other keys than an earlier one,
+    and the earlier trials must keep being told apart by theirs), plus every other parameter whose
+    value differs among the trials: two submissions that differ only in their base (say
+    ``load.num_requests``) ran different configurations, never repeats of one.
     """
     entries = list(manifest.get("trials", {}).values())
-    names = ParamColumns.from_params([flatten(e.get("params", {})) for e in entries]).names
-    out: dict[str, str] = {}
+    flats = [flatten(e.get("params", {})) for e in entries]
+    names = ParamColumns.from_params(flats).names
+    keys: dict[str, None] = {}
     for entry in entries:
-        for key in trial_axes(entry, manifest):
-            if key.rsplit(".", 1)[-1] not in REPEAT_AXES:
-                out.setdefault(key, names.get(key, key.replace(".", "_")))
-    return out
+        keys.update(dict.fromkeys(trial_axes(entry, manifest)))
+    for key in dict.fromkeys(k for flat in flats for k in flat):
+        if key not in keys and len({_canonical(flat.get(key)) for flat in flats}) > 1:
+            keys[key] = None
+    return {key: names.get(key, key.replace(".", "_")) for key in keys if key.rsplit(".", 1)[-1] not in REPEAT_AXES}
 
 
 @dataclass
@@ -111,9 +124,10 @@ def load_experiment(store: ExperimentStore) -> ExperimentData:
     for trial_id, entry in manifest.get("trials", {}).items():
         if entry.get("state") != "done":
             continue
-        # A trial whose submission did not vary an axis has no value for it (null): it stays apart
-        # from the trials that did, rather than being averaged with them.
-        flat = trial_axes(entry, manifest)
+        # Each axis holds the trial's own parameter value, also where its submission did not vary
+        # it; a trial whose parameters do not set it has none (null), and stays apart from those that do.
+        flat = flatten(entry.get("params") or {})
+        flat.update(trial_axes(entry, manifest))
         row: dict[str, Any] = {column: None for column in axes}
         row.update({names[k]: v for k, v in flat.items() if k in names})
         row["repeat"] = entry.get("repeat", 0)

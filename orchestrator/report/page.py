@@ -62,7 +62,7 @@ def _cell(mean: object, spread: object) -> str:
 
 def _sections(data: ExperimentData, columns: dict[str, list[str]]) -> list[Section]:
     out = []
-    for rep in summarize(data.store, columns):
+    for rep in summarize(data, columns):
         # Columns no finished trial filled (e.g. quality when it was not measured) are left out.
         metrics = [c for c in rep.frame.columns if c not in rep.axes and rep.frame[c].notna().any()]
         rows = []

@@ -6,12 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 
-from orchestrator.report.data import ExperimentData, axis_names
-from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore
-
-GROUP_EXCLUDE = {"seed", "repeat"}
+from orchestrator.report.data import ExperimentData
 
 
 @dataclass(frozen=True)
@@ -25,49 +21,38 @@ class SummaryReport:
     spread: pd.DataFrame | None = None
 
 
-def _axis_columns(manifest: dict[str, Any], frame: pd.DataFrame) -> list[str]:
-    """Column names in a summary table of every axis the experiment's trials varied (see ``axis_names``).
+def summarize(data: ExperimentData, columns: dict[str, list[str]] | None = None) -> list[SummaryReport]:
+    """Mean of each summary metric over repeats, per combination of the axes; only `done` trials.
 
-    The union over all trials, not the manifest's top-level ``axes`` (the last submission's grid only):
-    grouped by those, an earlier submission's trials would be averaged across the axes it varied.
-    A trial whose submission did not set a parameter has null in its column and forms its own rows.
+    A metric that some repeat of a combination lacks has no mean there (not the mean of the
+    others): a target one repeat never reached, say, is not reached.
     """
-    out = []
-    for column in axis_names(manifest).values():
-        if column in frame.columns and column not in out:
-            out.append(column)
-    return [c for c in out if c.rsplit("_", 1)[-1] not in GROUP_EXCLUDE and c not in GROUP_EXCLUDE]
-
-
-def summarize(store: ExperimentStore, columns: dict[str, list[str]] | None = None) -> list[SummaryReport]:
-    """Mean of each summary metric over repeats, per combination of the axes; only `done` trials."""
-    manifest = store.load_manifest() or {}
-    done = {tid for tid, entry in manifest.get("trials", {}).items() if entry.get("state") == "done"}
     reports = []
-    for name in store.table_names():
+    for name in data.store.table_names():
         if not name.endswith("_summary"):
             continue
-        table: pa.Table | None = store.read_table(name, trial_ids=done)
-        if table is None or table.num_rows == 0:
+        frame = data.table(name)
+        if frame is None:
             continue
-        params = {f.name for f in table.schema if PARAM_FIELD_KEY in (f.metadata or {})}
-        frame = table.to_pandas()
-        axes = _axis_columns(manifest, frame)
+        params = data.param_columns(name)
+        axes = [a for a in data.axes if a in frame.columns]
         wanted = (columns or {}).get(name) or [
             c
             for c in frame.columns
-            if c not in axes and c not in {"trial_id", "experiment"} and c not in params and pd.api.types.is_numeric_dtype(frame[c])
-            and not pd.api.types.is_bool_dtype(frame[c])
+            if c not in axes and c not in {"trial_id", "experiment", "repeat"} and c not in params
+            and pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
         ]
         wanted = [c for c in wanted if c in frame.columns and c not in axes]
         if axes:
             grouped = frame.groupby(axes, dropna=False, sort=True)
-            agg = grouped[wanted].mean(numeric_only=True)
+            agg = grouped[wanted].mean(numeric_only=True, skipna=False)
             agg.insert(0, "trials", grouped.size())
             agg = agg.reset_index()
             spread = grouped[wanted].std(numeric_only=True).reset_index()
+            for column in wanted:
+                spread.loc[agg[column].isna(), column] = float("nan")
         else:
-            agg = frame[wanted].mean(numeric_only=True).to_frame().T
+            agg = frame[wanted].mean(numeric_only=True, skipna=False).to_frame().T
             agg.insert(0, "trials", len(frame))
             spread = frame[wanted].std(numeric_only=True).to_frame().T
         reports.append(SummaryReport(table=name, axes=axes, frame=agg, spread=spread))
@@ -124,7 +109,10 @@ def speedup_table(data: ExperimentData) -> pd.DataFrame | None:
         for metric in metrics:
             row[f"{metric}"] = record[metric]
             for baseline in baselines:
-                match = means[(means["compressor"] == baseline) & (means[others] == pd.Series({a: record[a] for a in others})).all(axis=1)]
+                same = means["compressor"] == baseline
+                for axis in others:  # null (an axis a submission left alone) matches null
+                    same &= means[axis].isna() if pd.isna(record[axis]) else means[axis] == record[axis]
+                match = means[same]
                 base = float(match[metric].iloc[0]) if len(match) else float("nan")
                 own = record[metric]
                 row[f"{SPEEDUP_METRICS[metric]} speedup vs {baseline}"] = base / own if own and own == own else float("nan")

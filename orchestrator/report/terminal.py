@@ -10,7 +10,7 @@ from orchestrator.report.summary import format_value
 
 
 def _side(mean: float, std: float, n: int) -> str:
-    return format_value(mean) + (f" ± {format_value(std)}" if n > 1 and std == std else "")
+    return format_value(mean) + (f" ± {format_value(std)}" if n > 1 and std == std and mean == mean else "")
 
 
 def _verdict(diff: Difference) -> str:

@@ -46,23 +46,30 @@ def _write(store: ExperimentStore, kind: str, axes: list[str], trials: list[tupl
     store.save_manifest(manifest)
 
 
-def serving_experiment(root: Path, name: str = "serve", slowdown: float = 1.0, repeats: int = 2) -> ExperimentStore:
-    """backend x request_rate, `repeats` repeats; TTFT from `ttft_ms`, throughput = 5 x rate."""
+def serving_experiment(root: Path, name: str = "serve", slowdown: float = 1.0, repeats: int = 2,
+                       rates: tuple[float, ...] = RATES, failed: int = 0,
+                       no_p99: frozenset[tuple[str, float, int]] = frozenset()) -> ExperimentStore:
+    """backend x request_rate, `repeats` repeats; TTFT from `ttft_ms`, throughput = 5 x rate.
+
+    ``failed`` requests in every trial; ``no_p99``: the (backend, rate, repeat) trials whose
+    ``ttft_ms_p99`` is missing (null)."""
     store = ExperimentStore(root, name)
     trials = []
-    for backend, rate, repeat in itertools.product(BACKENDS, RATES, range(repeats)):
+    for backend, rate, repeat in itertools.product(BACKENDS, rates, range(repeats)):
         params = {"model": "tiny", "backend": {"name": backend}, "load": {"request_rate": rate, "seed": 0}}
         ttft = ttft_ms(backend, rate, repeat, slowdown)
-        row = {"backend": backend, "completed": 10, "failed": 0, "request_throughput": rate,
+        row = {"backend": backend, "completed": 10, "failed": failed, "request_throughput": rate,
                "output_throughput": 5.0 * rate / slowdown, "goodput": rate * (1.0 if rate < 4 else 0.5),
                "peak_kv_bytes": int(2**20 * (0.3 if backend == "h2o" else 1.0)), "peak_device_bytes": 2**24}
         for metric, scale in (("ttft", 1.0), ("tpot", 0.2), ("itl", 0.2), ("e2el", 3.0)):
             row[f"{metric}_ms_p50"] = ttft * scale
             row[f"{metric}_ms_p99"] = ttft * scale * 2
             row[f"{metric}_ms_mean"] = ttft * scale * 1.1
+        if (backend, rate, repeat) in no_p99:
+            row["ttft_ms_p99"] = None
         summary = pa.Table.from_pylist([row], schema=SERVING_TABLES["serving_summary"])
         trials.append((params, repeat, {"serving_summary": summary}))
-    _write(store, "serving", ["backend.name", "load.request_rate"], trials, SERVING_TABLES)
+    _write(store, "serving", ["backend.name", "load.request_rate"][: 1 + (len(rates) > 1)], trials, SERVING_TABLES)
     return store
 
 

@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
@@ -14,7 +15,9 @@ from orchestrator.report import page
 from orchestrator.report.data import load_experiment
 from orchestrator.report.figures import FIGURES
 from orchestrator.report.summary import speedup_table
+from orchestrator.store import ExperimentStore
 from tests.report.synthetic import RATES, serving_experiment, training_experiment, ttft_ms
+from workloads.serving.metrics.tables import TABLES as SERVING_TABLES
 
 
 def _spec(name: str):
@@ -93,6 +96,38 @@ def test_a_target_one_repeat_never_reached_has_no_time_to_target(tmp_path: Path)
     assert math.isnan(speedup.loc["topk", "time to target speedup vs dense"])
     assert speedup.loc["a2sgd", "time to target speedup vs dense"] == pytest.approx(1.1 / 0.25)
     assert speedup.loc["a2sgd", "step time speedup vs dense"] == pytest.approx(4.0, rel=0.02)
+
+
+def test_submissions_that_differ_only_in_their_base_are_not_repeats_of_each_other(tmp_path: Path) -> None:
+    from orchestrator.report.summary import summarize
+    from tests.report.synthetic import _write
+
+    store = ExperimentStore(tmp_path, "serve")
+
+    def trial(rate: float, model: str, num_requests: int, ttft: float) -> tuple:
+        row = {"backend": "full", "ttft_ms_p99": ttft}
+        return ({"model": model, "backend": {"name": "full"},
+                 "load": {"request_rate": rate, "num_requests": num_requests, "seed": 0}}, 0,
+                {"serving_summary": pa.Table.from_pylist([row], schema=SERVING_TABLES["serving_summary"])})
+
+    _write(store, "serving", ["load.request_rate"], [trial(1.0, "tiny", 100, 10.0), trial(2.0, "tiny", 100, 20.0)],
+           SERVING_TABLES)
+    _write(store, "serving", ["model"], [trial(1.0, "tiny", 1000, 500.0), trial(1.0, "big", 1000, 900.0)], SERVING_TABLES)
+    (rep,) = summarize(load_experiment(store))
+    assert rep.axes == ["request_rate", "model", "num_requests"]  # num_requests differs: an axis too
+    rows = {(r.request_rate, r.model, r.num_requests): (r.trials, r.ttft_ms_p99) for r in rep.frame.itertuples()}
+    assert rows == {(1.0, "tiny", 100): (1, 10.0), (2.0, "tiny", 100): (1, 20.0),
+                    (1.0, "tiny", 1000): (1, 500.0), (1.0, "big", 1000): (1, 900.0)}
+
+
+def test_a_metric_some_repeats_lack_has_no_mean(tmp_path: Path) -> None:
+    from orchestrator.report.summary import summarize
+
+    store = serving_experiment(tmp_path, "serve", no_p99=frozenset({("full", 1.0, 1)}))
+    (rep,) = summarize(load_experiment(store))
+    row = rep.frame[(rep.frame.backend == "full") & (rep.frame.request_rate == 1.0)].index[0]
+    assert math.isnan(rep.frame.loc[row, "ttft_ms_p99"]) and math.isnan(rep.spread.loc[row, "ttft_ms_p99"])
+    assert rep.frame.loc[row, "ttft_ms_p50"] == pytest.approx(10.0)  # the other metrics are whole
 
 
 def test_html_page_is_self_contained(tmp_path: Path) -> None:
@@ -205,7 +240,7 @@ def test_a_resubmission_with_other_axes_keeps_the_earlier_trials_apart(tmp_path:
 
     store = resubmitted_serving_experiment(tmp_path)
     assert store.load_manifest()["axes"] == ["model", "load.prompt_source"]  # the last grid's only
-    (rep,) = summarize(store)
+    (rep,) = summarize(load_experiment(store))
     assert rep.axes == ["backend", "request_rate", "model", "prompt_source"]
     rows = {(r.backend, r.request_rate, r.model, None if pd.isna(r.prompt_source) else r.prompt_source):
             (r.trials, round(r.ttft_ms_p50, 9)) for r in rep.frame.itertuples()}
