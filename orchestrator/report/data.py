@@ -129,7 +129,8 @@ def load_experiment(store: ExperimentStore) -> ExperimentData:
         flat = flatten(entry.get("params") or {})
         flat.update(trial_axes(entry, manifest))
         row: dict[str, Any] = {column: None for column in axes}
-        row.update({names[k]: v for k, v in flat.items() if k in names})
+        # a list value (say needle depths) as its text: axis values are grouped on, so hashable
+        row.update({names[k]: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items() if k in names})
         row["repeat"] = entry.get("repeat", 0)
         rows[trial_id] = row
     trials = pd.DataFrame.from_dict(rows, orient="index", columns=[*axes, "repeat"])

@@ -106,18 +106,19 @@ def test_submissions_that_differ_only_in_their_base_are_not_repeats_of_each_othe
 
     def trial(rate: float, model: str, num_requests: int, ttft: float) -> tuple:
         row = {"backend": "full", "ttft_ms_p99": ttft}
+        depths = [0.5] if num_requests == 100 else [0.1, 0.9]  # a list-valued base parameter differs too
         return ({"model": model, "backend": {"name": "full"},
-                 "load": {"request_rate": rate, "num_requests": num_requests, "seed": 0}}, 0,
-                {"serving_summary": pa.Table.from_pylist([row], schema=SERVING_TABLES["serving_summary"])})
+                 "load": {"request_rate": rate, "num_requests": num_requests, "seed": 0, "needle": {"depths": depths}}},
+                0, {"serving_summary": pa.Table.from_pylist([row], schema=SERVING_TABLES["serving_summary"])})
 
     _write(store, "serving", ["load.request_rate"], [trial(1.0, "tiny", 100, 10.0), trial(2.0, "tiny", 100, 20.0)],
            SERVING_TABLES)
     _write(store, "serving", ["model"], [trial(1.0, "tiny", 1000, 500.0), trial(1.0, "big", 1000, 900.0)], SERVING_TABLES)
     (rep,) = summarize(load_experiment(store))
-    assert rep.axes == ["request_rate", "model", "num_requests"]  # num_requests differs: an axis too
-    rows = {(r.request_rate, r.model, r.num_requests): (r.trials, r.ttft_ms_p99) for r in rep.frame.itertuples()}
-    assert rows == {(1.0, "tiny", 100): (1, 10.0), (2.0, "tiny", 100): (1, 20.0),
-                    (1.0, "tiny", 1000): (1, 500.0), (1.0, "big", 1000): (1, 900.0)}
+    assert rep.axes == ["request_rate", "model", "num_requests", "depths"]  # base values that differ: axes too
+    rows = {(r.request_rate, r.model, r.num_requests, r.depths): (r.trials, r.ttft_ms_p99) for r in rep.frame.itertuples()}
+    assert rows == {(1.0, "tiny", 100, "[0.5]"): (1, 10.0), (2.0, "tiny", 100, "[0.5]"): (1, 20.0),
+                    (1.0, "tiny", 1000, "[0.1, 0.9]"): (1, 500.0), (1.0, "big", 1000, "[0.1, 0.9]"): (1, 900.0)}
 
 
 def test_a_metric_some_repeats_lack_has_no_mean(tmp_path: Path) -> None:
