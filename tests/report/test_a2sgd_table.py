@@ -38,3 +38,16 @@ def test_the_tables_give_times_spreads_speedups_and_bytes(tmp_path: Path) -> Non
 def test_an_empty_results_folder_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no finished training trials"):
         render(tmp_path, "a2sgd-network")
+
+
+def test_a_speedup_compares_only_repeats_in_which_both_reached_the_target() -> None:
+    import pandas as pd
+
+    from benchmarks.a2sgd_table import speedups
+
+    group = pd.DataFrame({"compressor": ["a2sgd"] * 3 + ["topk"] * 3, "repeat": [0, 1, 2] * 2,
+                          "time_to_target_s": [10.0, 10.0, 20.0, 20.0, 40.0, None]})
+    # topk never reached it in repeat 2: against a2sgd's mean over all three (13.3 s) its 30 s would read 2.25
+    assert speedups(group, "topk") == (3.0, 2.0, 4.0, 2, 3)
+    group.loc[group.compressor == "topk", "time_to_target_s"] = None
+    assert speedups(group, "topk") == (None, None, None, 0, 3)
