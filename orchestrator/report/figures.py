@@ -133,11 +133,14 @@ class Against(FigureSpec):
         for index, (label, rows) in enumerate(_groups(frame, series)):
             color = f"C{index % 10}"
             for style, metric in zip(LINESTYLES * 4, metrics, strict=False):
-                values = rows[[self.x, metric.column]].dropna()
-                if values.empty:
+                values = rows[[self.x, metric.column]].dropna(subset=[self.x])
+                if values[metric.column].isna().all():
                     continue
                 key = values[self.x].astype(float) if numeric_x else values[self.x].astype(str)
-                stats = (values[metric.column].astype(float) / self.scale).groupby(key, sort=True).agg(["mean", "std", "count"])
+                grouped = (values[metric.column].astype(float) / self.scale).groupby(key, sort=True)
+                stats = grouped.agg(["std", "count"]).assign(mean=grouped.mean(skipna=False))
+                # A point some repeat lacks the metric at is not drawn, as the tables show no mean there.
+                stats = stats[stats["mean"].notna()]
                 if not numeric_x:
                     stats = stats.reindex([c for c in categories if c in stats.index])
                 xs = list(stats.index) if numeric_x else [categories.index(c) for c in stats.index]
@@ -231,8 +234,10 @@ class Bars(FigureSpec):
         for position, (label, rows) in enumerate(_groups(frame, data.varying)):
             labels.append(label or data.experiment)
             bottom = 0.0
-            for index, part in enumerate(parts):
-                mean = float(rows[part.column].astype(float).mean())
+            means = [float(rows[part.column].astype(float).mean(skipna=False)) for part in parts]
+            if any(m != m for m in means):
+                continue  # some repeat lacks a part: no bar, as the tables show no mean there
+            for index, (part, mean) in enumerate(zip(parts, means, strict=True)):
                 ax.bar(position, mean, bottom=bottom, color=f"C{index % 10}",
                        label=part.label if position == 0 and len(parts) > 1 else None)
                 bottom += mean

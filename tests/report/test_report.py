@@ -129,6 +129,10 @@ def test_a_metric_some_repeats_lack_has_no_mean(tmp_path: Path) -> None:
     row = rep.frame[(rep.frame.backend == "full") & (rep.frame.request_rate == 1.0)].index[0]
     assert math.isnan(rep.frame.loc[row, "ttft_ms_p99"]) and math.isnan(rep.spread.loc[row, "ttft_ms_p99"])
     assert rep.frame.loc[row, "ttft_ms_p50"] == pytest.approx(10.0)  # the other metrics are whole
+    # the figures agree: full's p99 line has no point at rate 1, its p50 line has
+    axes = _spec("ttft_vs_rate").draw(load_experiment(store)).axes[0]
+    lines = {bars.get_label(): list(bars.lines[0].get_xdata()) for bars in axes.containers}  # errorbar containers
+    assert lines["full p99"] == [2.0, 4.0] and lines["full p50"] == [1.0, 2.0, 4.0] and lines["h2o p99"] == [1.0, 2.0, 4.0]
 
 
 def test_html_page_is_self_contained(tmp_path: Path) -> None:
