@@ -130,6 +130,37 @@ def test_engine_steps_grow_while_the_load_runs_for_live_metrics() -> None:
     assert len(transport.engine_steps()) >= max(seen_live)
 
 
+def test_samples_are_timed_on_the_loads_clock() -> None:
+    class Recording:
+        def __init__(self) -> None:
+            self.started = self.origin = None
+
+        def start(self) -> None:
+            self.started = time.perf_counter()
+
+        def align(self, t0: float) -> None:
+            self.origin = t0
+
+        def rows(self) -> list[dict]:
+            return []
+
+        def stop(self) -> list[dict]:
+            return []
+
+    sampler = Recording()
+    with FakeOpenAI() as fake:
+        (record,) = HttpTransport(HttpTarget(fake.url, "fake"), sampler=sampler).run([_spec(0, 0.2)], None)
+        done = time.perf_counter()
+    # the load's t = 0: after the sampler started, 0.2 s before the request's send
+    assert sampler.started <= sampler.origin and sampler.origin + record.send_s <= done and record.send_s >= 0.2
+
+    metrics = PrometheusStepSampler("http://fake/metrics", kv_bytes_per_token=1, interval_s=30.0)
+    metrics._client = httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(200, text="")))
+    metrics.start()
+    metrics.align(time.perf_counter() + 10.0)  # a load that starts in 10 s
+    assert metrics.stop()[-1]["t_s"] == pytest.approx(-10.0, abs=1.0)
+
+
 def test_sampler_scrapes_once_more_at_stop_so_counters_are_trial_totals() -> None:
     scrapes = []
 

@@ -43,6 +43,10 @@ class StepSampler(Protocol):
 
     def start(self) -> None: ...
 
+    def align(self, t0: float) -> None:
+        """Measure the samples' ``t_s`` from ``t0`` (the load's start, on ``time.perf_counter``)."""
+        ...
+
     def rows(self) -> list[dict]:
         """The samples taken so far (live metrics read them while the load runs)."""
         ...
@@ -149,9 +153,11 @@ async def _post(
 
 
 async def run_schedule(
-    target: HttpTarget, requests: list[RequestSpec], max_concurrency: int | None, live: list[RequestRecord] | None = None
+    target: HttpTarget, requests: list[RequestSpec], max_concurrency: int | None, live: list[RequestRecord] | None = None,
+    on_start: Callable[[float], None] | None = None,
 ) -> list[RequestRecord]:
-    """Send every request at its arrival time (open loop); one record per request, in order."""
+    """Send every request at its arrival time (open loop); one record per request, in order.
+    ``on_start(t0)`` is called with the load's start before the first request."""
     connections = max_concurrency or max(1, len(requests))
     timeout = aiohttp.ClientTimeout(total=target.request_timeout_s, connect=30.0)
     connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=CONNECTION_IDLE_S)
@@ -160,7 +166,7 @@ async def run_schedule(
         async def send(spec: RequestSpec, t0: float, record: RequestRecord) -> None:
             await _stream_into(client, target, spec, t0, record)
 
-        return await run_open_loop(requests, max_concurrency, send, errors=SEND_ERRORS, live=live)
+        return await run_open_loop(requests, max_concurrency, send, errors=SEND_ERRORS, on_start=on_start, live=live)
 
 
 def _run_coroutine_blocking(make: Callable[[], Any]) -> Any:
@@ -206,7 +212,9 @@ class HttpTransport:
             self._sampler.start()
         self._running = True
         try:
-            return _run_coroutine_blocking(lambda: run_schedule(self.target, requests, max_concurrency, self._live))
+            align = self._sampler.align if self._sampler is not None else None
+            return _run_coroutine_blocking(
+                lambda: run_schedule(self.target, requests, max_concurrency, self._live, on_start=align))
         finally:
             if self._sampler is not None:
                 self._steps = self._sampler.stop()

@@ -128,6 +128,7 @@ class PrometheusStepSampler:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.interval_s = interval_s
         self._rows: list[dict] = []
+        self._origin = 0.0  # t_s of a sample is seconds after this (perf_counter)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = httpx.Client(timeout=5.0, trust_env=False)
@@ -146,13 +147,17 @@ class PrometheusStepSampler:
         first = self.scrape()
         baseline = Baseline.of(first)
         shape = cache_shape(first)
-        t0 = time.perf_counter()
+        self._origin = time.perf_counter()  # until align() names the load's start
         self._thread = threading.Thread(
-            target=self._loop, args=(t0, baseline, shape), name="vllm-metrics", daemon=True
+            target=self._loop, args=(baseline, shape), name="vllm-metrics", daemon=True
         )
         self._thread.start()
 
-    def _loop(self, t0: float, baseline: Baseline, shape: CacheShape | None) -> None:
+    def align(self, t0: float) -> None:
+        """Measure ``t_s`` from ``t0``, the load's start, so samples share the requests' clock."""
+        self._origin = t0
+
+    def _loop(self, baseline: Baseline, shape: CacheShape | None) -> None:
         previous = baseline
         step = 0
         stopping = False
@@ -162,7 +167,7 @@ class PrometheusStepSampler:
             except httpx.HTTPError:
                 metrics = None  # a busy server may miss a scrape; the next one counts
             if metrics is not None:
-                row = step_row(step, time.perf_counter() - t0, metrics, shape, self.kv_bytes_per_token,
+                row = step_row(step, time.perf_counter() - self._origin, metrics, shape, self.kv_bytes_per_token,
                                baseline, previous)
                 previous = Baseline.of(metrics)
                 self._rows.append(row)
