@@ -27,8 +27,9 @@ As the paper and its code do it:
   by its query heads' summed softmax over the speculated scores (log space, so ``alpha`` reads
   as on scores). The tokens fetched per KV head are the **mean over the KV heads** of how many
   lie within ``alpha`` of each head's maximum (the original's count), the same number for
-  every head; ``kv_budget`` (or ``kv_budget_tokens``) is a ceiling on it that real weights
-  seldom reach (the original caps at ~20% of the prompt), ``min_tokens`` a floor. The
+  every head; ``kv_budget`` (or ``kv_budget_tokens``) is a ceiling on it (the original caps at
+  ~20% of the prompt; real weights reach it on short prompts, seldom on long ones), and
+  ``kv_budget: 1.0`` is not the full cache: ``alpha`` still decides; ``min_tokens`` a floor. The
   original takes the mean over the whole batch; here it is per sequence, so a request's
   output never depends on its batch-mates. As in the original's code, layers 0 and 1 are not
   speculated (they fetch everything) and every later one is, the last included.
