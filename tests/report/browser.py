@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -91,6 +92,8 @@ class Chromium:
              "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
              "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            # its own temporary files (org.chromium.Chromium.*) inside the profile, removed with it
+            env={**os.environ, "TMPDIR": self.profile},
         )
         self.port = self._devtools_port()
 
