@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.expand import flatten
+from orchestrator.expand import canonical_json, flatten, normalise_numbers
 from orchestrator.store import PARAM_FIELD_KEY, ExperimentStore, ParamColumns
 
 # Axes that only distinguish repeats: they are what error bars average over, never a series.
@@ -32,13 +32,6 @@ def trial_axes(entry: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any
     return {k: v for k, v in flatten(entry.get("params") or {}).items() if any(k == a or k.startswith(a + ".") for a in grid)}
 
 
-def _canonical(value: Any) -> str:
-    """A parameter value for telling values apart: 1 and 1.0 alike, dicts by content."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = float(value)
-    return json.dumps(value, sort_keys=True, default=str)
-
-
 def axis_names(manifest: dict[str, Any]) -> dict[str, str]:
     """Dotted axis key -> column name (the naming of the Parquet parameter columns), repeat axes left out.
 
@@ -55,7 +48,8 @@ def axis_names(manifest: dict[str, Any]) -> dict[str, str]:
     for entry in entries:
         keys.update(dict.fromkeys(trial_axes(entry, manifest)))
     for key in dict.fromkeys(k for flat in flats for k in flat):
-        if key not in keys and len({_canonical(flat.get(key)) for flat in flats}) > 1:
+        # compared as the trial id hashes them: 1 and 1.0 alike, dicts by content
+        if key not in keys and len({canonical_json(normalise_numbers(flat.get(key))) for flat in flats}) > 1:
             keys[key] = None
     return {key: names.get(key, key.replace(".", "_")) for key in keys if key.rsplit(".", 1)[-1] not in REPEAT_AXES}
 

@@ -101,7 +101,7 @@ def speedup_table(data: ExperimentData) -> pd.DataFrame | None:
     if "time_to_target_s" in metrics:
         # A target that a repeat never reached is not reached: averaging the repeats that did
         # would flatter the compressor.
-        means["time_to_target_s"] = grouped["time_to_target_s"].agg(lambda s: s.mean(skipna=False)).to_numpy()
+        means["time_to_target_s"] = grouped["time_to_target_s"].mean(skipna=False).to_numpy()
     baselines = [b for b in BASELINE_COMPRESSORS if b in set(means["compressor"])]
     rows = []
     for record in means.to_dict("records"):
