@@ -8,6 +8,8 @@ For n = 20M and 100M fp32 gradient elements, times (median of ``--repeats``) on 
 - ``sync``: the whole GradientSync on one worker (error feedback + codec; the collective is a
   no-op at p = 1).
 PowerSGD is not listed: it runs only inside PyTorch's DDP hook, interleaved with its collectives.
+On a GPU a2sgd partitions v in one Triton pass; the row ``a2sgd-ops`` is the same codec in
+PyTorch operations (what a CPU runs), measured in the same run for comparison.
 Goal for a2sgd: codec <= 4 passes. Runs without Ray, also on a CUDA machine:
 
     .venv/bin/python -m benchmarks.bench_compression [--device cuda] [--sizes 20e6 100e6] [--repeats 5]
@@ -31,6 +33,8 @@ from backends.compression import (
     GradientSync,
     build_compressor,
 )
+from backends.compression.a2sgd import partition_means_torch
+from backends.triton_support import triton_usable
 
 COMPRESSORS = ("dense", "fp16", "topk", "qsgd", "a2sgd")
 CONFIG = {"ratio": 0.001, "levels": 127, "bucket_size": 128}
@@ -68,6 +72,15 @@ def bench(n: int, device: torch.device, repeats: int) -> list[dict[str, float | 
             {"compressor": name, "codec_s": codec_s, "codec_passes": codec_s / pass_s,
              "sync_s": sync_s, "sync_passes": sync_s / pass_s}
         )
+    if device.type == "cuda" and triton_usable(device):
+        zero = torch.zeros((), device=device)
+
+        def a2sgd_ops() -> torch.Tensor:
+            positive, means = partition_means_torch(g, zero)
+            return torch.where(positive, means[0], means[1])
+
+        codec_s = _time(a2sgd_ops, device, repeats)
+        rows.append({"compressor": "a2sgd-ops", "codec_s": codec_s, "codec_passes": codec_s / pass_s})
     return rows
 
 

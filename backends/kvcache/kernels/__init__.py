@@ -7,22 +7,13 @@ against the reference attention). Everywhere else the engine keeps its PyTorch r
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from types import ModuleType
 
 import torch
 
+from backends.triton_support import triton_usable
+
 BACKENDS = ("auto", "torch", "triton")
-
-
-def triton_usable(device: torch.device) -> bool:
-    """Whether Triton kernels can run on ``device`` here (compiled on CUDA, interpreted on CPU)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
