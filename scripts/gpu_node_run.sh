@@ -39,13 +39,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/node_env.sh"
 log "host: $(uname -srm); $("$PYTHON" --version 2>&1); $(nproc) CPUs"
 command -v nvidia-smi >/dev/null && nvidia-smi -L || log "no nvidia-smi"
 
-log "install $WHEELHOUSE into $SITE (no index, no dependencies: the host's torch stays)"
-rm -rf "$SITE"
-PYTHON="$PYTHON" bash scripts/install_offline.sh "$WHEELHOUSE" "$SITE"
-# The checkout's code first: the run measures this tree even if the wheelhouse's orch wheel is
-# older (its dist-info still supplies orch's entry points). Ray's workers inherit the path.
-export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$SITE/bin:$PATH"
+install_site "$WHEELHOUSE" "$SITE"
 "$PYTHON" - <<'EOF'
 import mlflow, ray, torch, orchestrator  # noqa: F401
 print("orch code:", orchestrator.__file__)

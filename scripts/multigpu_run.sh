@@ -62,18 +62,7 @@ SUMMARY="$OUT/summary.md"
 LOG_TAG=multigpu
 source "$(dirname "${BASH_SOURCE[0]}")/node_env.sh"
 
-stamp="$SITE/.orch-wheelhouse"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$(ls -l --time-style=+%s "$WHEELHOUSE")" ]]; then
-  log "orch already installed in $SITE from $WHEELHOUSE"
-else
-  log "install $WHEELHOUSE into $SITE (no index, no dependencies: the host's torch stays)"
-  rm -rf "$SITE"
-  PYTHON="$PYTHON" bash scripts/install_offline.sh "$WHEELHOUSE" "$SITE"
-  ls -l --time-style=+%s "$WHEELHOUSE" > "$stamp"
-fi
-# The checkout's code first (it is what the run measures); Ray's workers inherit the path.
-export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$SITE/bin:$PATH"
+install_site "$WHEELHOUSE" "$SITE"
 
 VISIBLE="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
 GPUS="${GPUS:-$VISIBLE}"
