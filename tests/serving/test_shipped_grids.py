@@ -105,6 +105,25 @@ def test_vllm_and_our_engine_on_cpu_with_no_block_size_take_their_own_defaults()
 
 
 
+@pytest.mark.parametrize("flag", [["--kv-cache-dtype", "fp8"], ["--kv-cache-dtype=fp8_e5m2"]])
+def test_a_vllm_cache_in_blocks_is_sized_and_reported_at_the_kv_cache_dtype_it_stores(flag: list[str]) -> None:
+    raw = {"model": "tiny-llama", "device": "cpu", "dtype": "bfloat16",
+           "engine": {"max_num_seqs": 4, "max_model_len": 256, "kv_cache_blocks": 10}}
+    model = ServingParams.model_validate({**raw, "backend": "vllm"})
+    fp8 = ServingParams.model_validate({**raw, "backend": {"name": "vllm", "extra_args": ["--seed", "1", *flag]}})
+    per_token = model_folder(model).kv_bytes_per_token  # bf16: 2 bytes an element
+    assert server_config(model, model_folder(model)).kv_cache_bytes == 10 * 32 * per_token
+    # vLLM would have filled fp8 bytes with twice the blocks asked for, reported at twice their size
+    assert server_config(fp8, model_folder(fp8)).kv_cache_bytes == 10 * 32 * per_token // 2
+    assert fp8.backend.kv_cache_dtype() in {"fp8", "fp8_e5m2"} and model.backend.kv_cache_dtype() == "auto"
+
+
+def test_a_kv_cache_dtype_orch_cannot_size_is_refused_with_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype 'nvfp4' is not one orch can size \(allowed: auto, "):
+        ServingParams.model_validate({"model": "tiny-llama", "backend": {
+            "name": "vllm", "extra_args": ["--kv-cache-dtype", "nvfp4"]}})
+
+
 def test_cuda_graphs_are_the_default_on_a_gpu_and_eager_on_cpu_for_both_engines() -> None:
     raw = {"model": "tiny-llama", "engine": {"max_num_seqs": 4, "max_model_len": 256}}
 

@@ -15,6 +15,7 @@ from pydantic.fields import FieldInfo
 
 from backends.kvcache.policies import POLICIES
 from backends.kvcache.presets import PRESETS, REAL_WEIGHTS
+from backends.kvcache.vllm.model_folder import CACHE_DTYPES
 from workloads.kind import KindParams
 from workloads.serving.systems.registry import SYSTEMS
 
@@ -44,6 +45,31 @@ class BackendParams(Section):
         if name not in SYSTEMS:  # reading the registry imports every system module once
             raise ValueError(SYSTEMS.unknown(name))
         return name
+
+    @field_validator("extra_args")
+    @classmethod
+    def _sized_cache_dtype(cls, args: list[str]) -> list[str]:
+        value = _flag_value(args, "--kv-cache-dtype")
+        if value is not None and value not in CACHE_DTYPES:
+            # orch sizes vLLM's cache and reports its bytes from the bytes per element
+            raise ValueError(f"--kv-cache-dtype {value!r} is not one orch can size "
+                             f"(allowed: {', '.join(CACHE_DTYPES)})")
+        return args
+
+    def kv_cache_dtype(self) -> str:
+        """vLLM's KV-cache dtype as ``extra_args`` sets it (``auto``: the model's dtype)."""
+        return _flag_value(self.extra_args, "--kv-cache-dtype") or "auto"
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """The value of the last ``flag X`` or ``flag=X`` in command-line arguments, or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 class PolicySection(Section):

@@ -40,10 +40,24 @@ class ModelFolder:
         """K and V bytes for one token across all layers, at the config's dtype."""
         return kv_bytes_per_token(self.hf_config, self.hf_config.get("torch_dtype", "float32"))
 
+    def cache_bytes_per_token(self, cache_dtype: str) -> int:
+        """K and V bytes for one token across all layers as vLLM stores them (``--kv-cache-dtype``;
+        ``auto`` is the model's dtype)."""
+        if cache_dtype == "auto":
+            return self.kv_bytes_per_token
+        return kv_bytes_per_token(self.hf_config, cache_dtype)
+
+
+# Bytes per element of the dtypes a cache is sized in: the model's, and vLLM's ``--kv-cache-dtype``
+# values stored one plain element each (its packed formats with scales are not sized here).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2,
+               "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1}
+CACHE_DTYPES = ("auto", *(name for name, size in DTYPE_BYTES.items() if size < 4))
+
 
 def kv_bytes_per_token(hf_config: dict[str, Any], dtype: str) -> int:
     """2 x layers x kv_heads x head_dim x dtype bytes, from a HF config dict."""
-    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    dtype_bytes = DTYPE_BYTES[dtype]
     heads = hf_config["num_attention_heads"]
     kv_heads = hf_config.get("num_key_value_heads") or heads
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads

@@ -29,11 +29,16 @@ def vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def cache_bytes_per_token(params: ServingParams, folder: ModelFolder) -> int:
+    """K and V bytes of one token in vLLM's cache: the model's dtype, or ``--kv-cache-dtype``'s."""
+    return folder.cache_bytes_per_token(params.backend.kv_cache_dtype())
+
+
 def default_kv_cache_bytes(params: ServingParams, folder: ModelFolder, block_size: int) -> int:
     """Room for ``max_num_seqs`` sequences of ``max_model_len`` tokens, as our engine sizes it."""
     max_len = params.engine.max_model_len or folder.hf_config.get("max_position_embeddings", 2048)
     blocks = params.engine.max_num_seqs * -(-max_len // block_size)
-    return blocks * block_size * folder.kv_bytes_per_token
+    return blocks * block_size * cache_bytes_per_token(params, folder)
 
 
 def server_config(params: ServingParams, folder: ModelFolder) -> VLLMServerConfig:
@@ -43,7 +48,7 @@ def server_config(params: ServingParams, folder: ModelFolder) -> VLLMServerConfi
     block_size = engine.block_size  # None: vLLM's own default for the device
     if engine.kv_cache_blocks is not None:
         block_size = block_size or BLOCK_SIZE_FOR_COUNTS[params.device]
-        kv_bytes = engine.kv_cache_blocks * block_size * folder.kv_bytes_per_token
+        kv_bytes = engine.kv_cache_blocks * block_size * cache_bytes_per_token(params, folder)
     if kv_bytes is None and engine.gpu_memory_utilization is None and params.device == "cpu":
         # vLLM's CPU default reserves a fraction of *all* host memory; size it like our engine instead.
         kv_bytes = default_kv_cache_bytes(params, folder, block_size or ROUNDING_TOKENS)
@@ -78,6 +83,7 @@ class VLLMModelSystem:
         self.params = params
         self.folder = prepare_model_folder(params.model, params.weights, params.dtype)
         self.vocab_size = int(self.folder.hf_config["vocab_size"])
+        self.kv_bytes_per_token = cache_bytes_per_token(params, self.folder)
         self.config = server_config(params, self.folder)  # invalid settings raise before anything starts
         self._tokenizer = self._load_tokenizer() if params.weights == "real" else None
 

@@ -22,7 +22,7 @@ class VLLMEngineSystem(VLLMModelSystem):
         super().__init__(params)
         from backends.kvcache.vllm.async_engine import AsyncEngineHost  # imports vLLM itself
 
-        self.host = AsyncEngineHost(self.config, self.folder.kv_bytes_per_token)
+        self.host = AsyncEngineHost(self.config, self.kv_bytes_per_token)
 
     def transport(self, kind: str) -> Transport:
         """In process only: the engine is right here."""

@@ -26,7 +26,7 @@ class VLLMSystem(VLLMModelSystem):
     def __init__(self, params: ServingParams):
         super().__init__(params)
         self.server = VLLMServer(self.config).start()
-        self._sampler = PrometheusStepSampler(f"{self.base_url}/metrics", self.folder.kv_bytes_per_token)
+        self._sampler = PrometheusStepSampler(f"{self.base_url}/metrics", self.kv_bytes_per_token)
         self._block_size = self.config.block_size
         try:
             shape = cache_shape(self._sampler.scrape())  # vLLM exports the cache it allocated
