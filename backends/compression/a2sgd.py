@@ -15,38 +15,42 @@ import torch
 from backends.compression.base import COMPRESSORS, CompressContext, CompressionConfig, Compressor, Payload
 from backends.triton_support import triton_usable
 
+COUNT_BLOCK = 4096  # ones per partial count: far below 2^24, so each fp32 partial is exact
 
-def count_true(mask: torch.Tensor) -> torch.Tensor:
-    """Number of set elements of a flat bool tensor, as an int64 scalar tensor (exact: an fp32
-    count is off by a few past 2^24 elements, and the other side's count is n minus it).
 
-    Summing bools is slow on GPUs; instead read 8 mask bytes as one int64 w = sum_i b_i 256^i.
-    Since 256 = 1 (mod 255), w mod 255 = sum_i b_i (at most 8), so the count is the sum of
-    w mod 255 over n / 8 words, plus the tail.
-    """
-    whole = mask.numel() // 8 * 8
-    if whole == 0 or mask.storage_offset() % 8:
-        return mask.sum(dtype=torch.int64)
-    count = torch.remainder(mask[:whole].view(torch.int64), 255).sum()
-    if whole < mask.numel():
-        count = count + mask[whole:].sum()
-    return count
+def count_ones(mask: torch.Tensor) -> torch.Tensor:
+    """Number of ones in a flat 0/1 float tensor, exact, as a float64 scalar tensor (an fp32 sum
+    is off by a few past 2^24 elements, and the other side's count is n minus it): fp32 sums of
+    blocks of at most 4096 ones are exact, and so is their float64 total."""
+    whole = mask.numel() // COUNT_BLOCK * COUNT_BLOCK
+    count = mask[:whole].view(-1, COUNT_BLOCK).sum(dim=1).sum(dtype=torch.float64)
+    return count + mask[whole:].sum(dtype=torch.float64)
 
 
 def partition_means_torch(flat: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask v >= threshold, [mean of v on the mask, mean off it]) in PyTorch operations.
+    """(0/1 float mask of v >= threshold, [mean of v on the mask, mean off it]) in PyTorch operations.
 
-    Each mean is its own masked sum (accumulated in fp32) over its exact count. The shortcut
-    through sum(v) and sum|v| cancels catastrophically when one side holds few elements, and
-    on a CPU thread an fp32 L1 norm of 20M elements came out 2% low.
+    Each mean is its own sum (accumulated in fp32) over its exact count: v x mask holds v on the
+    mask and 0 off it, and v - v x mask holds exactly the rest. The shortcut through sum(v) and
+    sum|v| cancels catastrophically when one side holds few elements, and on a CPU thread an fp32
+    L1 norm of 20M elements came out 2% low. The mask is float, not bool: on a CPU, selecting
+    with a bool mask (``torch.where``) took 7x the time of these vectorised multiplies.
     """
-    positive = flat >= threshold
-    zero = flat.new_zeros(())
-    sums = torch.stack([torch.where(positive, flat, zero).sum(dtype=torch.float32),
-                        torch.where(positive, zero, flat).sum(dtype=torch.float32)])
-    count_pos = count_true(positive)
-    counts = torch.stack([count_pos, flat.numel() - count_pos]).float()
-    return positive, sums / counts.clamp(min=1)
+    mask = torch.ge(flat, threshold, out=torch.empty(flat.shape, dtype=torch.float32, device=flat.device))
+    on = torch.mul(flat, mask)
+    sum_pos = on.sum(dtype=torch.float32)
+    sum_neg = torch.sub(flat, on, out=on).sum(dtype=torch.float32)
+    count_pos = count_ones(mask)
+    counts = torch.stack([count_pos, flat.numel() - count_pos]).clamp(min=1)
+    return mask, (torch.stack([sum_pos, sum_neg]).double() / counts).float()
+
+
+def expand_means(mask: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """u: means[0] where the mask is set, means[1] elsewhere, exactly. A bool mask (the GPU
+    kernel's bytes) selects; a 0/1 float mask interpolates (``lerp`` returns its ends exactly)."""
+    if mask.dtype == torch.bool:
+        return torch.where(mask, means[0], means[1])
+    return torch.lerp(means[1].expand(mask.shape), means[0], mask)
 
 
 def partition_means(flat: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,5 +89,4 @@ class A2SGDCompressor(Compressor):
     def decompress(self, payload: Payload, ctx: CompressContext) -> torch.Tensor:
         """u[j] = first (averaged) scalar where the local mask is set, else the second."""
         means = payload[0] / ctx.world_size
-        u = torch.where(ctx.extra["positive"], means[0], means[1])
-        return u.to(ctx.dtype).view(ctx.shape)
+        return expand_means(ctx.extra["positive"], means).to(ctx.dtype).view(ctx.shape)

@@ -18,6 +18,7 @@ from backends.compression import (
     ResidualMemory,
     build_compressor,
 )
+from backends.compression.a2sgd import count_ones, expand_means
 from backends.compression.topk import topk_count
 
 
@@ -113,6 +114,22 @@ def test_a2sgd_means_are_exact_at_ptb_medium_size_even_with_one_element_on_a_sid
             assert torch.allclose(means.double(), expected, rtol=1e-5, atol=0), (means, expected)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a2sgd_counts_past_fp32s_exact_integers_exactly() -> None:
+    mask = torch.ones(2**24 + 4101)  # past 2^24, and a tail shorter than a block
+    mask[::97] = 0.0
+    mask[-3:] = torch.tensor([0.0, 1.0, 0.0])
+    count = count_ones(mask)
+    assert count.dtype == torch.float64 and int(count) == int(mask.to(torch.int64).sum())
+
+
+@pytest.mark.parametrize("as_bool", [False, True])
+def test_a2sgd_update_holds_exactly_the_two_means(as_bool: bool) -> None:
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
+    means = torch.tensor([1e-8, -1e-3])  # the sum-and-difference shortcut loses the small one
+    u = expand_means(mask.bool() if as_bool else mask, means)
+    assert u.tolist() == [means[0].item(), means[1].item(), means[0].item(), means[1].item(), means[1].item()]
 
 
 @pytest.mark.parametrize("name", sorted(set(COMPRESSORS) - {"powersgd"}))
