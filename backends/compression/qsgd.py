@@ -46,25 +46,31 @@ class QSGDCompressor(Compressor):
         return self.generator
 
     def compress(self, tensor: torch.Tensor, ctx: CompressContext) -> Payload:
-        """Signed levels per element and one norm per bucket."""
+        """Signed levels per element and one norm per bucket.
+
+        The same arithmetic as written in the module's docstring, with each step after the first
+        full-size temporary in place: on a CPU a temporary the size of the gradient costs about
+        as much as the arithmetic on it.
+        """
         s, d = self.config.levels, self.config.bucket_size
         flat = tensor.reshape(-1).float()
         pad = (-flat.numel()) % d
-        buckets = torch.nn.functional.pad(flat, (0, pad)).view(-1, d)
+        buckets = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, d)
         norms = buckets.norm(dim=1)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        scaled = buckets.abs() / safe[:, None] * s
+        scaled = buckets.abs().div_(safe[:, None]).mul_(s)
         lower = scaled.floor()
-        noise = torch.rand(scaled.shape, generator=self._rng(flat.device), device=flat.device)
-        levels = lower + (noise < (scaled - lower)).float()
-        signed = (levels * buckets.sign()).to(level_dtype(s))
+        frac = scaled.sub_(lower)
+        noise = torch.rand(frac.shape, generator=self._rng(flat.device), device=flat.device)
+        levels = torch.lt(noise, frac, out=frac).add_(lower)  # lower + Bernoulli(frac)
+        signed = torch.copysign(levels, buckets, out=levels).to(level_dtype(s))
         return [signed.view(-1), norms]
 
     def decompress(self, payload: Payload, ctx: CompressContext) -> torch.Tensor:
         """norm * level / s, trimmed to the original length."""
         signed, norms = payload
         d = self.config.bucket_size
-        values = signed.view(-1, d).float() * (norms[:, None] / self.config.levels)
+        values = signed.view(-1, d).float().mul_((norms / self.config.levels)[:, None])
         n = ctx.shape.numel()
         return values.view(-1)[:n].to(ctx.dtype).view(ctx.shape)
 
