@@ -9,6 +9,7 @@ matrices plus the tensors it sends uncompressed), or the whole bucket before ``s
 
 
 import threading
+import types
 from typing import Any
 
 import torch
@@ -24,6 +25,37 @@ from backends.compression.base import (
 )
 from backends.compression.communicator import Communicator
 from backends.compression.layout import ParameterPositions, carry_residual
+
+
+class _CudaWithCpuSafeSynchronize(types.SimpleNamespace):
+    """``torch.cuda``, except that ``synchronize`` on a device that is not a GPU does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def synchronize(device: Any = None) -> None:
+        """torch.cuda.synchronize, a no-op for a CPU device."""
+        if device is None or torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+class _TorchForPowerSGDHook(types.SimpleNamespace):
+    """``torch`` as PyTorch's PowerSGD hook module sees it, with the ``torch.cuda`` above."""
+
+    cuda = _CudaWithCpuSafeSynchronize()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def let_cpu_buckets_run_on_gpu_hosts() -> None:
+    """PyTorch's ``powerSGD_hook`` calls ``torch.cuda.synchronize(the bucket's device)`` whenever
+    CUDA is available, which raises for a CPU bucket ("Expected a cuda device, but got: cpu"): CPU
+    training over gloo on a host with a GPU failed at its first step. The hook's module is given
+    a ``torch`` whose synchronize skips non-GPU devices; everything else is torch itself."""
+    if not isinstance(powersgd.torch, _TorchForPowerSGDHook):
+        powersgd.torch = _TorchForPowerSGDHook()
 
 
 @COMPRESSORS.register
@@ -60,6 +92,7 @@ class PowerSGDCompressor(Compressor):
     def make_ddp_hook(self, communicator: Communicator, parameters: ParameterPositions):
         """PyTorch's PowerSGD state and a hook around ``powerSGD_hook`` that counts each bucket's
         bytes and keeps its error feedback by parameters."""
+        let_cpu_buckets_run_on_gpu_hosts()
         self.state = powersgd.PowerSGDState(
             process_group=communicator.group,
             matrix_approximation_rank=self.config.rank,

@@ -43,3 +43,28 @@ def test_powersgd_runs_on_gloo_with_the_gradient_in_one_bucket(tmp_path: Path) -
         assert sorted(key_positions(key)) == list(range(len(sizes)))
         assert saved["residuals"][key].numel() == sum(sizes)
         assert "error_dict" not in saved["powersgd"] and saved["powersgd"]["iter"] == 4
+
+
+def _step_as_if_on_a_gpu_host(rank: int, world_size: int) -> tuple[bool, int]:
+    # PyTorch's hook synchronizes "the bucket's device" whenever CUDA is available: on a host with
+    # a GPU that raised for CPU buckets (this CPU-only process is told CUDA is available).
+    from torch.nn.parallel import DistributedDataParallel
+
+    from backends.compression import CompressionConfig
+    from backends.compression.apply import build_applier
+
+    torch.cuda.is_available = lambda: True
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(torch.nn.Linear(32, 16, bias=False))
+    applier = build_applier(CompressionConfig(name="powersgd", rank=1, start_iter=2), ddp)
+    for step in range(3):  # two dense steps, then the hook compresses
+        if step == 2:
+            applier.take_stats()
+        ddp.zero_grad()
+        ddp(torch.randn(8, 32)).pow(2).sum().backward()
+    return torch.cuda.is_available(), applier.take_stats().bytes_sent
+
+
+def test_powersgd_cpu_buckets_run_on_a_host_where_cuda_is_available(tmp_path: Path) -> None:
+    for cuda_said_available, sent in spawn_gloo_group(2, _step_as_if_on_a_gpu_host):
+        assert cuda_said_available and sent == (16 + 32) * 4  # one rank-1 P (16) and Q (32), fp32
