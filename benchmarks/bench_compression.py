@@ -33,7 +33,7 @@ from backends.compression import (
     GradientSync,
     build_compressor,
 )
-from backends.compression.a2sgd import partition_means_torch
+from backends.compression.a2sgd import expand_means, partition_means_torch
 from backends.triton_support import triton_usable
 
 COMPRESSORS = ("dense", "fp16", "topk", "qsgd", "a2sgd")
@@ -77,7 +77,7 @@ def bench(n: int, device: torch.device, repeats: int) -> list[dict[str, float | 
 
         def a2sgd_ops() -> torch.Tensor:
             positive, means = partition_means_torch(g, zero)
-            return torch.where(positive, means[0], means[1])
+            return expand_means(positive, means)
 
         codec_s = _time(a2sgd_ops, device, repeats)
         rows.append({"compressor": "a2sgd-ops", "codec_s": codec_s, "codec_passes": codec_s / pass_s})

@@ -161,6 +161,7 @@ def test_unknown_compressor_is_rejected_with_the_allowed_names() -> None:
 
 def test_a_new_compressor_module_is_registered_by_importing_the_package(tmp_path) -> None:
     """Adding a compressor is adding one module: no import list to extend."""
+    import os
     import shutil
     import subprocess
     import sys
@@ -174,7 +175,9 @@ def test_a_new_compressor_module_is_registered_by_importing_the_package(tmp_path
         "@COMPRESSORS.register\nclass ZeroCompressor(DenseCompressor):\n    name = 'zero'\n"
     )
     code = "import backends.compression as c; print(','.join(sorted(c.COMPRESSORS)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+    # the copy first; what else is on the path stays (a node without a venv has its packages there)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": path},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out.split(",") == sorted([*COMPRESSORS, "zero"])
 
