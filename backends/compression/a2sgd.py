@@ -19,9 +19,9 @@ COUNT_BLOCK = 4096  # ones per partial count: far below 2^24, so each fp32 parti
 
 
 def count_ones(mask: torch.Tensor) -> torch.Tensor:
-    """Number of ones in a flat 0/1 float tensor, exact, as a float64 scalar tensor (an fp32 sum
-    is off by a few past 2^24 elements, and the other side's count is n minus it): fp32 sums of
-    blocks of at most 4096 ones are exact, and so is their float64 total."""
+    """Number of ones in a flat 0/1 float tensor, exact, as a float64 scalar tensor (an fp32 total
+    past 2^24 can be off by a few, and the other side's count is n minus it): fp32 sums of blocks
+    of at most 4096 ones are exact, and so is their float64 total."""
     whole = mask.numel() // COUNT_BLOCK * COUNT_BLOCK
     count = mask[:whole].view(-1, COUNT_BLOCK).sum(dim=1).sum(dtype=torch.float64)
     return count + mask[whole:].sum(dtype=torch.float64)
