@@ -9,7 +9,6 @@ matrices plus the tensors it sends uncompressed), or the whole bucket before ``s
 
 
 import threading
-import types
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from backends.compression.communicator import Communicator
 from backends.compression.layout import ParameterPositions, carry_residual
 
 
-class _CudaWithCpuSafeSynchronize(types.SimpleNamespace):
+class _CudaWithCpuSafeSynchronize:
     """``torch.cuda``, except that ``synchronize`` on a device that is not a GPU does nothing."""
 
     def __getattr__(self, name: str) -> Any:
@@ -40,7 +39,7 @@ class _CudaWithCpuSafeSynchronize(types.SimpleNamespace):
             torch.cuda.synchronize(device)
 
 
-class _TorchForPowerSGDHook(types.SimpleNamespace):
+class _TorchForPowerSGDHook:
     """``torch`` as PyTorch's PowerSGD hook module sees it, with the ``torch.cuda`` above."""
 
     cuda = _CudaWithCpuSafeSynchronize()
